@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: bash scripts/test.sh [pytest args...]
+# On a fresh machine it installs the Debian packages the tests need (as root), creates .venv,
+# installs the package with its test extra, starts a throw-away local SLURM, then runs pytest.
+# Re-running it is fast: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+source scripts/setup_env.sh
+
+if [ -x scripts/local_slurm.sh ] && command -v slurmctld >/dev/null 2>&1; then
+    if SLURM_ENV=$(scripts/local_slurm.sh start); then
+        eval "$SLURM_ENV"
+        trap 'scripts/local_slurm.sh stop >/dev/null 2>&1 || true' EXIT
+    else
+        echo "[test.sh] local SLURM could not start; SLURM tests will be skipped with that reason" >&2
+    fi
+fi
+
+cd "$ROOT"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+exit $rc

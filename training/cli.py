@@ -1,0 +1,200 @@
+"""The `unimoe` command. Each subcommand declares its flags here and runs `module:function(args)`.
+
+The handler module is imported only when its subcommand runs, so `unimoe --help` stays fast and a
+subcommand never pays for another's imports (deepspeed, encodec, matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Command:
+    path: tuple[str, ...]
+    handler: str  # "package.module:function", called with the parsed argparse.Namespace
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda p: None)
+
+
+def _train_args(p):
+    p.add_argument("--config", required=True, help="stage config (YAML/JSON), e.g. training/configs/tiny/joint.yaml")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a path")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start N local processes (workstation); under torchrun/srun leave unset")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (dotted keys)")
+
+
+def _plan_args(p):
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs of the job")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value")
+
+
+def _generate_args(p):
+    p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory or exported model.pt")
+    p.add_argument("--task", required=True, choices=["speech", "music"])
+    p.add_argument("--text", required=True, help="transcript (speech) or caption (music)")
+    p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
+    p.add_argument("--num", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default per task)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-seconds", type=float, default=None)
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: as in the run)")
+
+
+def _eval_args(p):
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="mix.json of the validation data")
+    p.add_argument("--out", default=None, help="report directory (default: <ckpt>/eval)")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=12.0, help="total wall-clock budget for training")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _synth_args(p):
+    p.add_argument("--out", required=True)
+    p.add_argument("--speech", type=int, default=64)
+    p.add_argument("--music", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _import_args(p):
+    p.add_argument("--format", required=True, choices=["ljspeech", "libritts", "jsonl"])
+    p.add_argument("src", help="dataset root (ljspeech/libritts) or jsonl file")
+    p.add_argument("--out", required=True, help="manifest.jsonl to write")
+    p.add_argument("--task", default=None, choices=["speech", "music"], help="task for jsonl sources")
+
+
+def _tokenizer_args(p):
+    p.add_argument("--manifest", required=True, nargs="+")
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--out", required=True, help="spm.model path")
+
+
+def _prep_args(p):
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: <out>/../spm.model)")
+    p.add_argument("--codec", default="encodec_24khz", choices=["encodec_24khz", "random"])
+    p.add_argument("--bandwidth", type=float, default=6.0)
+    p.add_argument("--codec-checkpoint", default=None)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=30.0)
+    p.add_argument("--min-seconds", type=float, default=0.2)
+    p.add_argument("--shard-size", type=int, default=256, help="items per shard")
+    p.add_argument("--slice", default=None, help="i/n: process the i-th of n manifest slices (job arrays)")
+
+
+def _mix_args(p):
+    p.add_argument("--source", action="append", required=True, help="task=DIR of prepared shards")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ratio", help="speech=1,music=1")
+    group.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+
+def _export_args(p):
+    p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory (a run dir or one tag)")
+    p.add_argument("--out", required=True)
+
+
+def _reshard_args(p):
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ep", type=int, required=True, help="new expert-parallel size")
+    p.add_argument("--dp", type=int, default=None, help="new data-parallel world size (default: same)")
+    p.add_argument("--out", required=True)
+
+
+def _submit_args(p):
+    p.add_argument("--curriculum", required=True, help="training/configs/curriculum.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+
+
+def _bench_args(p):
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, under a minute on 2 cores")
+    p.add_argument("--device", default="cpu")
+
+
+def _bench_prep_args(p):
+    _bench_args(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=60.0, help="audio seconds to encode")
+
+
+COMMANDS = [
+    Command(("train",), "training.train:run_cli", "train one curriculum stage", _train_args),
+    Command(("plan",), "training.plan:run_cli", "parameter counts, memory and valid TPxEPxDP layouts",
+            _plan_args),
+    Command(("generate",), "training.generate:run_cli", "sample speech or music to WAV", _generate_args),
+    Command(("eval",), "training.evaluate:run_cli", "validation loss and the routing report", _eval_args),
+    Command(("demo",), "training.demo:run_cli", "the whole pipeline on the built-in corpus", _demo_args),
+    Command(("data", "synth"), "data_prep.synth:run_cli", "make the built-in demo corpus", _synth_args),
+    Command(("data", "import"), "data_prep.importers:run_cli", "manifest from LJSpeech/LibriTTS/jsonl",
+            _import_args),
+    Command(("data", "tokenizer"), "data_prep.text:run_cli", "train the sentencepiece model",
+            _tokenizer_args),
+    Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
+            _prep_args),
+    Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
+    Command(("ckpt", "export"), "training.checkpoint:export_cli", "ZeRO checkpoint to fp32 model.pt",
+            _export_args),
+    Command(("ckpt", "reshard"), "training.checkpoint:reshard_cli", "checkpoint for another EP/DP size",
+            _reshard_args),
+    Command(("slurm", "submit"), "training.slurm:run_cli", "submit the curriculum chain", _submit_args),
+    Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
+    Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
+            _bench_prep_args),
+    Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
+            _bench_args),
+]
+
+
+def _usage() -> str:
+    lines = ["usage: unimoe COMMAND [args]   (unimoe COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {' '.join(c.path):<16} {c.help}" for c in COMMANDS]
+    return "\n".join(lines)
+
+
+def find_command(argv: list[str]) -> Command | None:
+    for cmd in sorted(COMMANDS, key=lambda c: -len(c.path)):
+        if tuple(argv[: len(cmd.path)]) == cmd.path:
+            return cmd
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = find_command(argv)
+    if cmd is None:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    parser = argparse.ArgumentParser(prog="unimoe " + " ".join(cmd.path), description=cmd.help)
+    cmd.add_arguments(parser)
+    args = parser.parse_args(argv[len(cmd.path):])
+    module_name, func_name = cmd.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
