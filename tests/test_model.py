@@ -70,7 +70,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         tiny_cfg(num_heads=5)
     with pytest.raises(ValueError, match="moe_layers"):
-        tiny_cfg(moe_layers=[7])
+        tiny_cfg(moe={}, moe_layers=[7])
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tiny_cfg(num_kv_heads=3)
     with pytest.raises(ValueError, match="delay pattern"):
         tiny_cfg(delay_pattern=[0, 1])
 
@@ -110,8 +112,15 @@ def test_causal_and_padding_invariant():
     torch.testing.assert_close(model(b).logits[:, :-1], model(b2).logits[:, :-1])
 
 
-def test_parameter_counts_match_model():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_parameter_counts_match_model(kv_heads):
+    cfg = tiny_cfg(num_kv_heads=kv_heads)
     counts = parameter_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in AudioLM(cfg).parameters())
     assert counts["active_min"] == counts["active_max"] == counts["total"]
+
+
+def test_gqa_runs():
+    cfg = tiny_cfg(num_kv_heads=1)
+    out = AudioLM(cfg)(collate(samples(cfg), cfg))
+    assert torch.isfinite(out.loss)

@@ -11,7 +11,8 @@ Shapes: B batch, L sequence, K codebooks, V (padded) codebook vocab, D hidden, H
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,11 +44,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     codebook_loss: str = "sum"             # "sum" over codebooks (paper) or "mean"
-    # MoE: which layers use moe.layer.MoELayer ("none", "all", "every_other" or a list of indices),
-    # and the moe.config.MoEConfig keyword arguments except hidden_size. Missing routed_ffn_size and
-    # shared_ffn_size default to ffn_hidden_size / 4 and / 8 (the paper's widths).
-    moe_layers: str | list[int] = "none"
-    moe: dict = field(default_factory=dict)
+    # MoE: `moe` holds moe.config.MoEConfig (or its keyword arguments; hidden_size is taken from the
+    # model); None = dense model. Missing routed_ffn_size / shared_ffn_size default to
+    # ffn_hidden_size / 4 and / 8 (the paper's widths). moe_layers: which layers get the MoE FFN
+    # ("all", "every_other", "none" or a list of indices); ignored when moe is None.
+    moe: Any = None
+    moe_layers: str | list[int] = "all"
+    num_kv_heads: int | None = None        # grouped-query attention; None = num_heads
 
     def __post_init__(self):
         def need(ok, msg):
@@ -68,8 +71,14 @@ class ModelConfig:
         ids = self.moe_layer_ids
         need(all(0 <= i < self.num_layers for i in ids),
              f"moe_layers {self.moe_layers} has indices outside [0, {self.num_layers})")
-        need(isinstance(self.moe, dict), "moe must be a dict of moe.config.MoEConfig arguments")
-        need("hidden_size" not in self.moe, "moe.hidden_size is taken from hidden_size; remove it")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        need(self.moe is None or isinstance(self.moe, dict) or is_dataclass(self.moe),
+             f"moe must be None, a moe.config.MoEConfig or a dict of its arguments, got {type(self.moe)}")
+        hs = self.moe_kwargs().get("hidden_size", self.hidden_size) if self.moe is not None else None
+        need(hs in (None, self.hidden_size), f"moe.hidden_size {hs} != hidden_size {self.hidden_size}")
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +86,8 @@ class ModelConfig:
 
     @property
     def moe_layer_ids(self) -> list[int]:
+        if self.moe is None:
+            return []
         spec = self.moe_layers
         if isinstance(spec, str):
             table = {"none": [], "all": list(range(self.num_layers)),
@@ -106,11 +117,14 @@ class ModelConfig:
         return DelayPattern.build(self.delay_pattern, self.num_codebooks, self.codebook_size)
 
     def moe_kwargs(self) -> dict:
-        kw = {"routed_ffn_size": self.ffn_hidden_size // 4, "shared_ffn_size": self.ffn_hidden_size // 8}
-        kw.update(self.moe)
-        return {"hidden_size": self.hidden_size, **kw}
+        kw = {"hidden_size": self.hidden_size, "routed_ffn_size": self.ffn_hidden_size // 4,
+              "shared_ffn_size": self.ffn_hidden_size // 8}
+        kw.update(asdict(self.moe) if is_dataclass(self.moe) else dict(self.moe or {}))
+        return kw
 
     def moe_config(self):
+        if is_dataclass(self.moe):
+            return self.moe
         from moe.config import MoEConfig
         return MoEConfig(**self.moe_kwargs())
 
@@ -175,18 +189,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
-        # qkv rows are [q; k; v], each [H*Dh]; tensor parallelism shards each third by heads
-        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.q_per_kv = cfg.num_heads // cfg.num_kv_heads
+        # qkv rows are [q (H*Dh); k (Hkv*Dh); v (Hkv*Dh)]; tensor parallelism shards each part by heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                                  bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, L, _ = x.shape
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # local heads under TP: [B, L, H_local*Dh]
+        qkv = self.qkv_proj(x)  # local heads under TP
+        kv_width = qkv.shape[-1] // (self.q_per_kv + 2)
+        q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
         q, k, v = (t.view(B, L, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if self.q_per_kv > 1:
+            k, v = (t.repeat_interleave(self.q_per_kv, dim=1) for t in (k, v))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
         else:
