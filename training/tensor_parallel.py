@@ -1,0 +1,180 @@
+"""Megatron-style tensor parallelism applied to a plain AudioLM from outside (torchtitan style).
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)      # training/parallel.py does this
+    model = AudioLM(cfg, ep_group=...)     # same seed on every rank: identical full weights
+    parallelize(model)                     # swaps in megatron-core layers holding this rank's shards
+
+Sharding (rank r of tp, a shard = the r-th contiguous block of the split dimension):
+    attn.qkv_proj   ColumnParallelLinear   rows of q, of k and of v, each sharded by heads
+    attn.o_proj     RowParallelLinear      columns (input features) by heads
+    ffn.gate/up     ColumnParallelLinear   rows (FFN hidden), dense layers only
+    ffn.down_proj   RowParallelLinear      columns
+    text_embed      VocabParallelEmbedding rows (padded text vocab)
+    heads.k         ColumnParallelLinear   rows (padded codebook vocab); logits stay vocab-sharded and
+                                           the loss is megatron-core's vocab-parallel cross entropy
+Everything else (norms, codebook embeddings, MoE layers) is replicated: an MoE layer sees the full
+tokens on every TP rank and its experts are replicated across the TP group (split over EP only).
+`shard_state_dict` / `merge_state_dicts` convert between full and TP-sharded state dicts by the same
+rules (checkpoint export and resharding).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import ModelParallelConfig
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+
+from training.model import IGNORE_INDEX, AudioLM, ModelConfig
+
+# (name regex, kind): kind "qkv" = rows split per q/k/v part, 0 = rows, 1 = columns
+_RULES = [
+    (re.compile(r"layers\.\d+\.attn\.qkv_proj\.weight$"), "qkv"),
+    (re.compile(r"layers\.\d+\.attn\.o_proj\.weight$"), 1),
+    (re.compile(r"layers\.\d+\.ffn\.(gate_proj|up_proj)\.weight$"), 0),
+    (re.compile(r"layers\.\d+\.ffn\.down_proj\.weight$"), 1),
+    (re.compile(r"text_embed\.weight$"), 0),
+    (re.compile(r"heads\.\d+\.weight$"), 0),
+]
+
+
+def shard_kind(name: str):
+    """How a parameter is split under TP: "qkv", 0 (rows), 1 (columns) or None (replicated)."""
+    for pattern, kind in _RULES:
+        if pattern.search(name):
+            return kind
+    return None
+
+
+def _qkv_sizes(cfg: ModelConfig) -> list[int]:
+    return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+
+
+def shard_tensor(full: torch.Tensor, kind, cfg: ModelConfig, rank: int, tp: int) -> torch.Tensor:
+    if kind is None:
+        return full
+    if kind == "qkv":
+        return torch.cat([part.chunk(tp, dim=0)[rank] for part in full.split(_qkv_sizes(cfg), dim=0)])
+    return full.chunk(tp, dim=kind)[rank]
+
+
+def merge_tensors(shards: list[torch.Tensor], kind, cfg: ModelConfig) -> torch.Tensor:
+    if kind is None:
+        return shards[0]
+    if kind == "qkv":
+        tp = len(shards)
+        local = [s // tp for s in _qkv_sizes(cfg)]
+        parts = [s.split(local, dim=0) for s in shards]
+        return torch.cat([torch.cat([p[i] for p in parts]) for i in range(3)])
+    return torch.cat(shards, dim=kind)
+
+
+def shard_state_dict(full: dict, cfg: ModelConfig, rank: int, tp: int) -> dict:
+    return {k: shard_tensor(v, shard_kind(k), cfg, rank, tp) for k, v in full.items()}
+
+
+def merge_state_dicts(shards: list[dict], cfg: ModelConfig) -> dict:
+    return {k: merge_tensors([s[k] for s in shards], shard_kind(k), cfg) for k in shards[0]}
+
+
+def check_tp_size(cfg: ModelConfig, tp: int) -> None:
+    """Raise a clear error when the model cannot be split over `tp` ranks."""
+    for what, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
+                    ("ffn_hidden_size", cfg.ffn_hidden_size),
+                    ("padded text vocab (text_vocab_size rounded up to vocab_pad_multiple)",
+                     cfg.padded_text_vocab_size),
+                    ("padded codebook vocab (codebook_size + 3 rounded up to vocab_pad_multiple)",
+                     cfg.padded_audio_vocab_size)):
+        if n % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide model {what} = {n}")
+
+
+class _Column(ColumnParallelLinear):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class _Row(RowParallelLinear):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
+    # CPU-safe settings (shared/ENVIRONMENT.md); on GPU the same flags work, weights are copied in anyway
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=False, gradient_accumulation_fusion=False,
+                               sequence_parallel=False, params_dtype=dtype)
+
+
+def _noinit(weight):
+    return weight
+
+
+def vocab_parallel_ce_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Like training.model.cross_entropy_per_token on vocab-sharded logits (overwrites `logits`)."""
+    ignore = target == IGNORE_INDEX
+    loss = vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
+    return loss.masked_fill(ignore, 0.0)
+
+
+def gather_vocab(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather vocab-sharded logits [..., V/tp] -> [..., V] (evaluation, tests)."""
+    group = group or ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
+    """Replace the TP-able modules of `model` in place with megatron-core layers holding this rank's
+    shard of their current (full) weights. No-op for a TP group of size 1."""
+    tp_group = tp_group or ps.get_tensor_model_parallel_group()
+    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    if tp == 1:
+        return model
+    cfg = model.cfg
+    check_tp_size(cfg, tp)
+    dtype = next(model.parameters()).dtype
+    mcfg = megatron_config(tp, dtype)
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def column(prefix, lin, gather=False):
+        new = _Column(lin.in_features, lin.out_features, config=mcfg, init_method=_noinit, bias=False,
+                      gather_output=gather, tp_group=tp_group)
+        return _load(new, prefix)
+
+    def row(prefix, lin):
+        new = _Row(lin.in_features, lin.out_features, config=mcfg, init_method=_noinit, bias=False,
+                   input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        return _load(new, prefix)
+
+    def _load(new, prefix):
+        name = prefix + ".weight"
+        with torch.no_grad():
+            new.weight.copy_(shard_tensor(full[name], shard_kind(name), cfg, rank, tp))
+        return new
+
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}"
+        block.attn.qkv_proj = column(f"{p}.attn.qkv_proj", block.attn.qkv_proj)
+        block.attn.o_proj = row(f"{p}.attn.o_proj", block.attn.o_proj)
+        if not block.is_moe:
+            block.ffn.gate_proj = column(f"{p}.ffn.gate_proj", block.ffn.gate_proj)
+            block.ffn.up_proj = column(f"{p}.ffn.up_proj", block.ffn.up_proj)
+            block.ffn.down_proj = row(f"{p}.ffn.down_proj", block.ffn.down_proj)
+    emb = VocabParallelEmbedding(cfg.padded_text_vocab_size, cfg.hidden_size, init_method=_noinit,
+                                 config=mcfg, tp_group=tp_group)
+    model.text_embed = _load(emb, "text_embed")
+    for k in range(cfg.num_codebooks):
+        model.heads[k] = column(f"heads.{k}", model.heads[k])
+    model.cross_entropy = vocab_parallel_ce_per_token
+    model.tp_size = tp
+    return model
