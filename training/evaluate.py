@@ -1,0 +1,170 @@
+"""`unimoe eval`: validation loss per task and per codebook, and the routing report.
+
+    unimoe eval --ckpt RUN_DIR|CKPT_DIR|model.pt --data valid/mix.json [--out DIR]
+
+Writes to OUT (default <ckpt>/eval): eval.json (losses), routing.json (training/routing_report.py),
+routing_load.png and routing_capacity.png (heatmaps), and tb/ (tensorboard scalars and the same
+figures as images). The loss matches training's: per codebook the mean cross-entropy over that
+codebook's audio targets, per task the sum (or mean, as the model is configured) over codebooks.
+Here the means are token-weighted over the whole evaluation set, not averaged over batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from training.model import IGNORE_INDEX, TASKS
+from training.routing_report import RoutingAccumulator, plot_report, routing_report
+
+
+class _LossSums:
+    """Token-weighted sums of the cross-entropy per task and codebook."""
+
+    def __init__(self, num_codebooks: int):
+        self.num = torch.zeros(len(TASKS), num_codebooks, dtype=torch.float64)
+        self.den = torch.zeros(len(TASKS), num_codebooks, dtype=torch.float64)
+
+    def update(self, model, logits: torch.Tensor, batch: dict) -> None:
+        labels = batch["labels"]  # [B, K, L]
+        tok = torch.stack([model.cross_entropy(logits[:, :, k].clone(), labels[:, k])
+                           for k in range(labels.shape[1])], dim=1)  # [B, K, L]
+        valid = (labels != IGNORE_INDEX).to(torch.float64)
+        for t in range(len(TASKS)):
+            sel = (batch["task"] == t).to(torch.float64)[:, None, None]
+            self.num[t] += (tok.to(torch.float64) * valid * sel).sum(dim=(0, 2))
+            self.den[t] += (valid * sel).sum(dim=(0, 2))
+
+    def result(self, reduce: str) -> dict:
+        out = {"loss_per_task": {}, "loss_per_codebook": {}, "targets_per_task": {}}
+        for t, task in enumerate(TASKS):
+            if self.den[t].sum() == 0:
+                continue
+            per_cb = self.num[t] / self.den[t].clamp(min=1)
+            out["loss_per_codebook"][task] = [float(x) for x in per_cb]
+            out["loss_per_task"][task] = float(per_cb.sum() if reduce == "sum" else per_cb.mean())
+            out["targets_per_task"][task] = int(self.den[t].sum())
+        num, den = self.num.sum(0), self.den.sum(0)
+        if den.sum() > 0:
+            per_cb = num / den.clamp(min=1)
+            out["loss_per_codebook"]["all"] = [float(x) for x in per_cb]
+            out["loss"] = float(per_cb.sum() if reduce == "sum" else per_cb.mean())
+        return out
+
+
+def _moe_shape(model) -> tuple[int, int, list[int]]:
+    cfg = model.cfg
+    if not cfg.is_moe:
+        return 0, 0, []
+    moe = cfg.moe_config()
+    return moe.num_routed_experts, moe.num_null_experts, cfg.moe_layer_ids
+
+
+@torch.no_grad()
+def evaluate_model(model, reader, batches: int = 8, batch_size: int = 8, routing: bool = True) -> dict:
+    """Loss sums and routing decisions over the first batches * batch_size samples of `reader`."""
+    from training.batch import collate
+
+    model.eval()
+    sums = _LossSums(model.cfg.num_codebooks)
+    num_routed, num_null, layer_ids = _moe_shape(model)
+    acc = None
+    if routing and layer_ids:
+        acc = RoutingAccumulator(num_routed, num_null, len(layer_ids), layer_ids)
+    n = min(len(reader), batches * batch_size)
+    if n == 0:
+        raise ValueError("evaluation data is empty")
+    for start in range(0, n, batch_size):
+        samples = [reader[i] for i in range(start, min(n, start + batch_size))]
+        batch = collate(samples, model.cfg)
+        out = model(batch)
+        sums.update(model, out.logits, batch)
+        if acc is not None:
+            for li, aux in enumerate(out.aux):
+                task_ids = getattr(aux, "task_ids", None)
+                acc.update(li, aux.selected, task_ids if task_ids is not None else batch["task_ids"])
+    result = sums.result(model.cfg.codebook_loss)
+    result["samples"] = n
+    if acc is not None:
+        result["routing"] = routing_report(acc.counts(), layer_ids)
+    return result
+
+
+def write_report(result: dict, out_dir: str, step: int = 0) -> None:
+    """eval.json, routing.json, the PNG heatmaps and tensorboard scalars/images."""
+    os.makedirs(out_dir, exist_ok=True)
+    routing = result.get("routing")
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "routing"}, f, indent=2)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(out_dir, "tb"))
+    for task, loss in result["loss_per_task"].items():
+        writer.add_scalar(f"eval/loss_{task}", loss, step)
+        for k, v in enumerate(result["loss_per_codebook"][task]):
+            writer.add_scalar(f"eval/loss_{task}_cb{k}", v, step)
+    if routing:
+        with open(os.path.join(out_dir, "routing.json"), "w") as f:
+            json.dump(routing, f, indent=2)
+        for name, fig in plot_report(routing).items():
+            fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+            writer.add_figure(f"routing/{name}", fig, step)  # closes the figure
+        for lay in routing["layers"]:
+            for task in TASKS:
+                writer.add_scalar(f"routing/L{lay['layer']}/experts_per_token_{task}",
+                                  lay["experts_per_token"][task], step)
+                writer.add_scalar(f"routing/L{lay['layer']}/null_share_{task}", lay["null_share"][task], step)
+    writer.close()
+
+
+def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8, batch_size: int = 8,
+             routing: bool = True) -> dict:
+    """Load a checkpoint, evaluate on a mix.json, write the report; returns the result dict."""
+    from data_prep.mix import MixtureReader
+    from training.checkpoint import load_for_inference
+
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
+    model, meta = load_for_inference(ckpt)
+    reader = MixtureReader(data)
+    codec_model, codec_data = meta.get("codec") or {}, reader.codec_info or {}
+    for key in ("name", "sample_rate", "num_codebooks", "codebook_size"):
+        if key in codec_model and key in codec_data and codec_model[key] != codec_data[key]:
+            raise ValueError(f"codec mismatch: the checkpoint was trained on codec {key}={codec_model[key]} "
+                             f"but {data} holds {key}={codec_data[key]}; evaluate on data prepared with the "
+                             f"same codec")
+    result = evaluate_model(model, reader, batches, batch_size, routing)
+    result.update(ckpt=os.path.abspath(ckpt), data=os.path.abspath(data), step=int(meta.get("step", 0) or 0),
+                  codec=codec_model)
+    out_dir = out_dir or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or ".", "eval")
+    write_report(result, out_dir, result["step"])
+    result["out_dir"] = out_dir
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"validation loss ({result['samples']} samples): "
+             + ", ".join(f"{t} {v:.3f}" for t, v in result["loss_per_task"].items())]
+    routing = result.get("routing")
+    if routing:
+        s = routing["summary"]
+        ept = ", ".join(f"{t} {v:.2f}" for t, v in s["experts_per_token"].items())
+        null = ", ".join(f"{t} {v:.2f}" for t, v in s["null_share"].items())
+        lines.append(f"routing: experts/token {ept}; null share {null}; "
+                     f"speech/music divergence {s['task_divergence']:.2f}")
+    return lines
+
+
+def run_cli(args) -> int:
+    try:
+        result = evaluate(args.ckpt, args.data, args.out, args.batches, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"unimoe eval: {e}", file=sys.stderr)
+        return 2
+    for line in summary_lines(result):
+        print(line)
+    print(f"report: {result['out_dir']} (eval.json, routing.json, *.png, tb/)")
+    return 0
