@@ -36,6 +36,8 @@ def _plan_args(p):
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, required=True, help="total GPUs of the job")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample for the activation estimate "
+                   "(default: model.max_seq_len)")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value")
 
 
@@ -127,6 +129,7 @@ def _reshard_args(p):
 def _submit_args(p):
     p.add_argument("--curriculum", required=True, help="training/configs/curriculum.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
+    p.add_argument("--runs", default=None, help="base directory of the run dirs (the file's `runs:`)")
 
 
 def _bench_args(p):

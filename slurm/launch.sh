@@ -1,0 +1,112 @@
+# shellcheck shell=bash
+# Sourced by every slurm/*.sbatch template (inside the batch job): environment, rank mapping, the srun
+# launch of `unimoe train`, and requeue on preemption.
+#
+#   source "${UNIMOE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+#   unimoe_train            # srun: one task per GPU, `unimoe train --config $CONFIG --out $RUN_DIR --resume auto`
+#
+# Inputs (environment; the templates set defaults, `sbatch --export=ALL,NAME=value` overrides them):
+#   UNIMOE_ROOT   repository checkout (default: the directory sbatch was called from)
+#   UNIMOE_VENV   virtualenv to activate (default: $UNIMOE_ROOT/.venv; skipped when it does not exist)
+#   CONFIG        stage config (YAML/JSON), relative to UNIMOE_ROOT or absolute
+#   RUN_DIR       run directory (checkpoints, metrics.jsonl, tb/)
+#   TRAIN_ARGS    extra `unimoe train` flags, e.g. "--max-steps 100 --save-every 20"
+#   OVERRIDES     config overrides, space separated key=value, e.g. "optim.lr=3e-5 parallel.ep=4"
+#   MASTER_PORT   rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
+#
+# Ranks: srun starts SLURM_NTASKS tasks (one per GPU: --ntasks-per-node = --gpus-per-node); each gets
+# RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS and MASTER_ADDR = the first host
+# of the allocation (torch.distributed env:// rendezvous). The deepspeed launcher is not used (it needs
+# ssh/pdsh); under SLURM, srun is the launcher.
+#
+# Preemption: the templates ask for `--signal=B:USR1@<seconds>`, which reaches only this batch shell;
+# the trap below forwards USR1 (and TERM) to the srun step, srun forwards it to every task, training
+# saves a checkpoint and exits with 75 (training.train.PREEMPTED_EXIT_CODE). On 75 after USR1 the job
+# requeues itself (`scontrol requeue`) and the next run resumes from that checkpoint (--resume auto).
+# On TERM (scancel, `scontrol requeue`, time limit, PreemptMode=REQUEUE) SLURM itself decides what
+# happens to the job, so no second requeue is issued.
+
+PREEMPTED_EXIT_CODE=75
+
+_unimoe_log() { echo "[launch $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}] $*" >&2; }
+
+unimoe_env() {
+    UNIMOE_ROOT=${UNIMOE_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+    if [ ! -f "$UNIMOE_ROOT/training/cli.py" ]; then
+        _unimoe_log "error: UNIMOE_ROOT=$UNIMOE_ROOT is not an unimoe-audio checkout (set UNIMOE_ROOT)"
+        return 1
+    fi
+    cd "$UNIMOE_ROOT" || return 1
+    UNIMOE_VENV=${UNIMOE_VENV:-$UNIMOE_ROOT/.venv}
+    if [ -f "$UNIMOE_VENV/bin/activate" ]; then
+        # shellcheck disable=SC1091
+        source "$UNIMOE_VENV/bin/activate"
+    fi
+    command -v unimoe >/dev/null || { _unimoe_log "error: no unimoe on PATH (set UNIMOE_VENV)"; return 1; }
+    export UNIMOE_ROOT
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    export PYTHONUNBUFFERED=1
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+    fi
+}
+
+unimoe_master() {
+    local nodelist=${SLURM_JOB_NODELIST:-$(hostname -s)}
+    MASTER_ADDR=$(scontrol show hostnames "$nodelist" | head -n 1)
+    MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    export MASTER_ADDR MASTER_PORT
+}
+
+# Runs "$@" once per task with the torch.distributed variables of that task.
+unimoe_srun() {
+    local tasks_per_node=${SLURM_NTASKS_PER_NODE:-}
+    [ -n "$tasks_per_node" ] || tasks_per_node=${SLURM_TASKS_PER_NODE%%(*}
+    tasks_per_node=${tasks_per_node%%,*}
+    _unimoe_log "srun: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
+        "master $MASTER_ADDR:$MASTER_PORT: $*"
+    _unimoe_signal=""
+    trap '_unimoe_signal=USR1; _unimoe_log "got USR1: forwarding to the tasks"; kill -USR1 "$_unimoe_pid" 2>/dev/null' USR1
+    trap '_unimoe_signal=TERM; _unimoe_log "got TERM: forwarding to the tasks"; kill -TERM "$_unimoe_pid" 2>/dev/null' TERM
+    # srun no longer inherits --cpus-per-task from sbatch (SLURM >= 22.05): pass it on.
+    LOCAL_WORLD_SIZE=$tasks_per_node srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+                 exec "$@"' unimoe-task "$@" &
+    _unimoe_pid=$!
+    # `wait` returns early when a trapped signal arrives: wait again until srun has really exited
+    local rc
+    while true; do
+        wait "$_unimoe_pid"
+        rc=$?
+        kill -0 "$_unimoe_pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    return "$rc"
+}
+
+# The training step of a stage template: srun `unimoe train`, requeue on preemption.
+unimoe_train() {
+    unimoe_env || return 1
+    unimoe_master
+    : "${CONFIG:?set CONFIG (the stage config) in the template or with --export}"
+    : "${RUN_DIR:?set RUN_DIR (the run directory) in the template or with --export}"
+    mkdir -p "$RUN_DIR"
+    _unimoe_log "restart count ${SLURM_RESTART_COUNT:-0}; config $CONFIG; run dir $RUN_DIR"
+    local rc train_args overrides
+    # word lists, split on blanks without glob expansion (overrides may hold [a,b])
+    read -r -a train_args <<< "${TRAIN_ARGS:-}"
+    read -r -a overrides <<< "${OVERRIDES:-}"
+    unimoe_srun unimoe train --config "$CONFIG" --out "$RUN_DIR" --resume auto "${train_args[@]}" "${overrides[@]}"
+    rc=$?
+    _unimoe_log "training exited with $rc"
+    if [ "$rc" = "$PREEMPTED_EXIT_CODE" ]; then
+        if [ "$_unimoe_signal" = TERM ]; then
+            _unimoe_log "checkpoint saved; SLURM is ending this job (TERM), so no requeue from here"
+        else
+            _unimoe_log "checkpoint saved; requeueing job $SLURM_JOB_ID"
+            scontrol requeue "$SLURM_JOB_ID" && return 0  # SLURM ends this run right after
+            _unimoe_log "error: scontrol requeue failed (was the job submitted with --requeue?)"
+        fi
+    fi
+    return "$rc"
+}

@@ -1,0 +1,266 @@
+"""`unimoe slurm submit --curriculum CONFIG [--dry-run]`: the curriculum as a chain of SLURM jobs.
+
+The curriculum file lists the stages (name, template, stage config, run dir, job shape, env) and which
+stages each one waits for (`after`); every stage is one `sbatch` of its template, started with
+`--dependency=afterok:<ids of its `after` stages>`, so stage 2 starts when both specialists COMPLETED
+and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
+(--kill-on-invalid-dep). `--dry-run` prints the chain as a shell script instead of submitting it.
+
+    runs: runs                         # base of the run dirs: "{runs}" in the stage fields
+    defaults:                          # any stage field, for every stage
+      nodes: 4
+      tasks_per_node: 8                # one task per GPU
+      gpus_per_node: 8                 # 0 = CPU (the tiny curriculum)
+      env: {NCCL_DEBUG: WARN}
+    stages:
+      - name: stage1_speech
+        template: slurm/stage1.sbatch
+        config: training/configs/stage1_speech.yaml
+        run_dir: "{runs}/stage1_speech"
+      - name: stage2
+        after: [stage1_speech, stage1_music]
+        overrides: ["stage.init_from=[{runs}/stage1_speech,{runs}/stage1_music]"]
+        ...
+
+Paths are relative to the repository root (sbatch runs there). The stage variables (CONFIG, RUN_DIR,
+TRAIN_ARGS, OVERRIDES, env) reach the job through the environment of sbatch (--export=ALL), where
+values may hold commas, which `--export=NAME=value` lists cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CurriculumError(ValueError):
+    """A bad curriculum file; the message names the file, the stage and the field."""
+
+
+@dataclass
+class Stage:
+    name: str
+    template: str  # sbatch template, e.g. slurm/stage2.sbatch
+    config: str  # stage config for `unimoe train --config`
+    run_dir: str  # `unimoe train --out`; "{runs}" is the curriculum's runs dir
+    after: list[str] = field(default_factory=list)  # stages that must COMPLETE first (afterok)
+    nodes: int = 1
+    tasks_per_node: int = 1  # one task (rank) per GPU
+    gpus_per_node: int = 0  # 0 = CPU only
+    cpus_per_task: int = 1
+    time: str | None = None  # e.g. "48:00:00"; None = the template's
+    partition: str | None = None
+    account: str | None = None
+    extra_args: list[str] = field(default_factory=list)  # more sbatch flags, e.g. ["--qos=high"]
+    env: dict = field(default_factory=dict)  # exported to the job
+    train_args: list[str] = field(default_factory=list)  # more `unimoe train` flags: ["--max-steps", "4"]
+    overrides: list[str] = field(default_factory=list)  # config overrides key=value
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(self.name)):
+            raise CurriculumError(f"{where}: name must be letters, digits, _ . - (it names the job)")
+        for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise CurriculumError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+            raise CurriculumError(f"{where}: gpus_per_node must be an integer >= 0, "
+                                  f"got {self.gpus_per_node!r}")
+        if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
+            raise CurriculumError(f"{where}: one task per GPU: tasks_per_node ({self.tasks_per_node}) "
+                                  f"must equal gpus_per_node ({self.gpus_per_node}); "
+                                  "gpus_per_node: 0 for CPU-only jobs")
+        if isinstance(self.after, str):
+            self.after = [self.after]
+        for key in ("extra_args", "train_args", "overrides"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = shlex.split(value)
+            setattr(self, key, [str(v) for v in value])
+        if not isinstance(self.env, dict):
+            raise CurriculumError(f"{where}: env must be a mapping NAME: value")
+        self.env = {str(k): "" if v is None else str(v) for k, v in self.env.items()}
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def job_var(self) -> str:
+        return re.sub(r"\W", "_", self.name).upper() + "_JOB"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Stage)}
+_REQUIRED = {"name", "template", "config", "run_dir"}
+
+
+def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
+    """Stages in submission order; `runs` replaces the file's runs dir."""
+    if not os.path.exists(path):
+        raise CurriculumError(f"curriculum file {path} does not exist (see training/configs/curriculum.yaml)")
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list) or not doc["stages"]:
+        raise CurriculumError(f"{path}: expected a mapping with a non-empty `stages:` list")
+    unknown = set(doc) - {"runs", "defaults", "stages"}
+    if unknown:
+        raise CurriculumError(f"{path}: unknown top-level keys {sorted(unknown)}; "
+                              "known: runs, defaults, stages")
+    runs = runs or str(doc.get("runs") or "runs")
+    defaults = doc.get("defaults") or {}
+    bad = set(defaults) - (_FIELDS - _REQUIRED - {"after"})
+    if bad:
+        raise CurriculumError(f"{path}: `defaults` has unknown or per-stage-only keys {sorted(bad)}")
+    stages: list[Stage] = []
+    for i, raw in enumerate(doc["stages"]):
+        if not isinstance(raw, dict):
+            raise CurriculumError(f"{path}: stages[{i}] must be a mapping")
+        name = raw.get("name", f"stages[{i}]")
+        bad = set(raw) - _FIELDS
+        if bad:
+            raise CurriculumError(f"{path}: stage {name!r} has unknown keys {sorted(bad)}; "
+                                  f"known: {sorted(_FIELDS)}")
+        merged = {**defaults, **raw, "env": {**(defaults.get("env") or {}), **(raw.get("env") or {})}}
+        missing = _REQUIRED - set(merged)
+        if missing:
+            raise CurriculumError(f"{path}: stage {name!r} needs {sorted(missing)}")
+        merged = _substitute(merged, runs, path, name)
+        try:
+            stage = Stage(**merged)
+        except CurriculumError as e:
+            raise CurriculumError(f"{path}: {e}") from None
+        earlier = {s.name for s in stages}
+        if stage.name in earlier:
+            raise CurriculumError(f"{path}: two stages are named {stage.name!r}")
+        for dep in stage.after:
+            if dep not in earlier:
+                raise CurriculumError(f"{path}: stage {stage.name!r} is after {dep!r}, which is not a stage "
+                                      f"listed before it (stages so far: {sorted(earlier)})")
+        stages.append(stage)
+    return stages
+
+
+def _substitute(value, runs: str, path: str, name: str):
+    if isinstance(value, str):
+        try:
+            return value.format(runs=runs)
+        except (KeyError, IndexError, ValueError) as e:
+            raise CurriculumError(f"{path}: stage {name!r}: {value!r}: only {{runs}} may be used "
+                                  f"({e})") from None
+    if isinstance(value, list):
+        return [_substitute(v, runs, path, name) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, runs, path, name) for k, v in value.items()}
+    return value
+
+
+def sbatch_command(stage: Stage, dependency_ids: list[str]) -> list[str]:
+    cmd = ["sbatch", "--parsable", f"--job-name=unimoe-{stage.name}", f"--nodes={stage.nodes}",
+           f"--ntasks-per-node={stage.tasks_per_node}", f"--gpus-per-node={stage.gpus_per_node}",
+           f"--cpus-per-task={stage.cpus_per_task}"]
+    if stage.time:
+        cmd.append(f"--time={stage.time}")
+    if stage.partition:
+        cmd.append(f"--partition={stage.partition}")
+    if stage.account:
+        cmd.append(f"--account={stage.account}")
+    cmd.append(f"--output={os.path.join(stage.run_dir, 'slurm-%j.out')}")
+    if dependency_ids:
+        cmd += [f"--dependency=afterok:{':'.join(dependency_ids)}", "--kill-on-invalid-dep=yes"]
+    cmd += stage.extra_args + ["--export=ALL", stage.template]
+    return cmd
+
+
+def job_env(stage: Stage, root: str) -> dict[str, str]:
+    """The variables the template and slurm/launch.sh read (order kept for printing)."""
+    return {"UNIMOE_ROOT": root, "CONFIG": stage.config, "RUN_DIR": stage.run_dir,
+            "TRAIN_ARGS": " ".join(stage.train_args), "OVERRIDES": " ".join(stage.overrides), **stage.env}
+
+
+def _abs(path: str, root: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def check_stage(stage: Stage, root: str) -> None:
+    """Template and config exist; the config is valid for the job's world size."""
+    for key in ("template", "config"):
+        if not os.path.exists(_abs(getattr(stage, key), root)):
+            raise CurriculumError(f"stage {stage.name!r}: {key} {getattr(stage, key)} does not exist")
+    from training.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(_abs(stage.config, root), stage.overrides)
+        cfg.validate(world_size=stage.world_size)
+    except ConfigError as e:
+        raise CurriculumError(f"stage {stage.name!r} ({stage.nodes} node(s) x {stage.tasks_per_node} tasks): "
+                              f"{e}") from None
+
+
+def dry_run_script(stages: list[Stage], root: str, curriculum: str) -> str:
+    lines = [f"# unimoe slurm submit --curriculum {curriculum}: {len(stages)} jobs, chained with afterok",
+             f"cd {shlex.quote(root)}",
+             "mkdir -p " + " ".join(shlex.quote(s.run_dir) for s in stages)]
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        deps = ["$" + by_name[d].job_var for d in stage.after]
+        env = job_env(stage, "$PWD")
+        assigns = " ".join(f"{k}={v if v == '$PWD' else shlex.quote(v)}" for k, v in env.items())
+        cmd = " ".join(shlex.quote(a) if not a.startswith("--dependency=") else a
+                       for a in sbatch_command(stage, deps))
+        lines.append(f"# {stage.name}: {stage.nodes} node(s) x {stage.tasks_per_node} tasks "
+                     f"({stage.gpus_per_node} GPU(s) per node), after: {', '.join(stage.after) or '-'}")
+        lines.append(f"{stage.job_var}=$({assigns} \\\n    {cmd})")
+        lines.append(f'echo "{stage.name}: job ${stage.job_var}"')
+    return "\n".join(lines) + "\n"
+
+
+def submit(stages: list[Stage], root: str) -> dict[str, str]:
+    """Submits in order; returns {stage name: job id}. On a failed sbatch, names what was submitted."""
+    ids: dict[str, str] = {}
+    for stage in stages:
+        os.makedirs(_abs(stage.run_dir, root), exist_ok=True)
+        cmd = sbatch_command(stage, [ids[d] for d in stage.after])
+        env = {**os.environ, **job_env(stage, root)}
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            done = ", ".join(f"{k}={v}" for k, v in ids.items()) or "none"
+            cancel = f" (scancel {' '.join(ids.values())})" if ids else ""
+            raise CurriculumError(f"sbatch for stage {stage.name!r} failed ({proc.returncode}): "
+                                  f"{proc.stderr.strip()}\n  command: {shlex.join(cmd)}\n"
+                                  f"  already submitted: {done}{cancel}")
+        ids[stage.name] = proc.stdout.strip().split(";")[0]
+        after = " after " + ",".join(f"{d}({ids[d]})" for d in stage.after) if stage.after else ""
+        print(f"{stage.name}: job {ids[stage.name]} ({stage.nodes}x{stage.tasks_per_node} tasks, "
+              f"run dir {stage.run_dir}){after}", flush=True)
+    return ids
+
+
+def run_cli(args) -> int:
+    root = REPO_ROOT
+    try:
+        stages = load_curriculum(args.curriculum, runs=getattr(args, "runs", None))
+        for stage in stages:
+            try:
+                check_stage(stage, root)
+            except CurriculumError as e:
+                if not args.dry_run:
+                    raise
+                print(f"# warning: {e}", file=sys.stderr)
+        if args.dry_run:
+            print(dry_run_script(stages, root, args.curriculum), end="")
+            return 0
+        ids = submit(stages, root)
+    except CurriculumError as e:
+        print(f"unimoe slurm submit: error: {e}", file=sys.stderr)
+        return 2
+    print("job ids: " + " ".join(ids.values()))
+    return 0
