@@ -1,0 +1,113 @@
+"""How DeepSpeed (0.19) sees our MoE layer, and what its checkpoints contain for our experts.
+
+Mechanism
+---------
+`moe.layer.MoELayer` subclasses `deepspeed.moe.layer.MoE` (it runs only `nn.Module.__init__`, none of
+DeepSpeed's gate/expert construction) and sets the attributes the engine reads: `num_experts` (routed),
+`ep_size`, `num_local_experts`, `expert_group_name` ("ep_size_<N>") and `set_deepspeed_parallelism()`.
+Because the engine finds it with `isinstance(module, MoE)`:
+  * `engine.has_moe_layers` is True, so ZeRO-1/2 (`stage_1_and_2._configure_moe_settings`) puts the
+    optimizer param groups marked `moe` (from `split_params_into_different_moe_groups_for_optimizer`)
+    on the expert-data-parallel group: expert gradients are reduced (and partitioned) only among the
+    ranks that hold the same experts, divided by the full data-parallel size like DeepSpeed's own MoE,
+    and never averaged with another rank's different experts. Without ZeRO the engine's
+    `_reduce_expert_gradients` does the same.
+  * Expert parameters carry `param.allreduce = False` and `param.group_name = "ep_size_<N>"`
+    (`deepspeed.moe.utils.is_moe_param`), and the engine broadcasts them at start only inside their
+    expert-data-parallel group.
+  * The EP group must be DeepSpeed's: build it with `deepspeed.utils.groups._create_expert_and_data_
+    parallel(ep_size)` (or let the engine create it) and pass `groups._get_expert_parallel_group(
+    "ep_size_<N>")` to `MoELayer(cfg, ep_group=...)`; `set_deepspeed_parallelism` checks that they match.
+
+Names: in the module, routed experts are `<layer>.experts.<GLOBAL id>.{gate,up,down}_proj.weight`
+(rank r of an EP group of n holds ids [r*R/n, (r+1)*R/n)). DeepSpeed's `_save_moe_checkpoint` instead
+expects `...deepspeed_moe.experts.deepspeed_experts.<LOCAL id>...` (and crashes on anything else).
+`install()` (called by every MoELayer) wraps `DeepSpeedEngine._save_moe_checkpoint` so that, during that
+call only, `MoELayer.state_dict()` reports its experts in DeepSpeed's native local naming; a permanent
+`load_state_dict` pre-hook on MoELayer maps DeepSpeed's native local names back to our global names.
+Nothing else in DeepSpeed is changed.
+
+What `engine.save_checkpoint(dir, tag)` writes (ZeRO-1/2, any EP size, tp/mp rank 00)
+-----------------------------------------------------------------------------------
+  dir/tag/mp_rank_00_model_states.pt      data-parallel rank 0: {"module": every non-expert tensor
+      (gate.weight, shared.*, the rest of the model), "num_experts": [R per MoE layer], ...,
+      client_state keys}; NO routed-expert tensors.
+  dir/tag/layer_{i}_expert_{g}_mp_rank_00_model_states.pt   one file per MoE layer i (order of
+      `model.named_modules()`) and GLOBAL expert g, written by the expert-data-parallel rank 0 of the
+      EP rank that holds g: {"<layer path>.deepspeed_moe.experts.deepspeed_experts.<g>.gate_proj.weight":
+      ..., ".up_proj.weight", ".down_proj.weight"} (global id in the key, fp32/bf16 as trained).
+  dir/tag/{bf16_}zero_pp_rank_{dp}_mp_rank_00_optim_states.pt   ZeRO optimizer partitions per rank
+      (expert partitions are over the expert-data-parallel group, so their layout depends on EP/DP).
+  dir/latest                               the tag.
+`engine.load_checkpoint` with the same EP size restores everything. At another EP size the expert
+files still load (each rank reads the files of the global ids it now holds), but the ZeRO optimizer
+partitions do not: load with `load_optimizer_states=False` (or reshard offline).
+`expert_files_to_state_dict(tag_dir)` turns the files into one {our global name: tensor} dict.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import glob
+import os
+import re
+
+import torch
+
+DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+_NATIVE_VIEW = contextvars.ContextVar("unimoe_ds_native_view", default=False)
+_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+def native_view_active() -> bool:
+    return _NATIVE_VIEW.get()
+
+
+def to_native_keys(state_dict: dict, prefix: str, first_expert: int) -> None:
+    """In place: prefix + 'experts.<g>.' -> prefix + DS_EXPERT_PREFIX + '<g - first_expert>.'."""
+    ours = prefix + "experts."
+    for key in [k for k in state_dict if k.startswith(ours)]:
+        gid, rest = key[len(ours):].split(".", 1)
+        state_dict[f"{prefix}{DS_EXPERT_PREFIX}{int(gid) - first_expert}.{rest}"] = state_dict.pop(key)
+
+
+def from_native_keys(state_dict: dict, prefix: str, first_expert: int) -> None:
+    """In place: prefix + DS_EXPERT_PREFIX + '<local>.' -> prefix + 'experts.<first_expert + local>.'."""
+    native = prefix + DS_EXPERT_PREFIX
+    for key in [k for k in state_dict if k.startswith(native)]:
+        lid, rest = key[len(native):].split(".", 1)
+        state_dict[f"{prefix}experts.{first_expert + int(lid)}.{rest}"] = state_dict.pop(key)
+
+
+def install() -> None:
+    """Wrap DeepSpeedEngine._save_moe_checkpoint once (idempotent) to save our layers in native naming."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._save_moe_checkpoint
+    if getattr(original, "_unimoe_wrapped", False):
+        return
+
+    def _save_moe_checkpoint(self, *args, **kwargs):
+        token = _NATIVE_VIEW.set(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _NATIVE_VIEW.reset(token)
+
+    _save_moe_checkpoint._unimoe_wrapped = True
+    _save_moe_checkpoint.__wrapped__ = original
+    DeepSpeedEngine._save_moe_checkpoint = _save_moe_checkpoint
+
+
+def expert_files_to_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
+    """All layer_*_expert_*_mp_rank_00 files of a DeepSpeed checkpoint tag -> {our global name: tensor}."""
+    out = {}
+    paths = sorted(p for p in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_model_states.pt"))
+                   if _EXPERT_FILE.search(p) and _EXPERT_FILE.search(p).group(3) == "00")
+    for path in paths:
+        for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            head, sep, tail = key.partition(DS_EXPERT_PREFIX)
+            if not sep:
+                raise ValueError(f"{path}: key {key!r} is not a DeepSpeed expert key ({DS_EXPERT_PREFIX})")
+            out[f"{head}experts.{tail}".lstrip(".")] = value
+    return out

@@ -1,0 +1,70 @@
+"""Top-P ("dynamic capacity") routing over routed + null experts, with gated shared experts.
+
+Shape legend: N = tokens, R = routed, Z = null, S = shared experts, E = R + Z dynamic candidates.
+
+Per token (paper Eq. 1-3): p = softmax(dynamic logits); sort descending; keep the smallest prefix whose
+cumulative probability reaches top_p, bounded by [min_k, max_k] (min_k == max_k: plain top-k); weights
+are p renormalised over the kept set, null included, so a kept null expert lowers what the real experts
+contribute (`renormalize=False`: the raw softmax values, Huang et al. 2024). Ties are broken towards the
+lower expert index (stable sort). With gated shared experts (reference code), a second softmax over the
+kept dynamic logits plus the shared logits gives each shared expert its weight, and the dynamic weights
+are scaled by the dynamic part of that softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    selected: torch.Tensor  # bool [N, E] kept dynamic candidates
+    weights: torch.Tensor  # fp32 [N, E] combine weights, 0 where not kept (null columns included)
+    shared_weights: torch.Tensor | None  # fp32 [N, S] (None without shared experts or ungated)
+    probs: torch.Tensor  # fp32 [N, E] softmax over the dynamic candidates
+    logits: torch.Tensor  # fp32 [N, R + Z + S] raw gate logits
+
+
+def jitter(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Multiplicative input jitter U(1 - eps, 1 + eps) (router input only)."""
+    if eps <= 0:
+        return x
+    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+
+
+def top_p_select(probs: torch.Tensor, top_p: float, min_k: int = 1, max_k: int | None = None) -> torch.Tensor:
+    """bool [N, E]: the smallest descending prefix of `probs` whose cumulative sum reaches `top_p`."""
+    n_exp = probs.shape[-1]
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    if min_k == max_k:
+        k = torch.full(probs.shape[:-1], min_k, device=probs.device, dtype=torch.long)
+    else:
+        # number of entries strictly below the threshold, plus the one that crosses it
+        k = (sorted_p.cumsum(-1) < top_p).sum(-1) + 1
+        k = k.clamp(min=min_k, max=n_exp if max_k is None else max_k)
+    keep_sorted = torch.arange(n_exp, device=probs.device) < k.unsqueeze(-1)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def route(logits: torch.Tensor, cfg: MoEConfig) -> Routing:
+    """Routing decisions and combine weights from fp32 gate logits [N, R + Z + S]."""
+    n_dyn = cfg.num_dynamic_experts
+    dyn_logits = logits[:, :n_dyn]
+    probs = torch.softmax(dyn_logits, dim=-1)
+    with torch.no_grad():
+        selected = top_p_select(probs, cfg.top_p, cfg.min_k, cfg.max_k)
+    kept = probs * selected
+    weights = kept / kept.sum(-1, keepdim=True) if cfg.renormalize else kept
+    shared_weights = None
+    if cfg.num_shared_experts > 0 and cfg.gate_shared:
+        # softmax over {kept dynamic} U {shared}: the dynamic part scales the dynamic weights
+        mask = torch.cat([selected, selected.new_ones(selected.shape[0], cfg.num_shared_experts)], dim=-1)
+        joint = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        weights = weights * joint[:, :n_dyn].sum(-1, keepdim=True)
+        shared_weights = joint[:, n_dyn:]
+    return Routing(selected=selected, weights=weights, shared_weights=shared_weights, probs=probs,
+                   logits=logits)
