@@ -165,3 +165,9 @@ def generate(model: AudioLM, tasks: list[str] | str, text_ids: list, *, max_fram
         n = int(lengths[i])
         codes[i, :, :n] = pattern.undo(delayed[i], num_frames=n)
     return (codes, lengths) if return_lengths else codes
+
+
+def run_cli(args) -> int:
+    """`unimoe generate`: checkpoint -> codes -> codec -> WAV (the CLI lives in training/generate_cli.py)."""
+    from training.generate_cli import run_cli as _run_cli
+    return _run_cli(args)
