@@ -130,7 +130,7 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
         raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
     model, meta = load_for_inference(ckpt)
     reader = MixtureReader(data)
-    codec_model, codec_data = meta.get("codec") or {}, reader.codec_info or {}
+    codec_model, codec_data = meta.get("codec_info") or {}, reader.codec_info or {}
     for key in ("name", "sample_rate", "num_codebooks", "codebook_size"):
         if key in codec_model and key in codec_data and codec_model[key] != codec_data[key]:
             raise ValueError(f"codec mismatch: the checkpoint was trained on codec {key}={codec_model[key]} "
