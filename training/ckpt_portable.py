@@ -1,0 +1,172 @@
+"""Layout-independent training state, written beside each DeepSpeed checkpoint: TAG/portable/*.pt.
+
+DeepSpeed stores ZeRO-1/2 optimizer state as flat partitions whose shape depends on the data-parallel
+and expert-parallel sizes, and cannot load them at another layout. So every save also writes, per
+parameter NAME (experts under their global index, "layers.0.ffn.experts.5.up_proj.weight"):
+    params[name]      fp32 master weight (ZeRO's fp32 copy; the module weight for frozen params)
+    exp_avg[name]     AdamW first moment      (absent before the first optimizer step)
+    exp_avg_sq[name]  AdamW second moment
+    adam_step         AdamW's step count (one value: every group steps together)
+File TAG/portable/tp{t}_rank{r}.pt holds what rank r writes: the non-expert tensors from the first
+data-parallel rank of each TP rank, each expert's tensors from the first rank of its expert-data-parallel
+group; the union of the files of one TP rank is the whole model. Loading it into an engine of any EP/DP
+layout (same TP) restores weights and optimizer exactly.
+
+Gathering is collective (safe_get_full_* all-reduce over each parameter's data-parallel group): every
+rank calls `gather_portable` with the same model structure.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def is_expert_param(p) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def _zero_optimizer(engine):
+    opt = engine.optimizer
+    return opt if hasattr(opt, "single_partition_of_fp32_groups") else None
+
+
+def _optimizer_has_state(engine) -> bool:
+    zopt = _zero_optimizer(engine)
+    if zopt is not None:
+        return bool(getattr(zopt, "_hp_optimizer_states_linked", False))
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return len(getattr(base, "state", {})) > 0
+
+
+def _adam_step(engine) -> int:
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _writer_ranks(engine, pg):
+    """(writes non-expert tensors, writes expert tensors) for this rank."""
+    from deepspeed.utils import groups
+    dense_writer = pg.dp_rank == 0
+    expert_writer = groups._get_expert_data_parallel_rank(pg.ep_group_name) == 0
+    return dense_writer, expert_writer
+
+
+def gather_portable(engine, pg) -> dict | None:
+    """Collective. Returns the dict this rank writes (None if it writes nothing)."""
+    model = engine.module
+    zero_stage = engine.zero_optimization_stage()
+    has_state = _optimizer_has_state(engine)
+    dense_writer, expert_writer = _writer_ranks(engine, pg)
+    out = {"params": {}, "buffers": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": _adam_step(engine)}
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for name, p in model.named_parameters():
+        write = expert_writer if is_expert_param(p) else dense_writer
+        if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-managed: collective gathers
+            w = safe_get_full_fp32_param(p)
+            states = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if has_state else {}
+        else:  # frozen, or no ZeRO
+            w = p.detach().float()
+            st = base.state.get(p, {}) if zero_stage == 0 else {}
+            states = {k: st[k].float() for k in OPT_KEYS if k in st}
+        if write:
+            out["params"][name] = w.detach().float().cpu().clone()
+            for k, v in states.items():
+                if v is not None:
+                    out[k][name] = v.detach().float().cpu().clone()
+    if dense_writer:
+        param_names = {n for n, _ in model.named_parameters()}
+        for name, b in model.state_dict().items():
+            if name not in param_names:
+                out["buffers"][name] = b.detach().cpu().clone()
+    return out if (dense_writer or expert_writer) else None
+
+
+def save_portable(engine, pg, tag_dir: str) -> None:
+    state = gather_portable(engine, pg)
+    if state is None:
+        return
+    d = os.path.join(tag_dir, "portable")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"tp{pg.tp_rank}_rank{pg.env.rank:05d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_portable(tag_dir: str, tp_rank: int = 0) -> dict:
+    """Union of a TP rank's portable files -> {"params", "buffers", "exp_avg", "exp_avg_sq", "adam_step"}."""
+    files = sorted(glob.glob(os.path.join(tag_dir, "portable", f"tp{tp_rank}_rank*.pt")))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no portable/tp{tp_rank}_rank*.pt (written by every save of "
+                                "this trainer; a checkpoint without it can only resume at its own layout)")
+    merged = {"params": {}, "buffers": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": 0}
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=False)
+        for k in ("params", "buffers", "exp_avg", "exp_avg_sq"):
+            merged[k].update(part[k])
+        merged["adam_step"] = max(merged["adam_step"], int(part["adam_step"]))
+    return merged
+
+
+def _init_zero_optimizer_state(engine, adam_step: int) -> None:
+    """Create AdamW state on ZeRO's flat fp32 partitions (as after a step) and link the per-param views."""
+    zopt = _zero_optimizer(engine)
+    base = zopt.optimizer
+    for flat in zopt.single_partition_of_fp32_groups:
+        base.state[flat] = {"step": torch.tensor(float(adam_step)),
+                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    zopt._hp_optimizer_states_linked = False
+    zopt._lazy_init_hp_params_optimizer_state()
+
+
+def load_portable(engine, state: dict, load_optimizer: bool = True) -> None:
+    """Load weights (+ AdamW state) by parameter name into an engine of any EP/DP layout (same TP)."""
+    model = engine.module
+    params = state["params"]
+    missing = [n for n, _ in model.named_parameters() if n not in params]
+    if missing:
+        raise KeyError(f"portable checkpoint lacks {len(missing)} parameters of this model, e.g. "
+                       f"{missing[:3]}; was it saved from a different model config?")
+    zero_stage = engine.zero_optimization_stage()
+    with_opt = load_optimizer and bool(state["exp_avg"])
+    if with_opt and zero_stage in (1, 2):
+        _init_zero_optimizer_state(engine, state["adam_step"])
+    elif with_opt and zero_stage == 3:
+        raise NotImplementedError("loading portable optimizer state under ZeRO-3 is not supported; "
+                                  "resume at the saved layout (DeepSpeed's own files) instead")
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            w = params[name]
+            if tuple(w.shape) != tuple(p.shape):
+                raise ValueError(f"portable checkpoint: {name} has shape {tuple(w.shape)}, model wants "
+                                 f"{tuple(p.shape)} (different model config or TP size)")
+            p.data.copy_(w.to(p.dtype))
+            if hasattr(p, "_hp_mapping"):
+                safe_set_full_fp32_param(p, w)
+                if with_opt:
+                    for k in OPT_KEYS:
+                        if name in state[k]:
+                            safe_set_full_optimizer_state(p, state[k][name], k)
+            elif with_opt and zero_stage == 0 and p.requires_grad and name in state["exp_avg"]:
+                base.state[p] = {"step": torch.tensor(float(state["adam_step"])),
+                                 **{k: state[k][name].clone().to(p.dtype) for k in OPT_KEYS}}
+        for name, b in model.named_buffers():
+            if name in state["buffers"]:
+                b.copy_(state["buffers"][name])
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,295 @@
+"""One config tree for a training run: YAML/JSON file + dotted `key=value` overrides.
+
+    cfg = load_config("training/configs/tiny/joint.yaml", ["optim.lr=3e-4", "parallel.ep=1"])
+    cfg.validate(world_size=2)      # before any process group starts; raises ConfigError
+    save_config(cfg, "RUN/config.yaml")
+
+`model` and `moe` hold the keyword arguments of training.model.ModelConfig and moe.config.MoEConfig
+(`moe: null` = dense FFN); `model_config()` / `moe_config()` build and validate those dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and what to do."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # mix.json of the training mixture; null = built-in demo corpus (tiny configs)
+    demo_mix: str = "balanced"  # which demo mixture when train is null (a key of ensure_demo_data())
+    global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
+    micro_batch_size: int | None = None  # per rank and forward pass; default global / dp (no accumulation)
+    cond_drop_prob: float = 0.1  # text conditioning dropped with this probability (classifier-free guidance)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.global_batch_size < 1:
+            raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"data.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # paper: 1e-4 stage 1, 3e-5 stage 2, 1e-5 stage 3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at schedule_steps
+    warmup_steps: int = 100
+    schedule_steps: int | None = None  # length of the cosine; default: max_steps
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_nonfinite_in_row: int = 10  # that many skipped (non-finite) steps in a row stop the run
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_nonfinite_in_row < 1:
+            raise ConfigError("optim.max_nonfinite_in_row must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel (megatron-core)
+    ep: int = 1  # expert parallel (DeepSpeed groups); must divide the data-parallel size
+    zero_stage: int = 2  # wins over the ds_config file's zero_optimization.stage
+    precision: str = "fp32"  # fp32 | bf16; wins over the ds_config file
+    ds_config: str = "ds_configs/zero2_fp32.json"  # relative to the repository root or absolute
+    backend: str | None = None  # None: nccl with CUDA, gloo otherwise
+
+    def __post_init__(self):
+        if self.tp < 1 or self.ep < 1:
+            raise ConfigError(f"parallel.tp and parallel.ep must be >= 1, got tp={self.tp} ep={self.ep}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.precision must be fp32 or bf16, got {self.precision!r}")
+
+    def ds_config_path(self) -> str:
+        return self.ds_config if os.path.isabs(self.ds_config) else os.path.join(REPO_ROOT, self.ds_config)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000  # steps; 0 = only at the end and on preemption
+    keep_last: int = 3  # complete checkpoints kept in RUN/checkpoints (older ones are deleted)
+
+    def __post_init__(self):
+        if self.save_every < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # metrics.jsonl gets every step; tensorboard every log_every steps
+    tensorboard: bool = True
+    routing_every: int = 50  # routing stats to tensorboard every N steps
+
+
+@dataclass
+class StageConfig:
+    stage: int = 1  # 1 dense specialist, 2 upcycle + frozen experts, 3 unfreeze all; 0 = from scratch (joint)
+    init_from: list[str] = field(default_factory=list)  # stage 2: specialists' run dirs; stage 3: stage 2's
+    freeze_experts: bool = False  # stage 2: train only gates, shared experts and the rest
+
+    def __post_init__(self):
+        if isinstance(self.init_from, str):
+            self.init_from = [self.init_from]
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"stage.stage must be 0 (joint), 1, 2 or 3, got {self.stage}")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    seed: int = 0
+    max_steps: int = 1000
+    model: dict = field(default_factory=dict)  # training.model.ModelConfig kwargs
+    moe: dict | None = None  # moe.config.MoEConfig kwargs; null = dense FFN (stage 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.stage.stage == 1 and self.moe is not None:
+            raise ConfigError("stage 1 trains a dense specialist: set `moe: null` "
+                              "(or use stage 0 for the joint MoE)")
+        if self.stage.stage in (2, 3) and self.moe is None:
+            raise ConfigError(f"stage {self.stage.stage} trains the MoE model: the config needs a "
+                              "`moe:` section")
+        if self.stage.stage in (2, 3) and not self.stage.init_from:
+            raise ConfigError(f"stage {self.stage.stage} starts from earlier runs: set stage.init_from "
+                              "(stage 2: the specialists' run dirs, stage 3: the stage 2 run dir)")
+        if self.moe is not None and self.parallel.zero_stage == 3:
+            raise ConfigError("parallel.zero_stage=3 with an MoE model: DeepSpeed refuses MoE under ZeRO "
+                              "stage 3 ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'); set "
+                              "parallel.zero_stage=2 (or 1) for MoE stages")
+        if self.moe is None and self.parallel.ep != 1:
+            raise ConfigError(f"parallel.ep={self.parallel.ep} needs an MoE model; a dense model uses ep=1")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def moe_config(self):
+        """moe.config.MoEConfig (hidden and expert widths filled in from the model), None for dense."""
+        if self.moe is None:
+            return None
+        try:
+            return self.model_config().moe_config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"moe: {e} (fields: see moe/config.py MoEConfig)") from e
+
+    def model_config(self, **fill):
+        """training.model.ModelConfig from `model` + `moe`; `fill` supplies keys the file leaves out
+        (text_vocab_size from the tokenizer, num_codebooks/codebook_size from the codec)."""
+        from training.model import ModelConfig
+        kwargs = {**{k: v for k, v in fill.items() if self.model.get(k) is None}, **self.model}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs["moe"] = dict(self.moe) if self.moe is not None else None
+        try:
+            return ModelConfig(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e} (fields: see training/model.py ModelConfig)") from e
+
+    def validate(self, world_size: int) -> None:
+        """Checks that need the job's size; call before any process group starts."""
+        p = self.parallel
+        if world_size % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide the world size {world_size}")
+        dp = world_size // p.tp
+        if dp % p.ep:
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} "
+                              f"(world {world_size} / tp {p.tp}); choose ep in {divisors(dp)}")
+        if self.moe is not None:
+            n_exp = self.moe.get("num_routed_experts", 8)
+            if n_exp % p.ep:
+                raise ConfigError(f"parallel.ep={p.ep} must divide moe.num_routed_experts={n_exp}")
+        heads = self.model.get("num_heads", self.model.get("n_heads"))
+        if heads is not None and heads % p.tp:
+            raise ConfigError(f"model.num_heads={heads} must be divisible by parallel.tp={p.tp}")
+        kv = self.model.get("num_kv_heads")
+        if kv and kv % p.tp:
+            raise ConfigError(f"model.num_kv_heads={kv} must be divisible by parallel.tp={p.tp}")
+        if self.data.global_batch_size % dp:
+            raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} must be divisible by "
+                              f"the data-parallel size {dp}")
+        micro = self.micro_batch_size(dp)
+        if (self.data.global_batch_size // dp) % micro:
+            per_rank = self.data.global_batch_size // dp
+            raise ConfigError(f"data.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
+                              f"(global {self.data.global_batch_size} / dp {dp})")
+        if not os.path.exists(p.ds_config_path()):
+            raise ConfigError(f"parallel.ds_config: {p.ds_config_path()} does not exist (see ds_configs/)")
+        if self.data.train is not None and not os.path.exists(self.data.train):
+            raise ConfigError(f"data.train: {self.data.train} does not exist "
+                              "(make it with `unimoe data mix`)")
+        self.model_config()
+        self.moe_config()
+
+    def micro_batch_size(self, dp: int) -> int:
+        return self.data.micro_batch_size or self.data.global_batch_size // dp
+
+    def grad_accum(self, dp: int) -> int:
+        return self.data.global_batch_size // (dp * self.micro_batch_size(dp))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
+                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "stage": StageConfig}
+
+
+def from_dict(d: dict, source: str = "<dict>") -> TrainConfig:
+    unknown = set(d) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+    kwargs = {}
+    for key, value in d.items():
+        if key in _SECTION_TYPES:
+            cls = _SECTION_TYPES[key]
+            value = value or {}
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = set(value) - known
+            if bad:
+                raise ConfigError(f"{source}: unknown keys {sorted(bad)} in `{key}`; known: {sorted(known)}")
+            kwargs[key] = cls(**value)
+        else:
+            kwargs[key] = value
+    return TrainConfig(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = d
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:-1])} is not a section")
+        node[path[-1]] = value
+    return d
+
+
+def read_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        d = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return d
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    d = apply_overrides(read_config_file(path), overrides or [])
+    try:
+        return from_dict(d, source=path)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

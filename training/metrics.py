@@ -1,0 +1,103 @@
+"""Run metrics from rank 0: RUN/metrics.jsonl (one JSON object per optimizer step) + tensorboard (RUN/tb).
+
+metrics.jsonl keys: step, loss, loss_<task> (per task present), lr, grad_norm, tokens_per_s, skipped
+(cumulative count of skipped non-finite steps), plus aux-loss terms. On resume from step S the lines after
+S (written by the interrupted run, about to be redone) are dropped, so the file has one line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+
+def flatten_stats(stats, prefix: str = "") -> dict[str, float]:
+    """Nested dicts/lists/tensors of numbers -> {"a/b/3": float}; non-numbers are skipped."""
+    out = {}
+    if isinstance(stats, dict):
+        items = stats.items()
+    elif isinstance(stats, (list, tuple)):
+        items = enumerate(stats)
+    elif torch.is_tensor(stats):
+        if stats.numel() == 1:
+            return {prefix: float(stats)}
+        items = enumerate(stats.detach().flatten().tolist())
+    elif isinstance(stats, (int, float)) and not isinstance(stats, bool):
+        return {prefix: float(stats)}
+    elif isinstance(stats, bool):
+        return {prefix: float(stats)}
+    else:
+        return {}
+    for k, v in items:
+        out.update(flatten_stats(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                continue  # a line cut by a kill -9
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        truncate_jsonl(self.path, resume_step)
+        self.file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
+
+    def log_step(self, record: dict, scalars: dict[str, float] | None = None) -> None:
+        """record -> metrics.jsonl (and tensorboard); scalars -> tensorboard only (per codebook, routing)."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        if self.tb is None:
+            return
+        step = record["step"]
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(_tb_name(k), v, step)
+        for k, v in (scalars or {}).items():
+            if math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tb_name(key: str) -> str:
+    if key.startswith("loss_"):
+        return f"loss/{key[5:]}"
+    if key == "loss":
+        return "loss/total_lm"
+    return f"train/{key}"

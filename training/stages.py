@@ -1,0 +1,62 @@
+"""Curriculum stage starts and the per-step loss of the training loop.
+
+Stage starts (weights only; optimizer and LR schedule start fresh):
+    0, 1   from scratch (joint MoE baseline, dense specialist)
+    2      training.upcycle.upcycle(the specialists' fp32 state dicts, MoE model config)
+    3      the stage-2 run's newest complete checkpoint (all experts, loaded by global name)
+"""
+
+from __future__ import annotations
+
+from training.model import TASKS
+
+
+def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
+    from training.checkpoint import full_state_dict, load_into_model
+    stage, sources = cfg.stage.stage, cfg.stage.init_from
+    if stage in (0, 1) and not sources:
+        return
+    if stage == 2:
+        from training.upcycle import upcycle_state_dict
+        sds = []
+        for src in sources:
+            sd, meta = full_state_dict(src)
+            sds.append(sd)
+            log(f"stage 2: specialist {src} (step {meta.get('step')}, stage {meta.get('stage')})")
+        full = upcycle_state_dict(sds, model_cfg, seed=cfg.seed)
+        load_into_model(model, full, f"upcycle({', '.join(sources)})")
+        n = model_cfg.moe_config().num_routed_experts
+        log(f"stage 2: upcycled {len(sds)} specialists into {n} routed experts per MoE layer")
+        return
+    if len(sources) != 1:
+        raise ValueError(f"stage {stage}: stage.init_from must name one run (got {sources})")
+    sd, meta = full_state_dict(sources[0])
+    load_into_model(model, sd, sources[0])
+    log(f"stage {stage}: weights from {sources[0]} (step {meta.get('step')}, stage {meta.get('stage')})")
+
+
+def step_losses(out, cfg, model_cfg, step: int):
+    """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
+
+    Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
+    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models."""
+    loss = out.loss
+    parts = {"loss": float(out.loss.detach())}
+    for t in TASKS:
+        v = out.loss_per_task.get(t)
+        parts[f"loss_{t}"] = float(v.detach()) if v is not None else 0.0
+        parts[f"_count_loss_{t}"] = 1.0 if v is not None else 0.0
+    if out.loss_per_codebook is not None:
+        for k, v in enumerate(out.loss_per_codebook.detach().tolist()):
+            parts[f"codebook/{k}"] = float(v)
+    routing = {}
+    if out.aux:
+        from moe.losses import combine_aux
+        aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config())
+        loss = loss + aux_total
+        for k, v in logs.items():
+            parts[f"aux_{k}"] = float(v)
+        from training.metrics import flatten_stats
+        for i, a in enumerate(out.aux):
+            routing.update(flatten_stats(getattr(a, "stats", {}), f"routing/layer{i}"))
+    return loss, parts, routing

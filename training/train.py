@@ -1,0 +1,315 @@
+"""`unimoe train`: one curriculum stage on DeepSpeed (ZeRO 1/2/3, EP: DeepSpeed groups, TP: megatron-core).
+
+    unimoe train --config training/configs/tiny/joint.yaml --nproc 2            # local processes
+    srun python -m training.cli train --config training/configs/stage3.yaml     # ranks from SLURM
+    torchrun --nproc-per-node 8 -m training.cli train --config ...              # ranks from torchrun
+
+Stages (config `stage.stage`): 1 dense specialist from scratch; 2 upcycle the specialists named in
+stage.init_from (training.upcycle), freeze the routed experts (stage.freeze_experts), train the rest;
+3 start from the stage-2 run's weights with everything trainable; 0 = joint MoE from scratch.
+A stage starts from weights only; optimizer and schedule start fresh. `--resume` continues a run.
+
+Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) SIGTERM/SIGUSR1: the step finished and a checkpoint was
+saved, requeue the job; 3 (NONFINITE_EXIT_CODE) too many non-finite steps in a row (checkpoint saved);
+2 bad config or arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.config import ConfigError, load_config, save_config
+from training.launch import launch_local
+
+PREEMPTED_EXIT_CODE = 75
+NONFINITE_EXIT_CODE = 3
+CONFIG_EXIT_CODE = 2
+
+
+def lr_at(step: int, ocfg, total_steps: int) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine to lr * min_lr_ratio at total_steps."""
+    if ocfg.warmup_steps and step <= ocfg.warmup_steps:
+        return ocfg.lr * step / ocfg.warmup_steps
+    span = max(1, total_steps - ocfg.warmup_steps)
+    t = min(1.0, (step - ocfg.warmup_steps) / span)
+    lo = ocfg.lr * ocfg.min_lr_ratio
+    return lo + 0.5 * (ocfg.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 set the flag; the loop checks it (agreed by all ranks) after each step."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.signal is not None else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _fault_steps(name: str) -> set[int]:
+    """Fault injection for tests (e.g. UNIMOE_FAULT_NONFINITE=3,4)."""
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
+def run_cli(args) -> int:
+    overrides = list(args.overrides or [])
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.save_every is not None:
+            cfg.checkpoint.save_every = args.save_every
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    out = args.out or os.path.join("runs", cfg.name)
+    if args.nproc:
+        try:
+            cfg.validate(world_size=args.nproc)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return CONFIG_EXIT_CODE
+        argv = ["train", "--config", args.config, "--out", out]
+        for flag, value in (("--max-steps", args.max_steps), ("--save-every", args.save_every),
+                            ("--resume", args.resume)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return launch_local(argv + overrides, args.nproc)
+    from training.parallel import dist_env
+    env = dist_env()
+    try:
+        cfg.validate(world_size=env.world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    try:
+        return train(cfg, out, max_steps=args.max_steps, resume=args.resume, env=env)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _ds_config(cfg, pg) -> dict:
+    with open(cfg.parallel.ds_config_path()) as f:
+        ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    micro = cfg.micro_batch_size(pg.dp)
+    ds.update(train_batch_size=cfg.data.global_batch_size, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=cfg.grad_accum(pg.dp),
+              # a huge clip still makes ZeRO compute the norm, which is how it detects non-finite grads
+              gradient_clipping=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
+    ds["bf16"] = {"enabled": cfg.parallel.precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None, env=None) -> int:
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from data_prep.mix import MixtureReader
+    from training import checkpoint as ckpt
+    from training.data import DistributedBatches, resolve_train_mix
+    from training.metrics import MetricsLogger
+    from training.model import AudioLM
+    from training.parallel import init_parallel, shutdown
+    from training.stages import init_stage_weights, step_losses
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    stop = StopFlag()
+    pg = init_parallel(cfg.parallel, env)
+    rank = pg.env.rank
+    log = (lambda *a: print("[unimoe train]", *a, flush=True)) if pg.is_main else (lambda *a: None)
+    try:
+        if pg.is_main:
+            os.makedirs(out, exist_ok=True)
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        # ---- data and model
+        mix_path = resolve_train_mix(cfg.data)
+        reader = MixtureReader(mix_path)
+        from data_prep.text import load_tokenizer
+        info = dict(reader.codec_info)
+        model_cfg = cfg.model_config(text_vocab_size=load_tokenizer(reader.tokenizer_path).vocab_size,
+                                     num_codebooks=info.get("num_codebooks"),
+                                     codebook_size=info.get("codebook_size"))
+        _seed_all(cfg.seed)  # identical non-expert init on every rank
+        model = AudioLM(model_cfg, ep_group=pg.ep_group)
+        resume_dir = _resume_dir(resume, out)
+        if resume_dir is None:
+            init_stage_weights(model, cfg, model_cfg, log)
+        if cfg.stage.freeze_experts:
+            for p in model.parameters():
+                if getattr(p, "allreduce", True) is False:
+                    p.requires_grad_(False)
+        if pg.tp > 1:
+            from training.tensor_parallel import parallelize
+            parallelize(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            [{"params": trainable, "name": "main"}]) if cfg.is_moe else [{"params": trainable}]
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg, pg),
+                                               mpu=pg.mpu, dist_init_required=False)
+        layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
+                  "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
+        data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
+                                  pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed)
+        # ---- resume
+        step, skipped, nonfinite_in_row = 0, 0, 0
+        _seed_all(cfg.seed * 1000 + 17 + rank)  # per-rank stream (router jitter, dropout)
+        if resume_dir is not None:
+            client = ckpt.resume(engine, pg, resume_dir, layout)
+            step, skipped = client["step"], client["skipped"]
+            nonfinite_in_row = client["nonfinite_in_row"]
+            data.load_state_dict(client["data"])
+            if client.get("rng") is not None:
+                ckpt.set_rng_state(client["rng"])
+            else:
+                _seed_all(cfg.seed * 1000 + 17 + rank + 7919 * step)
+            log(f"resumed {resume_dir} at step {step} ("
+                f"{'DeepSpeed files' if client['resumed_native'] else 'portable state, new layout'})")
+        metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step)
+        last = min(max_steps or cfg.max_steps, cfg.max_steps)
+        total = cfg.optim.schedule_steps or cfg.max_steps
+        meta_base = {"config": cfg.to_dict(), "model_config": _model_cfg_dict(model_cfg), "layout": layout,
+                     "codec_info": info, "tokenizer_path": reader.tokenizer_path, "mix": mix_path,
+                     "stage": cfg.stage.stage}
+
+        def save(reason: str) -> str:
+            client = {"step": step, "skipped": skipped, "nonfinite_in_row": nonfinite_in_row,
+                      "data": data.state_dict(), "rng": ckpt.rng_state(), "config": cfg.to_dict(),
+                      "reason": reason}
+            if step in _fault_steps("UNIMOE_FAULT_KILL_IN_SAVE"):
+                engine.save_checkpoint(os.path.join(out, ckpt.CKPT_SUBDIR), tag=ckpt.tag_name(step),
+                                       client_state=client, save_latest=False)
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash after DeepSpeed wrote, before COMPLETE
+            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step},
+                             cfg.checkpoint.keep_last)
+            log(f"saved {path} ({reason})")
+            return path
+
+        log(f"stage {cfg.stage.stage}: steps {step + 1}..{last} of {cfg.max_steps}, "
+            f"world {pg.env.world_size} "
+            f"(tp {pg.tp}, ep {pg.ep}, dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params on rank 0, run dir {out}")
+        nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
+        exit_code = 0
+        while step < last:
+            step += 1
+            lr = lr_at(step, cfg.optim, total)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            batches = data.next_step()
+            acc, routing = None, {}
+            for mb in batches:
+                out_ = engine(mb)
+                loss, parts, routing = step_losses(out_, cfg, model_cfg, step)
+                if step in nan_steps:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                engine.step()
+                acc = parts if acc is None else {k: acc.get(k, 0.0) + v for k, v in parts.items()}
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            ok = math.isfinite(grad_norm) and engine.was_step_applied()
+            skipped += 0 if ok else 1
+            nonfinite_in_row = 0 if ok else nonfinite_in_row + 1
+            record, scalars = _reduce_metrics(acc, len(batches), pg)
+            dt = time.perf_counter() - t0
+            tokens = _global_tokens(batches, pg)
+            record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens / dt, "skipped": skipped}
+            if step % cfg.logging.routing_every == 0 or step == 1:
+                scalars.update(routing)  # rank 0's last micro-batch
+            metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
+            if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
+                save("non-finite")
+                log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
+                    f"step {step}; checkpoint saved. Lower optim.lr, check the data, or raise "
+                    f"optim.max_nonfinite_in_row.")
+                exit_code = NONFINITE_EXIT_CODE
+                break
+            if stop.any_rank():
+                save("preempted")
+                log(f"preempted by signal: saved at step {step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
+                exit_code = PREEMPTED_EXIT_CODE
+                break
+            every = cfg.checkpoint.save_every
+            if step == last or (every and step % every == 0):
+                save("final" if step == last else "periodic")
+        metrics.close()
+        return exit_code
+    finally:
+        shutdown()
+
+
+def _resume_dir(resume: str | None, out: str) -> str | None:
+    from training.checkpoint import find_checkpoint
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_checkpoint(out)  # None: a fresh start (the first submission of a requeued job)
+    found = find_checkpoint(resume)
+    if found is None:
+        raise ConfigError(f"--resume {resume}: no complete checkpoint there")
+    return found
+
+
+def _model_cfg_dict(model_cfg) -> dict:
+    from dataclasses import asdict, is_dataclass
+    d = asdict(model_cfg)
+    if is_dataclass(model_cfg.moe):
+        d["moe"] = asdict(model_cfg.moe)
+    return d
+
+
+def _global_tokens(batches, pg) -> float:
+    n = float(sum(int(b["valid"].sum()) for b in batches))
+    return n * pg.dp
+
+
+def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
+    """Mean over micro-batches and data-parallel ranks. Keys 'loss', 'loss_<task>', 'aux/..',
+    'codebook/k', 'routing/..'; per-task means count only ranks where the task appeared."""
+    keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
+    vals = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+    counts = torch.tensor([acc.get("_count_" + k, n_micro) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        group = pg.dp_group
+        dist.all_reduce(vals, group=group)
+        dist.all_reduce(counts, group=group)
+    mean = {k: float(v / c) if c > 0 else float("nan") for k, v, c in zip(keys, vals, counts)
+            if not k.startswith("_count_")}
+    record = {k: v for k, v in mean.items() if k == "loss" or k.startswith("loss_") or k.startswith("aux_")}
+    scalars = {k: v for k, v in mean.items() if k not in record}
+    return record, scalars
+
+
+if __name__ == "__main__":
+    from training.cli import main
+    sys.exit(main())
