@@ -89,3 +89,57 @@ def test_tp2_equals_tp1(variant):
         assert r["logits"] < 1e-5 and r["loss"] < 1e-5 and r["tasks"] < 1e-5
         bad = {k: v for k, v in r["grads"].items() if v > 1e-5}
         assert not bad, bad
+
+
+def _tp_ep_train(rank, world_size, steps):
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from training.batch import collate
+    from training.config import ParallelConfig
+    from training.parallel import init_parallel
+    from training.tensor_parallel import parallelize
+    from training.upcycle import upcycle
+
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the gloo group run_distributed started
+    pg = init_parallel(ParallelConfig(tp=2, ep=2, backend="gloo"))
+    ep_ranks = torch.distributed.get_process_group_ranks(pg.ep_group)
+    dense = tiny_cfg(ffn_hidden_size=64)
+    cfg = tiny_cfg(ffn_hidden_size=64, moe={**MOE, "routed_ffn_size": 32, "shared_ffn_size": 16})
+    torch.manual_seed(0)
+    specialists = [AudioLM(dense) for _ in range(2)]
+    model = upcycle(specialists, cfg, ep_group=pg.ep_group)  # this rank's 2 of the 4 experts
+    parallelize(model)
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        [{"params": list(model.parameters()), "name": "params"}])
+    opt = torch.optim.AdamW(groups, lr=3e-3)
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=pg.mpu)
+    batch = collate(make_samples(cfg, 4, seed=10 + pg.dp_rank), cfg)  # same batch within a TP group
+    losses = []
+    for _ in range(steps):
+        out = engine(batch)
+        engine.backward(out.loss + 0.01 * sum(a.balance_loss for a in out.aux))
+        engine.step()
+        losses.append(out.loss.item())
+    experts = sorted(model.layers[1].ffn.experts.keys(), key=int)
+    norm = model.layers[0].attn_norm.weight.detach().clone()
+    return {"losses": losses, "ep_ranks": ep_ranks, "tp_rank": pg.tp_rank, "dp_rank": pg.dp_rank,
+            "experts": experts, "norm": norm,
+            "expert0": model.layers[1].ffn.experts[experts[0]].gate_proj.weight.detach().clone()}
+
+
+def test_tp2_ep2_deepspeed_training():
+    res = run_distributed(_tp_ep_train, world_size=4, args=(6,), timeout=240)
+    print("\nTP=2 x EP=2 losses per rank:", [[round(x, 3) for x in r["losses"]] for r in res])
+    # TP groups [0,1], [2,3]; DP groups [0,2], [1,3]; DeepSpeed's EP groups split the DP groups
+    assert [r["ep_ranks"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["experts"] for r in res] == [["0", "1"], ["0", "1"], ["2", "3"], ["2", "3"]]
+    for r in res:
+        assert r["losses"][-1] < r["losses"][0] - 0.5, r["losses"]
+    # replicated parameters stay identical across the TP group (and the DP group), experts across TP
+    assert torch.equal(res[0]["norm"], res[1]["norm"]) and torch.allclose(res[0]["norm"], res[2]["norm"])
+    assert torch.equal(res[0]["expert0"], res[1]["expert0"])
+    assert torch.equal(res[2]["expert0"], res[3]["expert0"])
+    assert res[0]["losses"] == res[1]["losses"]
