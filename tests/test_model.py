@@ -124,3 +124,18 @@ def test_gqa_runs():
     cfg = tiny_cfg(num_kv_heads=1)
     out = AudioLM(cfg)(collate(samples(cfg), cfg))
     assert torch.isfinite(out.loss)
+
+
+def test_moe_variant_counts_and_aux():
+    moe = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 2, "top_p": 0.7}
+    cfg = tiny_cfg(moe=moe, moe_layers="every_other")
+    model = AudioLM(cfg)
+    assert [b.is_moe for b in model.layers] == [False, True]
+    b = collate(samples(cfg, 4), cfg)
+    out = model(b)
+    assert len(out.aux) == 1 and torch.isfinite(out.aux[0].balance_loss)
+    counts = parameter_counts(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    # ceil(0.7 * 5) = 4 candidates at most; one null expert can take the only slot -> 0 routed at least
+    assert (counts["routed_per_token_min"], counts["routed_per_token_max"]) == (0, 4)
+    assert counts["active_min"] < counts["active_mean"] < counts["active_max"] == counts["total"]
