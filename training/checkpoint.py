@@ -162,8 +162,8 @@ def _deepspeed_module_state(tag_dir: str) -> dict:
     main = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                       weights_only=False)
     sd = dict(main["module"])
-    for f in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        sd.update(torch.load(f, map_location="cpu", weights_only=False))
+    from moe.deepspeed_compat import expert_files_to_state_dict
+    sd.update(expert_files_to_state_dict(tag_dir))
     return sd
 
 

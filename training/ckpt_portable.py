@@ -12,7 +12,7 @@ data-parallel rank of each TP rank, each expert's tensors from the first rank of
 group; the union of the files of one TP rank is the whole model. Loading it into an engine of any EP/DP
 layout (same TP) restores weights and optimizer exactly.
 
-Gathering is collective (safe_get_full_* all-reduce over each parameter's data-parallel group): every
+Gathering is collective (an all-reduce over each parameter's data-parallel group): every
 rank calls `gather_portable` with the same model structure.
 """
 
@@ -23,12 +23,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
-)
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -43,11 +38,8 @@ def _zero_optimizer(engine):
 
 
 def _optimizer_has_state(engine) -> bool:
-    zopt = _zero_optimizer(engine)
-    if zopt is not None:
-        return bool(getattr(zopt, "_hp_optimizer_states_linked", False))
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return len(getattr(base, "state", {})) > 0
+    return any(len(s) for s in getattr(base, "state", {}).values())
 
 
 def _adam_step(engine) -> int:
@@ -56,6 +48,33 @@ def _adam_step(engine) -> int:
         if "step" in state:
             return int(state["step"])
     return 0
+
+
+def _fragment(p, zopt, key):
+    """(flat source tensor or None, hp address, lp address) of this rank's piece of ZeRO-1/2 param p."""
+    m = p._hp_mapping
+    if m is None:
+        return None, None, None
+    flat = zopt.single_partition_of_fp32_groups[m.param_group_index]
+    src = flat if key is None else zopt.optimizer.state.get(flat, {}).get(key)
+    return src, m.hp_fragment_address, m.lp_fragment_address
+
+
+def _zero12_full(p, zopt, key=None) -> torch.Tensor:
+    """Collective over p's data-parallel group: the full fp32 master weight (key None) or AdamW state.
+    Reads ZeRO's flat partitions directly (DeepSpeed's per-param optimizer views go stale after a load)."""
+    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    src, hp, lp = _fragment(p, zopt, key)
+    if src is not None:
+        buf.narrow(0, lp.start, lp.numel).copy_(src.narrow(0, hp.start, hp.numel))
+    dist.all_reduce(buf, group=p._dp_group)
+    return buf.view(p.shape)
+
+
+def _zero12_set(p, zopt, value: torch.Tensor, key=None) -> None:
+    dst, hp, lp = _fragment(p, zopt, key)
+    if dst is not None:
+        dst.narrow(0, hp.start, hp.numel).copy_(value.flatten().to(dst.dtype).narrow(0, lp.start, lp.numel))
 
 
 def _writer_ranks(engine, pg):
@@ -70,13 +89,17 @@ def gather_portable(engine, pg) -> dict | None:
     """Collective. Returns the dict this rank writes (None if it writes nothing)."""
     model = engine.module
     zero_stage = engine.zero_optimization_stage()
+    zopt = _zero_optimizer(engine)
     has_state = _optimizer_has_state(engine)
     dense_writer, expert_writer = _writer_ranks(engine, pg)
     out = {"params": {}, "buffers": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": _adam_step(engine)}
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for name, p in model.named_parameters():
         write = expert_writer if is_expert_param(p) else dense_writer
-        if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-managed: collective gathers
+        if zopt is not None and hasattr(p, "_hp_mapping"):  # ZeRO 1/2, trainable
+            w = _zero12_full(p, zopt)
+            states = {k: _zero12_full(p, zopt, k) for k in OPT_KEYS} if has_state else {}
+        elif hasattr(p, "ds_id"):  # ZeRO 3
             w = safe_get_full_fp32_param(p)
             states = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if has_state else {}
         else:  # frozen, or no ZeRO
@@ -122,9 +145,8 @@ def read_portable(tag_dir: str, tp_rank: int = 0) -> dict:
     return merged
 
 
-def _init_zero_optimizer_state(engine, adam_step: int) -> None:
-    """Create AdamW state on ZeRO's flat fp32 partitions (as after a step) and link the per-param views."""
-    zopt = _zero_optimizer(engine)
+def _init_zero_optimizer_state(zopt, adam_step: int) -> None:
+    """Create AdamW state on ZeRO's flat fp32 partitions (as after a step) and link DeepSpeed's views."""
     base = zopt.optimizer
     for flat in zopt.single_partition_of_fp32_groups:
         base.state[flat] = {"step": torch.tensor(float(adam_step)),
@@ -142,9 +164,10 @@ def load_portable(engine, state: dict, load_optimizer: bool = True) -> None:
         raise KeyError(f"portable checkpoint lacks {len(missing)} parameters of this model, e.g. "
                        f"{missing[:3]}; was it saved from a different model config?")
     zero_stage = engine.zero_optimization_stage()
+    zopt = _zero_optimizer(engine)
     with_opt = load_optimizer and bool(state["exp_avg"])
-    if with_opt and zero_stage in (1, 2):
-        _init_zero_optimizer_state(engine, state["adam_step"])
+    if with_opt and zopt is not None:
+        _init_zero_optimizer_state(zopt, state["adam_step"])
     elif with_opt and zero_stage == 3:
         raise NotImplementedError("loading portable optimizer state under ZeRO-3 is not supported; "
                                   "resume at the saved layout (DeepSpeed's own files) instead")
@@ -156,12 +179,12 @@ def load_portable(engine, state: dict, load_optimizer: bool = True) -> None:
                 raise ValueError(f"portable checkpoint: {name} has shape {tuple(w.shape)}, model wants "
                                  f"{tuple(p.shape)} (different model config or TP size)")
             p.data.copy_(w.to(p.dtype))
-            if hasattr(p, "_hp_mapping"):
-                safe_set_full_fp32_param(p, w)
+            if zopt is not None and hasattr(p, "_hp_mapping"):
+                _zero12_set(p, zopt, w)
                 if with_opt:
                     for k in OPT_KEYS:
                         if name in state[k]:
-                            safe_set_full_optimizer_state(p, state[k][name], k)
+                            _zero12_set(p, zopt, state[k][name], k)
             elif with_opt and zero_stage == 0 and p.requires_grad and name in state["exp_avg"]:
                 base.state[p] = {"step": torch.tensor(float(state["adam_step"])),
                                  **{k: state[k][name].clone().to(p.dtype) for k in OPT_KEYS}}
