@@ -103,6 +103,7 @@ def _prep_args(p):
     p.add_argument("--min-seconds", type=float, default=0.2)
     p.add_argument("--shard-size", type=int, default=256, help="items per shard")
     p.add_argument("--slice", default=None, help="i/n: process the i-th of n manifest slices (job arrays)")
+    p.add_argument("--codec-seed", type=int, default=0, help="seed of --codec random")
 
 
 def _mix_args(p):
@@ -111,6 +112,8 @@ def _mix_args(p):
     group.add_argument("--ratio", help="speech=1,music=1")
     group.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="manifest split to mix (train, valid, ...)")
+    p.add_argument("--max-items", type=int, default=None, help="seeded subset of N items per task (seed set)")
     p.add_argument("--out", required=True)
 
 

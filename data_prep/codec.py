@@ -1,0 +1,256 @@
+"""Audio codec behind one interface: EnCodec 24 kHz (trained weights) or the same architecture untrained.
+
+    codec = load_codec("encodec_24khz", bandwidth=6.0, checkpoint="encodec_24khz-d7cc33bc.th")
+    codes = codec.encode(wav)     # wav [B, 1, S] float at codec.sample_rate -> codes [B, K, T] long
+    wav = codec.decode(codes)     # [B, K, T] -> [B, 1, S]
+
+The torchaudio pitfall: `encodec` imports torchaudio at import time but only uses it in
+`convert_audio`/`save_audio`, which we never call (WAV I/O is soundfile, resampling is data_prep.audio).
+A torchaudio wheel built for another torch release fails to load its native library (OSError), which
+would make `import encodec` fail. `import_encodec()` tries the real torchaudio first; if it cannot load,
+it removes the half-imported torchaudio modules and installs a placeholder module named torchaudio whose
+every attribute raises `TorchaudioUnavailable` with the original error, then imports encodec.
+
+`--codec random` ("random"): the EnCodec 24 kHz architecture with random weights from a seed, NOT trained.
+An untrained EnCodec has all-zero codebooks (they are k-means initialised on the first training batch), so
+every frame would encode to code 0. We initialise each residual codebook with Gaussian vectors matching
+the statistics of the residual it quantizes on a deterministic calibration signal, and mark them
+initialised. The same seed gives the same codec in prep and in generation; info() says it is untrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CODECS = ("encodec_24khz", "random")
+ENCODEC_24KHZ_CHECKPOINT = "encodec_24khz-d7cc33bc.th"
+
+
+class CodecUnavailable(RuntimeError):
+    """The codec's weights cannot be loaded; the message is one line saying what to do."""
+
+
+class TorchaudioUnavailable(RuntimeError):
+    pass
+
+
+def _torchaudio_placeholder(error: BaseException) -> types.ModuleType:
+    class _Placeholder(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise TorchaudioUnavailable(
+                f"torchaudio.{name} is unavailable: the installed torchaudio cannot load next to this torch "
+                f"({type(error).__name__}: {error}). unimoe-audio does not need it (soundfile does WAV I/O); "
+                "install a torchaudio built for your torch release if you need it elsewhere."
+            )
+
+    mod = _Placeholder(
+        "torchaudio", "placeholder installed by data_prep.codec: the real torchaudio failed to load"
+    )
+    mod.__spec__ = importlib.machinery.ModuleSpec("torchaudio", loader=None)
+    mod.UNIMOE_PLACEHOLDER = True
+    return mod
+
+
+def import_encodec():
+    """Import the encodec package even when torchaudio's native library cannot load (see module doc)."""
+    if "encodec" in sys.modules:
+        return sys.modules["encodec"]
+    try:
+        importlib.import_module("torchaudio")
+    except (OSError, ImportError, RuntimeError) as e:
+        for name in [n for n in sys.modules if n == "torchaudio" or n.startswith("torchaudio.")]:
+            del sys.modules[name]
+        sys.modules["torchaudio"] = _torchaudio_placeholder(e)
+    return importlib.import_module("encodec")
+
+
+@dataclass
+class Codec:
+    """A loaded codec: `model` is an encodec.EncodecModel in eval mode."""
+
+    model: torch.nn.Module
+    name: str
+    bandwidth: float
+    checkpoint: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.model.set_target_bandwidth(self.bandwidth)
+        self.sample_rate = int(self.model.sample_rate)
+        self.frame_rate = int(self.model.frame_rate)
+        self.hop_length = self.sample_rate // self.frame_rate
+        self.codebook_size = int(self.model.quantizer.bins)
+        self.num_codebooks = int(
+            self.model.quantizer.get_num_quantizers_for_bandwidth(self.model.frame_rate, self.bandwidth)
+        )
+        self.trained = self.name != "random"
+        self._fingerprint = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_frames(self, num_samples: int) -> int:
+        return int(math.ceil(num_samples / self.hop_length))
+
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, 1, S] at sample_rate -> codes [B, K, T] long, T = ceil(S / hop)."""
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"encode expects wav [B, 1, S], got {tuple(wav.shape)}")
+        emb = self.model.encoder(wav.to(self.device, torch.float32))
+        codes = self.model.quantizer.encode(emb, self.model.frame_rate, self.bandwidth)  # [K, B, T]
+        return codes.transpose(0, 1).long()
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] -> wav [B, 1, T * hop]."""
+        if codes.dim() != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"decode expects codes [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, {codes.max()}]"
+            )
+        emb = self.model.quantizer.decode(codes.to(self.device).transpose(0, 1))
+        return self.model.decoder(emb)[..., : codes.shape[-1] * self.hop_length]
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.model.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def info(self) -> dict:
+        out = {
+            "name": self.name,
+            "trained": self.trained,
+            "bandwidth": self.bandwidth,
+            "sample_rate": self.sample_rate,
+            "frame_rate": self.frame_rate,
+            "num_codebooks": self.num_codebooks,
+            "codebook_size": self.codebook_size,
+            "checkpoint": self.checkpoint,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint(),
+        }
+        if not self.trained:
+            out["label"] = (
+                f"UNTRAINED codec: EnCodec 24 kHz architecture, random weights (seed {self.seed}); "
+                "its codes carry no learned audio structure - for tests and the demo only"
+            )
+        return out
+
+
+def _calibration_audio(seed: int, sample_rate: int, seconds: float = 4.0) -> torch.Tensor:
+    """A deterministic mix of tones, chirps and noise bursts [1, 1, S] used to set codebook statistics."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    x = np.zeros_like(t)
+    for _ in range(6):
+        f0, f1 = rng.uniform(60, 4000, size=2)
+        x += rng.uniform(0.05, 0.2) * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    env = (np.sin(2 * np.pi * rng.uniform(0.5, 3) * t) > 0).astype(float)
+    x += 0.1 * env * rng.standard_normal(len(t))
+    return torch.from_numpy(x.astype(np.float32)).view(1, 1, -1)
+
+
+@torch.no_grad()
+def _init_random_codebooks(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = model.encoder(_calibration_audio(seed, int(model.sample_rate)))  # [1, D, T]
+    residual = emb[0].transpose(0, 1)  # [T, D]
+    for layer in model.quantizer.vq.layers:
+        book = layer._codebook
+        mean, std = residual.mean(0), residual.std(0).clamp_min(1e-5)
+        embed = mean + std * torch.randn(book.embed.shape, generator=gen)
+        book.embed.copy_(embed)
+        book.embed_avg.copy_(embed)
+        book.cluster_size.fill_(1.0)
+        book.inited.fill_(1.0)
+        residual = residual - book.decode(book.encode(residual))
+
+
+def load_codec(
+    name: str = "encodec_24khz",
+    bandwidth: float = 6.0,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Codec:
+    """Build a codec. name: "encodec_24khz" (trained weights from `checkpoint`, else the package's
+    download) or "random" (untrained, deterministic from `seed`). Raises CodecUnavailable / ValueError."""
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}: choose one of {', '.join(CODECS)}")
+    encodec = import_encodec()
+    if name == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+        _init_random_codebooks(model, seed)
+    else:
+        model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+        if checkpoint is not None:
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise CodecUnavailable(f"codec checkpoint not found: {checkpoint}") from None
+            except Exception as e:
+                raise CodecUnavailable(
+                    f"cannot read codec checkpoint {checkpoint}: {type(e).__name__}: {e}"
+                ) from None
+            try:
+                model.load_state_dict(state)
+            except Exception as e:
+                raise CodecUnavailable(
+                    f"{checkpoint} is not an EnCodec 24 kHz state dict: {' '.join(str(e).split())[:200]}"
+                ) from None
+        else:
+            try:
+                model.load_state_dict(encodec.EncodecModel._get_pretrained(ENCODEC_24KHZ_CHECKPOINT, None))
+            except Exception as e:
+                raise CodecUnavailable(
+                    "EnCodec 24 kHz weights unavailable: no --codec-checkpoint given and the download "
+                    f"failed ({type(e).__name__}; no network?). Pass --codec-checkpoint "
+                    f"PATH/{ENCODEC_24KHZ_CHECKPOINT}, "
+                    "or --codec random for an untrained codec (tests/demo only)."
+                ) from None
+    model.eval().to(device)
+    valid = [b for b in model.target_bandwidths]
+    if bandwidth not in valid:
+        raise ValueError(f"bandwidth {bandwidth} not supported by EnCodec 24 kHz: choose one of {valid}")
+    return Codec(
+        model, name, float(bandwidth), checkpoint=checkpoint, seed=seed if name == "random" else None
+    )
+
+
+def load_codec_from_info(
+    info: dict, checkpoint: str | None = None, device: str | torch.device = "cpu"
+) -> Codec:
+    """Rebuild the codec recorded by prep (shards.json / mix.json "codec"); checks the fingerprint."""
+    codec = load_codec(
+        info["name"],
+        info["bandwidth"],
+        checkpoint or info.get("checkpoint"),
+        device,
+        seed=info.get("seed") or 0,
+    )
+    if info.get("fingerprint") and codec.fingerprint() != info["fingerprint"]:
+        raise CodecUnavailable(
+            f"codec weights differ from the ones used in prep (fingerprint "
+            f"{codec.fingerprint()} != {info['fingerprint']}): pass the same checkpoint/seed"
+        )
+    return codec
