@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str | None = None  # mix.json of the training mixture; null = built-in demo corpus (tiny configs)
-    demo_mix: str = "balanced"  # which demo mixture when train is null (a key of ensure_demo_data())
+    demo_mix: str = "train_balanced"  # which demo mixture when train is null (a key of ensure_demo_data())
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     micro_batch_size: int | None = None  # per rank and forward pass; default global / dp (no accumulation)
     cond_drop_prob: float = 0.1  # text conditioning dropped with this probability (classifier-free guidance)
@@ -243,10 +243,28 @@ def from_dict(d: dict, source: str = "<dict>") -> TrainConfig:
             bad = set(value) - known
             if bad:
                 raise ConfigError(f"{source}: unknown keys {sorted(bad)} in `{key}`; known: {sorted(known)}")
-            kwargs[key] = cls(**value)
+            kwargs[key] = cls(**_coerce(cls, value))
         else:
             kwargs[key] = value
-    return TrainConfig(**kwargs)
+    return TrainConfig(**_coerce(TrainConfig, kwargs))
+
+
+def _coerce(cls, values: dict) -> dict:
+    """YAML 1.1 reads `1e-4` as a string: turn numeric strings into the field's float/int."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for k, v in values.items():
+        if not isinstance(v, str) or k not in types:
+            continue
+        try:
+            if types[k].startswith("float"):
+                out[k] = float(v)
+            elif types[k].startswith("int"):
+                out[k] = int(v)
+        except ValueError:
+            raise ConfigError(f"{cls.__name__.replace('Config', '').lower() or 'config'}.{k}: "
+                              f"expected a number, got {v!r}") from None
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -20,7 +20,7 @@ def resolve_train_mix(data_cfg) -> str:
     if data_cfg.demo_mix not in paths:
         from training.config import ConfigError
         raise ConfigError(f"data.demo_mix={data_cfg.demo_mix!r} is not a demo mixture; "
-                          f"choose one of {sorted(k for k in paths if k != 'tokenizer')}")
+                          f"choose one of {sorted(k for k, v in paths.items() if str(v).endswith('.json'))}")
     return str(paths[data_cfg.demo_mix])
 
 

@@ -55,7 +55,7 @@ def step_losses(out, cfg, model_cfg, step: int):
         aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config())
         loss = loss + aux_total
         for k, v in logs.items():
-            parts[f"aux_{k}"] = float(v)
+            parts[k if k.startswith("aux_") else f"aux_{k}"] = float(v)
         from training.metrics import flatten_stats
         for i, a in enumerate(out.aux):
             routing.update(flatten_stats(getattr(a, "stats", {}), f"routing/layer{i}"))
