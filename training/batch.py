@@ -18,12 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID
 from training.model import IGNORE_INDEX, TASKS, ModelConfig
-
-try:
-    from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID
-except ImportError:  # data_prep.text not present yet: the ids fixed in CONTRACTS.md
-    TEXT_PAD_ID, SEP_ID, TASK_TOKEN_IDS = 0, 4, {"speech": 2, "music": 3}
 
 
 def prompt_ids(task: str, text_ids, drop_text: bool = False) -> list[int]:
