@@ -139,3 +139,10 @@ def test_moe_variant_counts_and_aux():
     # ceil(0.7 * 5) = 4 candidates at most; one null expert can take the only slot -> 0 routed at least
     assert (counts["routed_per_token_min"], counts["routed_per_token_max"]) == (0, 4)
     assert counts["active_min"] < counts["active_mean"] < counts["active_max"] == counts["total"]
+
+
+def test_train_flops_per_token():
+    from training.params import train_flops_per_token
+    cfg = tiny_cfg()
+    c = parameter_counts(cfg)
+    assert train_flops_per_token(cfg, 10) == 6 * (c["total"] - c["embedding"]) + 12 * 2 * 32 * 10

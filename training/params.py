@@ -65,3 +65,11 @@ def parameter_counts(cfg: ModelConfig, mean_routed_experts: float | None = None)
             "active_min": always + n_moe * lo * expert,
             "active_mean": always + n_moe * mean * expert,
             "active_max": always + n_moe * hi * expert}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mean_routed_experts: float | None = None) -> float:
+    """Training FLOPs per token (forward + backward), PaLM-style: 6 * active matmul parameters (the
+    embedding lookups excluded, the output heads included) + 12 * layers * hidden * seq_len (attention
+    scores and values). For an MFU estimate: tokens/s * this / peak FLOP/s."""
+    c = parameter_counts(cfg, mean_routed_experts)
+    return 6.0 * (c["active_mean"] - c["embedding"]) + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
