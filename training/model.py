@@ -326,8 +326,7 @@ class AudioLM(nn.Module):
             return ModelOutput(None, None, {}, aux, logits)
         labels = batch["labels"]  # [B, K, L]
         K = self.cfg.num_codebooks
-        # the CE may overwrite its input (megatron's vocab-parallel CE does): give it a copy
-        tok_loss = torch.stack([self.cross_entropy(logits[:, :, k].clone(), labels[:, k])
+        tok_loss = torch.stack([self.cross_entropy(logits[:, :, k], labels[:, k])
                                 for k in range(K)], dim=1)  # [B, K, L]
         valid = (labels != IGNORE_INDEX).float()
         tok_loss = tok_loss * valid

@@ -119,9 +119,10 @@ def _noinit(weight):
 
 
 def vocab_parallel_ce_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Like training.model.cross_entropy_per_token on vocab-sharded logits (overwrites `logits`)."""
+    """Like training.model.cross_entropy_per_token on vocab-sharded logits. megatron-core's function
+    overwrites its input, so it gets an fp32 copy (the model's logits stay intact)."""
     ignore = target == IGNORE_INDEX
-    loss = vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
+    loss = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), target.masked_fill(ignore, 0))
     return loss.masked_fill(ignore, 0.0)
 
 
