@@ -20,8 +20,10 @@ def _model(cfg):
     return AudioLM(cfg).eval()
 
 
-def test_kv_cache_matches_full_forward():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_kv_cache_matches_full_forward(variant):
+    moe = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1}
+    cfg = tiny_cfg(moe=moe if variant == "moe" else None)
     model = _model(cfg)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (3, 6), generator=g)
