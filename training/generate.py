@@ -118,21 +118,21 @@ def generate(model: AudioLM, tasks: list[str] | str, text_ids: list, *, max_fram
         from tqdm import tqdm
         steps = tqdm(steps, desc="generate", unit="frame")
     for t in steps:
-        lg = logits[:, -1].float()  # [B, K, V]
-        if use_cfg:
-            cond, uncond = lg[:N], lg[N:]
-            guided = cond + scale * (cond - uncond)
-            if cfg_filter_top_k:
-                kth = guided.topk(min(cfg_filter_top_k, V), dim=-1).values[..., -1:]
-                lg = cond.masked_fill(guided < kth, float("-inf"))
-            else:
-                lg = guided
         # codes only; EOS for the lead codebook once min_frames exist
         allowed = torch.zeros(N, K, V, dtype=torch.bool, device=device)
         allowed[:, :, :C] = True
         n_frames = t - d_lead - 1  # content frames of the lead codebook before this one
         if n_frames >= min_frames:
             allowed[:, lead, pattern.eos] = True
+        lg = logits[:, -1].float()  # [B, K, V]
+        if use_cfg:
+            cond, uncond = lg[:N], lg[N:]
+            guided = (cond + scale * (cond - uncond)).masked_fill(~allowed, float("-inf"))
+            if cfg_filter_top_k:
+                kth = guided.topk(min(cfg_filter_top_k, V), dim=-1).values[..., -1:]
+                lg = cond.masked_fill(guided < kth, float("-inf"))
+            else:
+                lg = guided
         lg = lg.masked_fill(~allowed, float("-inf"))
         frame = sample_logits(lg, temperature, top_k, top_p, generator)  # [N, K]
         # forced tokens from the delay layout
