@@ -104,7 +104,7 @@ def generate(model: AudioLM, tasks: list[str] | str, text_ids: list, *, max_fram
     audio_mask = torch.zeros_like(valid)
     audio_mask[:, -1] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    task_ids = task_idx.to(device)[:, None].expand_as(text)
+    task_ids = torch.where(valid, task_idx.to(device)[:, None], -1)  # -1 on padding (MoE stats)
     cache = KVCache(cfg.num_layers)
     logits, _ = model.forward_logits(text, audio, audio_mask, positions=positions, valid=valid, cache=cache,
                                      task_ids=task_ids)
