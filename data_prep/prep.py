@@ -10,6 +10,7 @@ Every rejected line/file goes to prep_report.json with its reason.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import multiprocessing as mp
 import os
@@ -27,7 +28,7 @@ from data_prep.codec import CODECS, Codec, CodecUnavailable, load_codec
 from data_prep.manifest import ManifestItem, read_manifest, reject
 from data_prep.text import Tokenizer
 
-CRASH_ENV = "UNIMOE_PREP_CRASH_AFTER_ITEMS"  # fault injection for tests: raise after N items of a new shard
+CRASH_ENV = "UNIMOE_PREP_CRASH_AFTER_ITEMS"  # fault injection for tests: raise after N items written this run
 
 
 class PrepError(Exception):
@@ -198,6 +199,9 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     if len(mine) > len(todo):
         log(f"[prep] skipping {len(mine) - len(todo)} complete shard(s) (checksums verified)")
 
+    for k in todo:  # temporary files of a crashed earlier run of these shards
+        for stale in glob.glob(os.path.join(cfg.out, f".tmp.{sh.shard_name(k)}.*")):
+            os.remove(stale)
     audio_cfg = AudioCheckConfig(codec.sample_rate, cfg.min_seconds, cfg.max_seconds)
     crash_after = int(os.environ.get(CRASH_ENV, "0")) or None
     blocks = [
@@ -207,7 +211,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     ]
     total = sum(len(shard_items[k]) for k in todo)
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 0 and blocks else None
-    pending = []
+    pending, written = [], 0
 
     def submit(b):
         jobs = [(j, it.audio, audio_cfg) for j, it in enumerate(blocks[b][2])]
@@ -231,7 +235,9 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
                 results[base + j] = reason if w is None else (len(w) / codec.sample_rate, codes[j])
             bar.update(len(block))
             if base + len(block) == len(shard_items[k]):  # last block of shard k: write it
-                listing["shards"].append(_write_shard(cfg, k, shard_items[k], results, tok, crash_after))
+                entry = _write_shard(cfg, k, shard_items[k], results, tok, crash_after, written)
+                written += entry["items"]
+                listing["shards"].append(entry)
                 listing["shards"].sort(key=lambda e: e["index"])
                 sh.write_json_atomic(list_path, listing)
                 results = {}
@@ -246,7 +252,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     return report
 
 
-def _write_shard(cfg, k, items, results, tok, crash_after) -> dict:
+def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
     writer = sh.ShardWriter(cfg.out, k)
     rejected = []
     for j, it in enumerate(items):
@@ -264,7 +270,7 @@ def _write_shard(cfg, k, items, results, tok, crash_after) -> dict:
             "text": it.text,
         }
         writer.add(meta, codes, tok.encode(it.text))
-        if crash_after and writer.items >= crash_after:
+        if crash_after and written + writer.items >= crash_after:
             raise RuntimeError(f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})")
     return writer.finalize({"input": _shard_key(items), "seen": len(items), "rejected": rejected})
 

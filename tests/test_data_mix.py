@@ -1,0 +1,158 @@
+"""The mixture: target ratio over every 1000-sample window, determinism by index, upsampling, splits.
+
+Run: .venv/bin/pytest tests/test_data_mix.py
+"""
+
+import json
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data_prep.codec import load_codec
+from data_prep.fixtures import write_corpus
+from data_prep.mix import MixtureReader, build_mix
+from data_prep.prep import PrepConfig, prep
+from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
+from training.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def prepped(tmp_path_factory):
+    """6 speech (1 valid) and 3 music (1 valid) clips, prepared with the random codec."""
+    root = tmp_path_factory.mktemp("mix")
+    manifest = write_corpus(str(root), speech=6, music=3, seconds=0.3, valid=1)
+    with open(manifest) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok = str(root / "spm.model")
+    train_tokenizer(texts, tok, vocab_size=64, log=lambda m: None)
+    out = str(root / "prep")
+    prep(
+        PrepConfig(
+            manifest=manifest, out=out, tokenizer=tok, codec="random", workers=0, shard_size=4, progress=False
+        ),
+        codec=load_codec("random"),
+        log=lambda m: None,
+    )
+    return root, out, tok
+
+
+def _window_share(tasks, task, window=1000):
+    x = np.asarray([t == task for t in tasks], dtype=np.float64)
+    c = np.concatenate([[0], np.cumsum(x)])
+    return (c[window:] - c[:-window]) / window  # share of `task` in every window of `window` samples
+
+
+@pytest.mark.parametrize(
+    "ratio", [{"speech": 1.0, "music": 1.0}, {"speech": 4.0, "music": 1.0}, {"speech": 1.0, "music": 3.0}]
+)
+def test_ratio_holds_in_every_window(prepped, tmp_path, ratio):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    build_mix([("speech", out), ("music", out)], path, ratio=ratio, seed=3)
+    r = MixtureReader(path)
+    target = ratio["speech"] / sum(ratio.values())
+    tasks = [r.task_of(i) for i in range(6000)]
+    shares = _window_share(tasks, "speech")
+    assert np.abs(shares - target).max() <= 0.02
+    # also far away from the start (resume at step 10^9)
+    far = [r.task_of(i) for i in range(10**9, 10**9 + 2000)]
+    assert np.abs(_window_share(far, "speech") - target).max() <= 0.02
+    assert all(r[i]["task"] == tasks[i] for i in range(0, 60, 7))
+
+
+def test_deterministic_by_index_and_resumable(prepped, tmp_path):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1}, seed=7)
+    a, b = MixtureReader(path), pickle.loads(pickle.dumps(MixtureReader(path)))
+    for i in [0, 1, 5, 123, 10**6 + 3, 2**40]:
+        x, y = a[i], b[i]
+        assert x["id"] == y["id"] and x["task"] == y["task"]
+        assert np.array_equal(x["codes"], y["codes"]) and np.array_equal(x["text_ids"], y["text_ids"])
+    # reading out of order gives the same as in order (no hidden iterator state)
+    forward = [a[i]["id"] for i in range(40)]
+    assert [b[i]["id"] for i in reversed(range(40))] == forward[::-1]
+    other = str(tmp_path / "other.json")
+    build_mix([("speech", out), ("music", out)], other, ratio={"speech": 1, "music": 1}, seed=8)
+    assert [MixtureReader(other)[i]["id"] for i in range(40)] != forward
+
+
+def test_epoch_upsamples_smaller_side_and_respects_split(prepped, tmp_path):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1})
+    r = MixtureReader(path)
+    assert mix["counts"] == {"speech": 5, "music": 2} and len(r) == 10
+    ids = Counter(r[i]["id"] for i in range(len(r)))
+    speech = {k: v for k, v in ids.items() if k.startswith("speech")}
+    music = {k: v for k, v in ids.items() if k.startswith("music")}
+    assert sorted(speech) == [f"speech_{i:04d}" for i in range(5)] and set(speech.values()) == {1}
+    assert sorted(music) == ["music_0000", "music_0001"] and sum(music.values()) == 5  # upsampled 2.5x
+    sample = r[0]
+    assert set(sample) == {"id", "task", "text_ids", "codes"}
+    assert sample["codes"].shape[0] == 8 and sample["codes"].dtype == np.int64
+    assert r.codec_info["trained"] is False and r.tokenizer_path.endswith("spm.model")
+    valid = str(tmp_path / "valid.json")
+    build_mix([("speech", out), ("music", out)], valid, ratio={"speech": 1, "music": 1}, split="valid")
+    assert {MixtureReader(valid)[i]["id"] for i in range(8)} == {"speech_0005", "music_0002"}
+
+
+def test_temperature_single_task_and_seed_subset(prepped, tmp_path):
+    _, out, _ = prepped
+    t1 = build_mix([("speech", out), ("music", out)], str(tmp_path / "t1.json"), temperature=1.0)
+    assert t1["weights"]["speech"] == pytest.approx(5 / 7)
+    tinf = build_mix([("speech", out), ("music", out)], str(tmp_path / "t.json"), temperature=1e9)
+    assert tinf["weights"]["speech"] == pytest.approx(0.5, abs=1e-6)
+    one = str(tmp_path / "speech.json")
+    build_mix([("speech", out)], one, ratio={"speech": 1})
+    assert {MixtureReader(one).task_of(i) for i in range(50)} == {"speech"}
+    seed = str(tmp_path / "seed.json")
+    build_mix([("speech", out), ("music", out)], seed, ratio={"speech": 1, "music": 1}, max_items=2)
+    r = MixtureReader(seed)
+    assert len({r[i]["id"] for i in range(40)}) == 4
+    with pytest.raises(ValueError, match="--ratio must name"):
+        build_mix([("speech", out)], str(tmp_path / "bad.json"), ratio={"speech": 1, "music": 1})
+
+
+def test_mix_cli(prepped, tmp_path, capsys):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    assert (
+        cli(
+            [
+                "data",
+                "mix",
+                "--source",
+                f"speech={out}",
+                "--source",
+                f"music={out}",
+                "--ratio",
+                "speech=1,music=1",
+                "--out",
+                path,
+            ]
+        )
+        == 0
+    )
+    assert "UNTRAINED" in capsys.readouterr().out
+    assert (
+        cli(["data", "mix", "--source", f"speech={tmp_path}/nothing", "--temperature", "2", "--out", path])
+        == 2
+    )
+    assert "no shards.json" in capsys.readouterr().err
+
+
+def test_tokenizer_special_ids_and_clamp(prepped, tmp_path):
+    _, _, tok_path = prepped
+    tok = load_tokenizer(tok_path)
+    sp = tok.sp
+    assert (TEXT_PAD_ID, UNK_ID, SEP_ID) == (0, 1, 4) and TASK_TOKEN_IDS == {"speech": 2, "music": 3}
+    assert [sp.id_to_piece(i) for i in range(5)] == ["<pad>", "<unk>", "<speech>", "<music>", "<sep>"]
+    assert sp.bos_id() == -1 and sp.eos_id() == -1
+    ids = tok.encode("red stone <sep> river")
+    assert SEP_ID not in ids.tolist() and len(ids) > 0
+    logs = []
+    info = train_tokenizer(["tiny corpus", "of two lines"], str(tmp_path / "s.model"), 5000, log=logs.append)
+    assert info["vocab_size"] < 5000 and "largest reachable size" in logs[0]

@@ -1,0 +1,206 @@
+"""Bad input never stops prep and never vanishes: one test corpus holds every bad case of issue 4.
+
+Run: .venv/bin/pytest tests/test_data_prep.py
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep.codec import load_codec
+from data_prep.fixtures import WORDS, tone
+from data_prep.prep import PrepConfig, prep
+from data_prep.shards import ShardSet
+from data_prep.text import train_tokenizer
+from training.cli import main as cli
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_codec("random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "spm.model")
+    texts = [" ".join(np.random.default_rng(i).choice(WORDS, 5)) for i in range(50)]
+    train_tokenizer(texts + ["a slow calm piano melody in A minor"], path, vocab_size=64, log=lambda m: None)
+    return path
+
+
+def _wav(root, name, x, sr=SR, subtype="PCM_16"):
+    sf.write(os.path.join(root, name), x, sr, subtype=subtype)
+    return name
+
+
+def _bad_corpus(root):
+    """Returns (manifest path, {id: expected reason substring}, set of good ids)."""
+    os.makedirs(root, exist_ok=True)
+    good = tone(0.6, SR, 220)
+    lines, expect = [], {}
+
+    def add(item_id, audio, reason=None, task="speech", text="a red stone"):
+        lines.append(json.dumps({"id": item_id, "task": task, "audio": audio, "text": text}))
+        if reason:
+            expect[item_id] = reason
+
+    add("good_mono", _wav(root, "good.wav", good))
+    stereo = np.stack([tone(0.8, 44100, 330), tone(0.8, 44100, 440)], axis=1)
+    add("good_stereo_44k", _wav(root, "stereo.wav", stereo, sr=44100), task="music")
+    full = open(os.path.join(root, "good.wav"), "rb").read()
+    with open(os.path.join(root, "trunc.wav"), "wb") as f:
+        f.write(full[: len(full) // 2])
+    add("truncated", "trunc.wav", "truncated")
+    with open(os.path.join(root, "corrupt.wav"), "wb") as f:
+        f.write(full[:30])  # RIFF header, no data chunk
+    add("corrupt", "corrupt.wav", "not decodable")
+    with open(os.path.join(root, "notaudio.wav"), "w") as f:
+        f.write("this is a text file pretending to be audio\n" * 20)
+    add("not_audio", "notaudio.wav", "not decodable")
+    add("missing", "nope.wav", "not found")
+    open(os.path.join(root, "empty.wav"), "wb").close()
+    add("zero_bytes", "empty.wav", "zero-length")
+    add("zero_samples", _wav(root, "nosamples.wav", np.zeros(0, np.float32)), "zero-length")
+    nan = good.copy()
+    nan[100] = np.nan
+    nan[200] = np.inf
+    add("nan_inf", _wav(root, "nan.wav", nan, subtype="FLOAT"), "non-finite")
+    add("too_short", _wav(root, "short.wav", tone(0.05, SR, 220)), "too short")
+    add("too_long", _wav(root, "long.wav", tone(3.5, SR, 220)), "too long")
+    add("empty_text", "good.wav", "empty text", text="   ")
+    add("bad_task", "good.wav", "field 'task'", task="video")
+    lines.append(json.dumps({"id": "no_text", "task": "speech", "audio": "good.wav"}))
+    expect["no_text"] = "missing field 'text'"
+    lines.append(
+        json.dumps({"id": 17, "task": "speech", "audio": "good.wav", "text": "x"})
+    )  # id not a string
+    lines.append('{"id": "broken", "task": "speech", ')  # not JSON
+    lines.append(json.dumps(["a", "list"]))  # JSON, not an object
+    add("good_mono", "good.wav", "duplicate id")  # second use of an id
+    raw = [ln.encode() for ln in lines]
+    raw.append(b'{"id": "latin1", "task": "speech", "audio": "good.wav", "text": "caf\xe9"}')
+    expect["latin1"] = "UTF-8"
+    path = os.path.join(root, "manifest.jsonl")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(raw) + b"\n\n")
+    return path, expect, {"good_mono", "good_stereo_44k"}
+
+
+def test_every_bad_input_is_reported_and_the_rest_processed(tmp_path, codec, tokenizer):
+    manifest, expect, good = _bad_corpus(str(tmp_path / "corpus"))
+    out = str(tmp_path / "prep")
+    cfg = PrepConfig(
+        manifest=manifest,
+        out=out,
+        tokenizer=tokenizer,
+        codec="random",
+        workers=0,
+        max_seconds=3.0,
+        min_seconds=0.2,
+        shard_size=4,
+        progress=False,
+    )
+    report = prep(cfg, codec=codec, log=lambda m: None)
+    with open(os.path.join(out, "prep_report.json")) as f:
+        assert json.load(f) == report
+    assert report["accepted"] == len(good)
+    assert report["seen"] == report["accepted"] + len(report["rejected"]) == 19
+    by_id = {r["id"]: r for r in report["rejected"] if r["id"] is not None}
+    for item_id, reason in expect.items():
+        assert item_id in by_id, f"{item_id} not reported"
+        assert reason in by_id[item_id]["reason"], (item_id, by_id[item_id])
+        assert "path" in by_id[item_id]
+    anonymous = [r for r in report["rejected"] if r["id"] is None]
+    reasons = sorted(r["reason"].split(" (")[0] for r in anonymous)
+    assert reasons == ["field 'id' must be a string, got int", "not a JSON object", "not valid JSON"]
+    assert all(isinstance(r["line"], int) for r in anonymous)
+    assert by_id["missing"]["path"].endswith("nope.wav")
+    # accepted items: codes [K, ceil(samples_24k / 320)], text ids present, per-task totals
+    ss = ShardSet(out)
+    rows = {r["id"]: (s, j, r) for s, rs in enumerate(ss.meta) for j, r in enumerate(rs)}
+    assert set(rows) == good
+    s, j, meta = rows["good_stereo_44k"]
+    codes, text_ids = ss.get(s, j)
+    assert codes.shape == (8, int(np.ceil(0.8 * 24000 / 320)))
+    assert codes.min() >= 0 and codes.max() < 1024 and len(text_ids) > 0
+    assert report["tasks"]["music"]["items"] == 1 and report["tasks"]["speech"]["items"] == 1
+    assert report["tasks"]["music"]["seconds"] == pytest.approx(0.8, abs=0.01)
+    assert report["tasks"]["speech"]["tokens"] == 8 * int(np.ceil(0.6 * 24000 / 320))
+
+
+def test_cli_exit_codes(tmp_path, tokenizer, capsys):
+    manifest, _, _ = _bad_corpus(str(tmp_path / "corpus"))
+    base = [
+        "data",
+        "prep",
+        "--manifest",
+        manifest,
+        "--tokenizer",
+        tokenizer,
+        "--codec",
+        "random",
+        "--workers",
+        "0",
+        "--max-seconds",
+        "3",
+    ]
+    assert cli(base + ["--out", str(tmp_path / "ok")]) == 0
+    # nothing usable: every line bad
+    bad = tmp_path / "allbad.jsonl"
+    bad.write_text('not json\n{"id": "x", "task": "speech", "audio": "missing.wav", "text": "hi"}\n')
+    capsys.readouterr()
+    rc = cli(
+        [
+            "data",
+            "prep",
+            "--manifest",
+            str(bad),
+            "--tokenizer",
+            tokenizer,
+            "--codec",
+            "random",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "none"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and "nothing usable" in err
+    # configuration errors: one line, non-zero
+    for extra, needle in [
+        (["--codec-checkpoint", str(tmp_path / "no.th")], "does not exist"),
+        (["--slice", "3/2"], "--slice"),
+        (["--out", "/proc/forbidden/out"], "not writable"),
+    ]:
+        argv = base + (["--out", str(tmp_path / "x")] if "--out" not in extra else []) + extra
+        rc = cli(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and needle in err[-1], (extra, err)
+
+
+def test_workers_pool_matches_inline(tmp_path, codec, tokenizer):
+    manifest, _, good = _bad_corpus(str(tmp_path / "corpus"))
+    reports = []
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}")
+        cfg = PrepConfig(
+            manifest=manifest,
+            out=out,
+            tokenizer=tokenizer,
+            codec="random",
+            workers=workers,
+            max_seconds=3.0,
+            shard_size=5,
+            block_items=3,
+            progress=False,
+        )
+        reports.append(prep(cfg, codec=codec, log=lambda m: None))
+    assert reports[0]["rejected"] == reports[1]["rejected"]
+    a, b = ShardSet(str(tmp_path / "w0")), ShardSet(str(tmp_path / "w2"))
+    assert [e["files"] for e in a.shards] == [e["files"] for e in b.shards]
