@@ -71,6 +71,10 @@ def test_config_errors():
         tiny_cfg(num_heads=5)
     with pytest.raises(ValueError, match="moe_layers"):
         tiny_cfg(moe={}, moe_layers=[7])
+    with pytest.raises(ValueError, match="ModelConfig.moe: .*num_experts"):
+        tiny_cfg(moe={"num_experts": 4})
+    with pytest.raises(ValueError, match="MoEConfig: top_p"):
+        tiny_cfg(moe={"top_p": 1.5})
     with pytest.raises(ValueError, match="num_kv_heads"):
         tiny_cfg(num_kv_heads=3)
     with pytest.raises(ValueError, match="delay pattern"):

@@ -77,8 +77,13 @@ class ModelConfig:
              f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         need(self.moe is None or isinstance(self.moe, dict) or is_dataclass(self.moe),
              f"moe must be None, a moe.config.MoEConfig or a dict of its arguments, got {type(self.moe)}")
-        hs = self.moe_kwargs().get("hidden_size", self.hidden_size) if self.moe is not None else None
-        need(hs in (None, self.hidden_size), f"moe.hidden_size {hs} != hidden_size {self.hidden_size}")
+        if self.moe is not None:
+            hs = self.moe_kwargs()["hidden_size"]
+            need(hs == self.hidden_size, f"moe.hidden_size {hs} != hidden_size {self.hidden_size}")
+            try:
+                self.moe_config()  # MoEConfig validates its own fields
+            except TypeError as e:
+                raise ValueError(f"ModelConfig.moe: {e} (fields: see moe/config.py MoEConfig)") from e
 
     @property
     def head_dim(self) -> int:
