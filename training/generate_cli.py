@@ -82,7 +82,8 @@ def output_paths(out: str, num: int) -> list[str]:
 def generate_to_files(ckpt: str, task: str, text: str, out: str, num: int = 1, seed: int = 0,
                       cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, min_seconds: float | None = None, max_seconds: float | None = None,
-                      codec_checkpoint: str | None = None, loaded=None, log=print) -> list[str]:
+                      codec_checkpoint: str | None = None, loaded=None, log=print,
+                      progress: bool | None = None) -> list[str]:
     """Sample `num` clips and write them as WAV; returns the paths. `loaded`: load_everything()'s tuple."""
     import soundfile as sf
 
@@ -103,7 +104,8 @@ def generate_to_files(ckpt: str, task: str, text: str, out: str, num: int = 1, s
     gen = torch.Generator().manual_seed(seed)
     codes, lengths = generate(model, task, [ids] * num, max_frames=max_frames, min_frames=min_frames,
                               temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                              generator=gen, return_lengths=True, progress=num * max_frames > 200)
+                              generator=gen, return_lengths=True,
+                              progress=num * max_frames > 200 if progress is None else progress)
     paths = output_paths(out, num)
     for i, path in enumerate(paths):
         n = int(lengths[i])

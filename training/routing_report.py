@@ -164,9 +164,11 @@ def plot_report(report: dict):
     heat, axes = plt.subplots(1, 3, figsize=(2 + 1.35 * len(names), 1.5 + 0.45 * max(len(ylabels), 2)),
                               constrained_layout=True)
     vmax = max(float(speech.max(initial=0)), float(music.max(initial=0)), 1e-6)
+    diff = speech - music
+    dmax = max(float(np.abs(diff).max(initial=0)), 1e-6)
     for ax, mat, title, cmap, lim in ((axes[0], speech, "speech load", "viridis", (0, vmax)),
                                       (axes[1], music, "music load", "viridis", (0, vmax)),
-                                      (axes[2], speech - music, "speech - music", "coolwarm", (-vmax, vmax))):
+                                      (axes[2], diff, "speech - music", "coolwarm", (-dmax, dmax))):
         im = ax.imshow(mat, aspect="auto", cmap=cmap, vmin=lim[0], vmax=lim[1])
         ax.set_title(title)
         ax.set_xticks(range(len(names)), [n.replace("expert", "e") for n in names], rotation=90)

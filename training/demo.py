@@ -1,0 +1,345 @@
+"""`unimoe demo`: the whole pipeline on the built-in corpus, on CPU, in minutes.
+
+    unimoe demo [--out runs/demo] [--minutes 12]
+
+1. data: the built-in corpus (espeak-ng speech, rendered music), prepared with the codec and mixed
+   (data_prep.demo.ensure_demo_data, cached);
+2. stage 1: the dense speech and music specialists (two runs, side by side, one process each);
+3. stage 2: upcycle both into the MoE model, experts frozen, gates + shared experts trained on the
+   balanced seed set (2 gloo processes, EP=2);
+4. stage 3: everything unfrozen on the balanced mixture (2 processes, EP=2);
+5. the naive joint baseline: the same MoE model from scratch on the unbalanced mixture, with the
+   same number of training samples as the whole curriculum;
+6. eval (validation loss per task, routing report) and generation (WAVs) of the curriculum model;
+   a markdown table at the end (also written to OUT/results.md).
+
+Each training stage is a `unimoe train` subprocess with the tiny configs; step counts are scaled
+to `--minutes` (the wall-clock budget of the training stages) from per-step estimates that are
+re-measured after stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from training.config import REPO_ROOT, load_config
+
+TINY = os.path.join(REPO_ROOT, "training", "configs", "tiny")
+
+# Seconds, measured on 2 CPU cores with the tiny configs (re-measured after stage 1 of each demo).
+LAUNCH_OVERHEAD_S = {1: 13.0, 2: 18.0}  # process start, imports, deepspeed.initialize, final save
+DENSE_STEP_S = 0.5  # one process, batch 4 (two specialists side by side)
+MOE_STEP_S = 0.4  # two processes (EP=2, DP=2), batch 4
+MIN_STEPS = 4
+# Steps of stage 2 and stage 3 relative to one specialist's steps.
+STAGE2_RATIO, STAGE3_RATIO = 0.5, 1.0
+
+
+@dataclass
+class StageRun:
+    key: str  # run directory name under OUT/runs
+    title: str
+    config: str
+    nproc: int
+    moe: bool
+    steps: int = 0
+    overrides: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    step_s: float | None = None  # measured time per step
+    overhead_s: float | None = None  # measured fixed cost of the launch
+    batch: int = 0  # global batch size (samples per step), read from the config
+
+    def out_dir(self, root: str) -> str:
+        return os.path.join(root, "runs", self.key)
+
+
+def make_stages() -> dict[str, StageRun]:
+    stages = {
+        "speech": StageRun("stage1_speech", "speech specialist (stage 1, dense)",
+                           os.path.join(TINY, "stage1_speech.yaml"), 1, False),
+        "music": StageRun("stage1_music", "music specialist (stage 1, dense)",
+                          os.path.join(TINY, "stage1_music.yaml"), 1, False),
+        "stage2": StageRun("stage2", "upcycled MoE, gates + shared trained (stage 2)",
+                           os.path.join(TINY, "stage2.yaml"), 2, True),
+        "stage3": StageRun("stage3", "curriculum model (stage 3)",
+                           os.path.join(TINY, "stage3.yaml"), 2, True),
+        "joint": StageRun("joint", "naive joint baseline (unbalanced, from scratch)",
+                          os.path.join(TINY, "joint.yaml"), 2, True),
+    }
+    for st in stages.values():
+        st.batch = load_config(st.config).data.global_batch_size
+    return stages
+
+
+@dataclass
+class Estimates:
+    overhead: dict = field(default_factory=lambda: dict(LAUNCH_OVERHEAD_S))
+    dense_step: float = DENSE_STEP_S
+    moe_step: float = MOE_STEP_S
+
+
+def plan_steps(budget_s: float, est: Estimates, stages: dict[str, StageRun], done: tuple = ()) -> None:
+    """Choose step counts so that the stages not in `done` fit in `budget_s` seconds.
+
+    Specialists get n steps each (they run side by side), stage 2 n*STAGE2_RATIO, stage 3
+    n*STAGE3_RATIO, and the joint baseline as many steps as it takes to see as many samples as the
+    whole curriculum. `done` stages keep their step counts (the budget left is for the others).
+    """
+    sp, mu, s2, s3, jo = (stages[k] for k in ("speech", "music", "stage2", "stage3", "joint"))
+    fixed_samples = sum(stages[k].steps * stages[k].batch for k in done)
+    # wall(n) = overheads + n * slope, with the joint steps = curriculum samples / joint batch
+    overhead, slope = 0.0, 0.0
+    if "speech" not in done:
+        overhead += est.overhead[1]
+        slope += est.dense_step  # the two specialists run in parallel on one core each
+    n_spec_samples = 0.0 if "speech" in done else sp.batch + mu.batch
+    s2_steps = STAGE2_RATIO if "stage2" not in done else 0.0
+    s3_steps = STAGE3_RATIO if "stage3" not in done else 0.0
+    overhead += est.overhead[2] * (int("stage2" not in done) + int("stage3" not in done) + 1)
+    slope += (s2_steps + s3_steps) * est.moe_step
+    per_n_samples = n_spec_samples + s2_steps * s2.batch + s3_steps * s3.batch
+    slope += per_n_samples / jo.batch * est.moe_step
+    overhead += fixed_samples / jo.batch * est.moe_step
+    n = max(MIN_STEPS, math.floor((budget_s - overhead) / max(slope, 1e-9)))
+    if "speech" not in done:
+        sp.steps = mu.steps = n
+    if "stage2" not in done:
+        s2.steps = max(MIN_STEPS, round(n * STAGE2_RATIO))
+    if "stage3" not in done:
+        s3.steps = max(MIN_STEPS, round(n * STAGE3_RATIO))
+    curriculum_samples = sum(st.steps * st.batch for st in (sp, mu, s2, s3))
+    jo.steps = max(MIN_STEPS, round(curriculum_samples / jo.batch))
+
+
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _train_cmd(st: StageRun, root: str, seed: int) -> list[str]:
+    warmup = max(1, st.steps // 10)
+    return [sys.executable, "-m", "training.cli", "train", "--config", st.config, "--out", st.out_dir(root),
+            "--nproc", str(st.nproc), "--max-steps", str(st.steps), "--save-every", "0",
+            f"max_steps={st.steps}", f"seed={seed}", f"optim.warmup_steps={warmup}",
+            f"optim.schedule_steps={st.steps}", *st.overrides]
+
+
+def _last_metrics(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    last = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        last = json.loads(line)
+                    except json.JSONDecodeError:
+                        pass  # a line being written
+    return last
+
+
+def run_stages(group: list[StageRun], root: str, seed: int) -> None:
+    """Run one or more `unimoe train` subprocesses side by side; progress from their metrics.jsonl.
+
+    Also measures each stage's time per step (from when its metrics lines appear) and its fixed cost
+    (process start, imports, deepspeed.initialize, final save) = wall - steps * time per step.
+    """
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    procs = []
+    for st in group:
+        os.makedirs(st.out_dir(root), exist_ok=True)
+        log = open(os.path.join(st.out_dir(root), "train.log"), "w")
+        _say(f"{st.title}: {st.steps} steps x {st.batch} samples, {st.nproc} process(es) "
+             f"-> {st.out_dir(root)}")
+        procs.append((st, subprocess.Popen(_train_cmd(st, root, seed), stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, cwd=REPO_ROOT), log, time.time()))
+    reported = {st.key: 0 for st in group}
+    seen = {st.key: [] for st in group}  # (time, step) when a new step first appeared
+    while any(p.poll() is None for _, p, _, _ in procs):
+        time.sleep(1.0)
+        for st, _, _, _ in procs:
+            m = _last_metrics(st.out_dir(root))
+            step = int(m.get("step", 0))
+            if step and (not seen[st.key] or seen[st.key][-1][1] != step):
+                seen[st.key].append((time.time(), step))
+            due = step >= reported[st.key] + max(1, st.steps // 4)
+            if due or (step == st.steps and reported[st.key] < step):
+                reported[st.key] = step
+                _say(f"  {st.key}: step {step}/{st.steps} loss {m.get('loss', float('nan')):.3f}")
+    failed = []
+    for st, p, log, t0 in procs:
+        log.close()
+        st.wall_s = time.time() - t0
+        pts = seen[st.key]
+        if len(pts) >= 2 and pts[-1][1] > pts[0][1]:
+            st.step_s = (pts[-1][0] - pts[0][0]) / (pts[-1][1] - pts[0][1])
+            st.overhead_s = max(0.0, st.wall_s - st.steps * st.step_s)
+        if p.returncode != 0:
+            failed.append(st)
+    for st in failed:
+        with open(os.path.join(st.out_dir(root), "train.log")) as f:
+            tail = f.readlines()[-40:]
+        print("".join(tail), file=sys.stderr)
+    if failed:
+        raise RuntimeError(f"training failed: {', '.join(s.key for s in failed)} (logs: "
+                           f"{', '.join(os.path.join(s.out_dir(root), 'train.log') for s in failed)})")
+    for st in group:
+        _say(f"{st.title}: done in {st.wall_s:.0f} s, final loss "
+             f"{_last_metrics(st.out_dir(root)).get('loss', float('nan')):.3f}")
+
+
+def remeasure(est: Estimates, st: StageRun) -> None:
+    """Update the estimates from a finished stage: its own kind (dense/MoE, 1/2 processes) takes the
+    measured values, the other kind is scaled by the same factor (how fast this machine is right now)."""
+    old_step = est.moe_step if st.moe else est.dense_step
+    old_overhead = est.overhead[st.nproc]
+    if st.step_s is None:  # too few steps to time them: scale everything by wall / predicted
+        factor = st.wall_s / (old_overhead + st.steps * old_step)
+        step_factor = overhead_factor = min(max(factor, 0.25), 4.0)
+    else:
+        step_factor = min(max(st.step_s / old_step, 0.25), 4.0)
+        overhead_factor = min(max(st.overhead_s / old_overhead, 0.25), 4.0)
+    est.dense_step *= step_factor
+    est.moe_step *= step_factor
+    est.overhead = {k: v * overhead_factor for k, v in est.overhead.items()}
+
+
+def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
+    """The markdown table: validation loss per task (lower is better) for each model."""
+    def fmt(key, task, own=None):
+        if own is not None and task != own:
+            return "—"
+        loss = evals.get(key, {}).get("loss_per_task", {}).get(task)
+        return f"{loss:.3f}" if loss is not None else "n/a"
+
+    rows = [("speech", "speech"), ("music", "music"), ("stage2", None), ("stage3", None), ("joint", None)]
+    lines = ["| model | speech val loss | music val loss | steps | train samples | wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for key, own in rows:
+        st = stages[key]
+        lines.append(f"| {st.title} | {fmt(key, 'speech', own)} | {fmt(key, 'music', own)} | {st.steps} | "
+                     f"{st.steps * st.batch} | {st.wall_s:.0f} |")
+    curriculum = sum(stages[k].steps * stages[k].batch for k in ("speech", "music", "stage2", "stage3"))
+    lines.append("")
+    lines.append(f"Loss = cross-entropy summed over the codebooks, on the validation mixture. "
+                 f"Curriculum total: {curriculum} samples; joint baseline: "
+                 f"{stages['joint'].steps * stages['joint'].batch}.")
+    for key in ("stage3", "joint"):
+        routing = evals.get(key, {}).get("routing", {}).get("summary")
+        if routing:
+            ept, null = routing["experts_per_token"], routing["null_share"]
+            lines.append(f"Routing, {stages[key].title}: experts/token speech {ept['speech']:.2f} "
+                         f"music {ept['music']:.2f}; null share speech {null['speech']:.2f} "
+                         f"music {null['music']:.2f}; speech/music divergence "
+                         f"{routing['task_divergence']:.2f}")
+    return "\n".join(lines)
+
+
+def _codec_of(mix_json: str) -> dict:
+    with open(mix_json) as f:
+        return json.load(f).get("codec", {})
+
+
+def _valid_mix(data: dict) -> str:
+    for key in ("valid", "valid_balanced", "balanced_valid"):
+        if key in data:
+            return str(data[key])
+    raise KeyError(f"the demo corpus has no validation mixture (keys: {sorted(data)})")
+
+
+def _run(args) -> int:
+    import warnings
+
+    from data_prep.demo import ensure_demo_data
+    from training.evaluate import evaluate
+    from training.generate_cli import generate_to_files, load_everything
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # encodec's weight_norm deprecation
+    t_start = time.time()
+    root = os.path.abspath(args.out)
+    os.makedirs(root, exist_ok=True)
+    budget = args.minutes * 60.0
+    _say(f"output in {root}; training budget {args.minutes:g} min")
+
+    _say("data: built-in demo corpus (espeak-ng speech + rendered music; made once, then cached)")
+    t0 = time.time()
+    data = ensure_demo_data()
+    valid = _valid_mix(data)
+    codec = _codec_of(valid)
+    _say(f"data ready in {time.time() - t0:.0f} s; codec {codec.get('name')} "
+         f"({codec.get('num_codebooks')} codebooks at {codec.get('frame_rate')} Hz)")
+    untrained = codec.get("trained") is False
+    if untrained:
+        _say("NOTE: the codec is randomly initialised (no pretrained EnCodec weights on this machine): "
+             "losses and routing are real, generated audio is noise-like")
+
+    stages = make_stages()
+    est = Estimates()
+    plan_steps(budget, est, stages)
+    _say("plan: " + ", ".join(f"{k} {st.steps} steps" for k, st in stages.items()))
+    t_train = time.time()
+    _say("stage 1: the speech and music specialists, side by side")
+    run_stages([stages["speech"], stages["music"]], root, args.seed)
+    remeasure(est, max(stages["speech"], stages["music"], key=lambda s: s.wall_s))
+    plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music"))
+    _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage2", "stage3", "joint")))
+    _say("stage 2: upcycle both specialists into the MoE model; experts frozen (2 processes, EP=2)")
+    stages["stage2"].overrides = [f"stage.init_from=[{stages['speech'].out_dir(root)},"
+                                  f"{stages['music'].out_dir(root)}]"]
+    run_stages([stages["stage2"]], root, args.seed)
+    remeasure(est, stages["stage2"])
+    plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music", "stage2"))
+    _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage3", "joint")))
+    _say("stage 3: everything trainable on the balanced mixture (2 processes, EP=2)")
+    stages["stage3"].overrides = [f"stage.init_from=[{stages['stage2'].out_dir(root)}]"]
+    run_stages([stages["stage3"]], root, args.seed)
+    _say("baseline: the same MoE model from scratch on the unbalanced mixture, same number of samples")
+    run_stages([stages["joint"]], root, args.seed)
+    train_wall = time.time() - t_train
+
+    evals = {}
+    for key, st in stages.items():
+        evals[key] = evaluate(st.out_dir(root), valid, out_dir=os.path.join(root, "eval", key),
+                              routing=st.moe)
+        losses = ", ".join(f"{t} {v:.3f}" for t, v in evals[key]["loss_per_task"].items())
+        _say(f"eval {key}: validation loss {losses}")
+    _say("generate: one speech and one music clip from the curriculum model")
+    wav_dir = os.path.join(root, "samples")
+    loaded = load_everything(stages["stage3"].out_dir(root))
+    quiet = lambda *a: None  # noqa: E731
+    wavs = generate_to_files("", "speech", "The quick brown fox jumps over the lazy dog.",
+                             os.path.join(wav_dir, "speech.wav"), seed=args.seed, max_seconds=3.0,
+                             loaded=loaded, log=quiet, progress=False)
+    wavs += generate_to_files("", "music", "a calm piano melody in A minor",
+                              os.path.join(wav_dir, "music.wav"), seed=args.seed, max_seconds=3.0,
+                              loaded=loaded, log=quiet, progress=False)
+
+    lines = ["# unimoe demo results", "", results_table(stages, evals), ""]
+    if untrained:
+        lines.append("NOTE: the codec is randomly initialised (no pretrained EnCodec weights here): losses "
+                     "and routing are real, the WAVs are noise-like.")
+    lines += ["", f"- WAVs: {', '.join(wavs)}",
+              f"- routing report: {os.path.join(root, 'eval', 'stage3', 'routing.json')} and "
+              f"routing_load.png beside it (joint baseline: {os.path.join(root, 'eval', 'joint')})",
+              f"- tensorboard: tensorboard --logdir {root}",
+              f"- wall time: training {train_wall:.0f} s, total {time.time() - t_start:.0f} s"]
+    text = "\n".join(lines)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text, flush=True)
+    return 0
+
+
+def run_cli(args) -> int:
+    try:
+        return _run(args)
+    except RuntimeError as e:  # a failed stage: its log tail was printed above
+        print(f"unimoe demo: {e}", file=sys.stderr)
+        return 1
