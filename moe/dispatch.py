@@ -15,40 +15,89 @@ isend/irecv (any backend; the default on gloo).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
-
-def sort_by_expert(selected: torch.Tensor, num_experts: int):
-    """selected bool [N, R] -> (expert_ids [M], token_ids [M], counts [R]) with pairs sorted by expert."""
-    # nonzero of the transposed mask enumerates (expert, token) in row-major order: sorted by expert,
-    # tokens in order within an expert (stable), no sort kernel needed.
-    expert_ids, token_ids = selected[:, :num_experts].t().nonzero(as_tuple=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)
-    return expert_ids, token_ids, counts
+# torch warns once that CSR is "beta" and that invariant checks are off; our CSR is built correct.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
-class _WeightedScatter(torch.autograd.Function):
-    """out[t] = sum over pairs p with token_ids[p] == t of w[p] * y[p]; out has n rows."""
+class Plan:
+    """Where each routed (token, expert) pair goes: pairs sorted by expert (stable in token order).
 
+    expert_ids, token_ids [M]; counts [R]. For the way back on CPU, a CSR matrix [N, M] (row t holds the
+    expert-sorted positions of token t's pairs) turns the scatter-add into one sparse-dense matmul, which
+    is several times faster than index_add_ on CPU; on GPU index_add_ (atomics) is used.
+    """
+
+    def __init__(self, selected: torch.Tensor, num_experts: int):
+        sel = selected[:, :num_experts]
+        self.n_tokens = sel.shape[0]
+        # nonzero of the transposed mask enumerates (expert, token) in row-major order: sorted by expert,
+        # tokens in order within an expert, no sort kernel needed.
+        self.expert_ids, self.token_ids = sel.t().nonzero(as_tuple=True)
+        self.counts = torch.bincount(self.expert_ids, minlength=num_experts)
+        self.use_csr = sel.device.type == "cpu"
+        if self.use_csr:
+            idx = torch.int32 if self.token_ids.numel() < 2 ** 31 else torch.int64
+            offsets = self.counts.cumsum(0) - self.counts
+            pos = sel.to(idx).cumsum(0) - 1 + offsets.to(idx)  # expert-sorted position of pair (t, e)
+            self.col = pos[sel]  # token-major order
+            self.crow = torch.zeros(self.n_tokens + 1, dtype=idx, device=sel.device)
+            self.crow[1:] = sel.sum(1).cumsum(0)
+
+    def csr_ok(self, t: torch.Tensor) -> bool:
+        return self.use_csr and t.dtype in (torch.float32, torch.float64)
+
+    def combine(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """out[t] = sum over t's pairs p of w[p] * y[p] (w None: weight 1); out [N, D]."""
+        if self.csr_ok(y):
+            vals = (torch.ones_like(self.col, dtype=y.dtype) if w is None
+                    else w.index_select(0, self.col.long()).to(y.dtype))
+            mat = torch.sparse_csr_tensor(self.crow, self.col, vals, (self.n_tokens, y.shape[0]))
+            return mat @ y
+        out = y.new_zeros(self.n_tokens, y.shape[1])
+        return out.index_add_(0, self.token_ids, y if w is None else y * w.unsqueeze(1).to(y.dtype))
+
+
+class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, w, token_ids, n: int):
-        out = y.new_zeros(n, y.shape[1])
-        out.index_add_(0, token_ids, y * w.unsqueeze(1).to(y.dtype))
-        ctx.save_for_backward(y, w, token_ids)
-        return out
+    def forward(ctx, x, plan: Plan):
+        ctx.plan = plan
+        return x.index_select(0, plan.token_ids)
 
     @staticmethod
     def backward(ctx, g):
-        y, w, token_ids = ctx.saved_tensors
-        g_sorted = g.index_select(0, token_ids)
+        return ctx.plan.combine(g.contiguous(), None), None
+
+
+class _WeightedScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, w, plan: Plan):
+        ctx.plan = plan
+        ctx.save_for_backward(y, w)
+        return plan.combine(y, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, w = ctx.saved_tensors
+        g_sorted = g.index_select(0, ctx.plan.token_ids)
         gw = (g_sorted * y).sum(1, dtype=torch.float32).to(w.dtype) if ctx.needs_input_grad[1] else None
         gy = g_sorted.mul_(w.unsqueeze(1).to(g.dtype)) if ctx.needs_input_grad[0] else None
-        return gy, gw, None, None
+        return gy, gw, None
 
 
-def weighted_scatter(y: torch.Tensor, w: torch.Tensor, token_ids: torch.Tensor, n: int) -> torch.Tensor:
-    return _WeightedScatter.apply(y, w, token_ids, n)
+def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """x [N, D] -> the rows of the routed pairs in expert order [M, D]."""
+    return _Gather.apply(x, plan)
+
+
+def weighted_scatter(y: torch.Tensor, w: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """y [M, D] in expert order, w [M] -> out [N, D] = sum over each token's pairs of w * y."""
+    return _WeightedScatter.apply(y, w, plan)
 
 
 def resolve_exchange(method: str, group) -> str:

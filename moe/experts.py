@@ -32,52 +32,54 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x, counts: list[int], *weights):
         # weights = (gate_0, up_0, down_0, gate_1, ...); x [M, D] sorted by expert
         y = x.new_empty(x.shape[0], weights[2].shape[0] if weights else x.shape[1])
-        hs = []
+        saved = []  # per expert: the same activations autograd would keep for a dense SwiGLU
         off = 0
         for e, c in enumerate(counts):
             wg, wu, wd = weights[3 * e: 3 * e + 3]
             if c == 0:
-                hs.append((None, None))
+                saved.append(None)
                 continue
             xe = x[off: off + c]
             h1 = torch.mm(xe, wg.t())
             h2 = torch.mm(xe, wu.t())
-            torch.mm(F.silu(h1) * h2, wd.t(), out=y[off: off + c])
-            hs.append((h1, h2))
+            s = F.silu(h1)
+            a = s * h2
+            torch.mm(a, wd.t(), out=y[off: off + c])
+            saved.append((h1, h2, s, a))
             off += c
         ctx.counts = counts
-        ctx.hs = hs
+        ctx.acts = saved
         ctx.save_for_backward(x, *weights)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, *weights = ctx.saved_tensors
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        need = ctx.needs_input_grad
+        gx = torch.empty_like(x) if need[0] else None
         gws = []
         off = 0
         gy = gy.contiguous()
         for e, c in enumerate(ctx.counts):
             wg, wu, wd = weights[3 * e: 3 * e + 3]
+            need_w = need[2 + 3 * e: 5 + 3 * e]
             if c == 0:
-                gws += [torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wd)]
+                gws += [torch.zeros_like(w) if n else None for w, n in zip((wg, wu, wd), need_w)]
                 continue
-            h1, h2 = ctx.hs[e]
+            h1, h2, s, a = ctx.acts[e]
             xe, ge = x[off: off + c], gy[off: off + c]
-            sig = torch.sigmoid(h1)
-            silu = h1 * sig
-            gd = torch.mm(ge.t(), silu * h2)  # [D, F]
+            gd = torch.mm(ge.t(), a) if need_w[2] else None  # [D, F]
             ga = torch.mm(ge, wd)  # [c, F]
-            g2 = ga * silu
-            # d silu / d h1 = sig * (1 + h1 * (1 - sig))
-            g1 = ga.mul_(h2).mul_(sig.mul_(1.0 + h1 * (1.0 - sig)))
-            gws += [torch.mm(g1.t(), xe), torch.mm(g2.t(), xe), gd]
+            g2 = ga * s
+            g1 = torch.ops.aten.silu_backward(ga.mul_(h2), h1)
+            gws += [torch.mm(g1.t(), xe) if need_w[0] else None, torch.mm(g2.t(), xe) if need_w[1] else None,
+                    gd]
             if gx is not None:
                 ge_x = gx[off: off + c]
                 torch.mm(g1, wg, out=ge_x)
                 ge_x.addmm_(g2, wu)
             off += c
-        ctx.hs = None
+        ctx.acts = None
         return (gx, None, *gws)
 
 

@@ -23,11 +23,12 @@ from torch import nn
 from moe import deepspeed_compat
 from moe.config import MoEConfig
 from moe.dispatch import (
+    Plan,
     exchange,
     exchange_counts,
+    gather,
     resolve_exchange,
     segment_perm,
-    sort_by_expert,
     weighted_scatter,
 )
 from moe.experts import SwiGLU, grouped_swiglu
@@ -135,14 +136,15 @@ class MoELayer(_DeepSpeedMoE):
         logits = F.linear(router_in.float(), self.gate.weight.float())
         r = route(logits, cfg)
 
-        expert_ids, token_ids, counts = sort_by_expert(r.selected, cfg.num_routed_experts)
-        w = r.weights[token_ids, expert_ids]
-        x_sorted = x.index_select(0, token_ids)
+        plan = Plan(r.selected, cfg.num_routed_experts)
+        # combine weight of each pair, expert-major like the pairs: a 1-D gather from weights.T
+        w = r.weights.t().reshape(-1).index_select(0, plan.expert_ids * n_tok + plan.token_ids)
+        x_sorted = gather(x, plan)
         if self.ep_size == 1:
-            y_sorted = grouped_swiglu(x_sorted, counts.tolist(), self.local_experts)
+            y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts)
         else:
-            y_sorted = self._expert_parallel(x_sorted, counts)
-        out = weighted_scatter(y_sorted, w, token_ids, n_tok)
+            y_sorted = self._expert_parallel(x_sorted, plan.counts)
+        out = weighted_scatter(y_sorted, w, plan)
 
         for s, expert in enumerate(self.shared):
             y = expert(x)
