@@ -17,20 +17,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

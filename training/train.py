@@ -24,12 +24,11 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from training.config import ConfigError, load_config, save_config
 from training.launch import launch_local
+
+# torch, numpy and deepspeed are imported inside the functions that need them: the `--nproc` parent
+# process only reads the config and starts the ranks.
 
 PREEMPTED_EXIT_CODE = 75
 NONFINITE_EXIT_CODE = 3
@@ -58,6 +57,8 @@ class StopFlag:
         self.signal = signum
 
     def any_rank(self) -> bool:
+        import torch
+        import torch.distributed as dist
         flag = torch.tensor([1 if self.signal is not None else 0])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -106,6 +107,8 @@ def run_cli(args) -> int:
 
 
 def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -127,8 +130,9 @@ def _ds_config(cfg, pg) -> dict:
 
 
 def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None, env=None) -> int:
+    import torch
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from data_prep.mix import MixtureReader
     from training import checkpoint as ckpt
@@ -138,7 +142,6 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.parallel import init_parallel, shutdown
     from training.stages import init_stage_weights, step_losses
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
     rank = pg.env.rank
@@ -160,16 +163,10 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         resume_dir = _resume_dir(resume, out)
         if resume_dir is None:
             init_stage_weights(model, cfg, model_cfg, log)
-        if cfg.stage.freeze_experts:
-            for p in model.parameters():
-                if getattr(p, "allreduce", True) is False:
-                    p.requires_grad_(False)
         if pg.tp > 1:
             from training.tensor_parallel import parallelize
             parallelize(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = split_params_into_different_moe_groups_for_optimizer(
-            [{"params": trainable, "name": "main"}]) if cfg.is_moe else [{"params": trainable}]
+        groups = _param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg, pg),
@@ -222,7 +219,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             step += 1
             lr = lr_at(step, cfg.optim, total)
             for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = 0.0 if group.get("frozen") else lr
             t0 = time.perf_counter()
             batches = data.next_step()
             acc, routing = None, {}
@@ -268,6 +265,30 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         shutdown()
 
 
+def _param_groups(model, cfg) -> list[dict]:
+    """One AdamW group (split by DeepSpeed into non-expert / expert groups for MoE models). Stage 2's frozen
+    routed experts go to their own group with lr 0 and a hook that zeroes their gradients, so they neither
+    move nor count in the clipping norm. (requires_grad=False is not an option: DeepSpeed's ZeRO insists on a
+    non-empty MoE param group for a model with MoE layers.) Their gradients are still computed."""
+    import torch
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    def is_expert(p):
+        return getattr(p, "allreduce", True) is False
+
+    frozen = [p for p in model.parameters() if cfg.stage.freeze_experts and is_expert(p)]
+    for p in frozen:
+        p.register_hook(lambda g: torch.zeros_like(g))
+    ids = {id(p) for p in frozen}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "name": "main"}]
+    if frozen:
+        groups.append({"params": frozen, "name": "frozen_experts", "frozen": True})
+    if cfg.is_moe:
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
 def _resume_dir(resume: str | None, out: str) -> str | None:
     from training.checkpoint import find_checkpoint
     if resume is None:
@@ -294,8 +315,10 @@ def _global_tokens(batches, pg) -> float:
 
 
 def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
-    """Mean over micro-batches and data-parallel ranks. Keys 'loss', 'loss_<task>', 'aux/..',
-    'codebook/k', 'routing/..'; per-task means count only ranks where the task appeared."""
+    """Mean over micro-batches and data-parallel ranks. Keys 'loss', 'loss_<task>', 'aux_..',
+    'codebook/k'; per-task means count only ranks where the task appeared."""
+    import torch
+    import torch.distributed as dist
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
     vals = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
     counts = torch.tensor([acc.get("_count_" + k, n_micro) for k in keys], dtype=torch.float64)

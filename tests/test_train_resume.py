@@ -1,0 +1,123 @@
+"""End-to-end resume tests: `unimoe train --nproc 2` (2 gloo ranks, real DeepSpeed, ZeRO 2, EP 2, the tiny
+MoE on the demo corpus) killed, preempted and resharded, compared with one uninterrupted run."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from tests.train_runs import assert_same_losses, kill_group, metrics, run, start, train_cmd, wait_for_step
+from training.checkpoint import COMPLETE, complete_tags, full_state_dict, load_for_inference
+from training.cli import main
+
+pytestmark = pytest.mark.timeout(900)
+STEPS = 6  # tiny/joint.yaml: max_steps 6, checkpoint every 3
+
+
+def _ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("baseline") / "run")
+    _ok(run(train_cmd("joint.yaml", out)))
+    m = metrics(out)
+    assert sorted(m) == list(range(1, STEPS + 1)) and all(r["skipped"] == 0 for r in m.values())
+    return out, m
+
+
+def test_sigterm_saves_exits_75_and_continues(baseline, tmp_path):
+    _, ref = baseline
+    out = str(tmp_path / "run")
+    proc = start(train_cmd("joint.yaml", out), log=str(tmp_path / "log1"))
+    wait_for_step(proc, out, 1)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards it to both ranks
+    assert proc.wait(timeout=120) == 75
+    stopped = max(metrics(out))
+    assert stopped < STEPS
+    tags = complete_tags(os.path.join(out, "checkpoints"))
+    assert tags and tags[-1].endswith(f"step_{stopped:08d}")
+    _ok(run(train_cmd("joint.yaml", out, "--resume", "auto")))
+    got = metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_same_losses(ref, got, range(1, STEPS + 1))
+
+
+def test_kill_during_save_then_kill_9_then_resume_gives_the_same_losses(baseline, tmp_path):
+    _, ref = baseline
+    out = str(tmp_path / "run")
+    ckpt_dir = os.path.join(out, "checkpoints")
+    # 1. rank 0 SIGKILLs itself after DeepSpeed wrote step 6 and before the checkpoint was complete
+    p = run(train_cmd("joint.yaml", out), env={"UNIMOE_FAULT_KILL_IN_SAVE": "6"})
+    assert p.returncode != 0
+    assert os.path.isdir(os.path.join(ckpt_dir, "step_00000006"))
+    assert not os.path.exists(os.path.join(ckpt_dir, "step_00000006", COMPLETE))
+    assert open(os.path.join(ckpt_dir, "latest")).read().strip() == "step_00000003"
+    # 2. --resume auto takes step 3; kill -9 (every rank) after step 4
+    proc = start(train_cmd("joint.yaml", out, "--resume", "auto"), log=str(tmp_path / "log2"))
+    wait_for_step(proc, out, 4)
+    kill_group(proc)
+    assert [os.path.basename(t) for t in complete_tags(ckpt_dir)] == ["step_00000003"]
+    # 3. --resume auto again: steps 4..6 equal the uninterrupted run's
+    p = run(train_cmd("joint.yaml", out, "--resume", "auto"))
+    _ok(p)
+    assert "at step 3 (DeepSpeed files)" in p.stdout
+    got = metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_same_losses(ref, got, range(4, STEPS + 1))
+    assert os.path.exists(os.path.join(ckpt_dir, "step_00000006", COMPLETE))
+
+
+def test_reshard_ep2_to_ep1_next_step_loss_matches(baseline, tmp_path):
+    base, ref = baseline
+    out = str(tmp_path / "ep1")
+    assert main(["ckpt", "reshard", "--ckpt", os.path.join(base, "checkpoints", "step_00000003"),
+                 "--ep", "1", "--out", out]) == 0
+    assert main(["ckpt", "reshard", "--ckpt", base, "--ep", "3", "--out", out + "x"]) == 2
+    p = run(train_cmd("joint.yaml", out, "--resume", "auto", "--max-steps", "4", "parallel.ep=1"))
+    _ok(p)
+    assert "portable state, new layout" in p.stdout and "ep 1" in p.stdout
+    assert_same_losses(ref, metrics(out), [4], tol=1e-5)
+
+
+def test_resume_on_one_process_continues(baseline, tmp_path):
+    base, ref = baseline
+    out = str(tmp_path / "dp1")
+    p = run(train_cmd("joint.yaml", out, "--resume", os.path.join(base, "checkpoints", "step_00000003"),
+                      "--max-steps", "4", "parallel.ep=1", nproc=1))
+    _ok(p)
+    got = metrics(out)
+    assert sorted(got) == [4] and got[4]["skipped"] == 0
+    # same samples and weights; only the batching and the router-jitter stream of the lost rank differ
+    assert abs(got[4]["loss"] - ref[4]["loss"]) < 0.05 * ref[4]["loss"]
+
+
+def test_export_and_load_for_inference(baseline, tmp_path):
+    base, _ = baseline
+    out = str(tmp_path / "model.pt")
+    assert main(["ckpt", "export", "--ckpt", base, "--out", out]) == 0
+    model, meta = load_for_inference(out)
+    assert meta["step"] == STEPS and meta["codec_info"]["num_codebooks"] == model.cfg.num_codebooks
+    sd = model.state_dict()
+    assert any(".experts.7." in k for k in sd) and all(v.dtype == torch.float32 for v in sd.values())
+    # DeepSpeed's own files (mp_rank_00 module + per-expert files) hold the same weights
+    from training.checkpoint import _deepspeed_module_state
+    tag = complete_tags(os.path.join(base, "checkpoints"))[-1]
+    ds = _deepspeed_module_state(tag)
+    assert set(ds) == set(sd)
+    for k, v in ds.items():
+        torch.testing.assert_close(v.float(), sd[k], rtol=0, atol=0)
+    model2, _ = load_for_inference(base)
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    assert full_state_dict(tag)[1]["layout"]["ep"] == 2
+
+
+def test_bad_layout_is_a_config_error_before_any_process_group(tmp_path, capsys):
+    assert main(train_cmd("joint.yaml", str(tmp_path / "x"), "parallel.ep=4")[3:]) == 2
+    assert "parallel.ep=4 must divide the data-parallel size 2" in capsys.readouterr().err
+    assert main(train_cmd("joint.yaml", str(tmp_path / "x"), "parallel.zero_stage=3")[3:]) == 2
+    assert "ZeRO stage 3" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,61 @@
+"""The three-stage curriculum back to back on the demo corpus (tiny configs, 2 gloo ranks, real DeepSpeed),
+each stage starting from the previous stage's checkpoint; and the non-finite guard."""
+
+import os
+
+import pytest
+import torch
+
+from tests.train_runs import metrics, run, train_cmd
+from training.checkpoint import complete_tags, full_state_dict, read_meta
+
+pytestmark = pytest.mark.timeout(900)
+STEPS = "max_steps=2"
+
+
+def _ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_curriculum_stage1_stage2_stage3(tmp_path):
+    runs = {n: str(tmp_path / n) for n in ("speech", "music", "stage2", "stage3")}
+    _ok(run(train_cmd("stage1_speech.yaml", runs["speech"], STEPS)))
+    _ok(run(train_cmd("stage1_music.yaml", runs["music"], STEPS)))
+    p = _ok(run(train_cmd("stage2.yaml", runs["stage2"], STEPS,
+                          f"stage.init_from=[{runs['speech']}, {runs['music']}]")))
+    assert "upcycled 2 specialists" in p.stdout
+    p = _ok(run(train_cmd("stage3.yaml", runs["stage3"], STEPS, f"stage.init_from=[{runs['stage2']}]")))
+    assert "stage 3: weights from" in p.stdout
+
+    for name in runs:
+        m = metrics(runs[name])
+        assert sorted(m) == [1, 2] and all(r["skipped"] == 0 for r in m.values())
+    assert set(metrics(runs["speech"])[1]) >= {"loss", "loss_speech", "lr", "grad_norm", "tokens_per_s"}
+    assert "loss_music" in metrics(runs["stage3"])[1] and "aux_balance_loss" in metrics(runs["stage3"])[1]
+    assert os.listdir(os.path.join(runs["stage3"], "tb"))
+
+    specialist, _ = full_state_dict(runs["speech"])
+    s2, meta2 = full_state_dict(runs["stage2"])
+    s3_start = read_meta(complete_tags(os.path.join(runs["stage3"], "checkpoints"))[-1])
+    assert meta2["stage"] == 2 and s3_start["stage"] == 3
+    # stage 2 froze the routed experts: expert 0 of layer 0 is still slice 0 of the speech specialist's FFN
+    w = s2["layers.0.ffn.experts.0.up_proj.weight"]
+    torch.testing.assert_close(w, specialist["layers.0.ffn.up_proj.weight"][: w.shape[0]], rtol=0, atol=0)
+    # ... and stage 3 trains them
+    s3, _ = full_state_dict(runs["stage3"])
+    assert not torch.equal(s3["layers.0.ffn.experts.0.up_proj.weight"], w)
+    assert not torch.equal(s3["layers.0.ffn.gate.weight"], s2["layers.0.ffn.gate.weight"])
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    out = str(tmp_path / "run")
+    p = run(train_cmd("stage1_speech.yaml", out, "optim.max_nonfinite_in_row=2"),
+            env={"UNIMOE_FAULT_NONFINITE": "2,4,5"})
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 non-finite steps in a row" in p.stdout
+    m = metrics(out)
+    assert [m[s]["skipped"] for s in sorted(m)] == [0, 1, 1, 2, 3]
+    assert complete_tags(os.path.join(out, "checkpoints"))[-1].endswith("step_00000005")
+    sd, _ = full_state_dict(out)
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
