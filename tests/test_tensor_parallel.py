@@ -48,7 +48,7 @@ def _tp_vs_full(rank, world_size, cfg):
     from megatron.core import parallel_state as ps
 
     from training.batch import collate
-    from training.tensor_parallel import gather_vocab, merge_tensors, parallelize
+    from training.tensor_parallel import gather_full_state_dict, gather_vocab, merge_tensors, parallelize
 
     ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
     torch.manual_seed(0)
@@ -71,12 +71,15 @@ def _tp_vs_full(rank, world_size, cfg):
             g = merge_tensors(parts, kind, cfg)
         grads[name] = (g - dict(ref.named_parameters())[name].grad).abs().max().item()
     logits = gather_vocab(out.logits)
+    full = gather_full_state_dict(tp_model)
+    same_state = all(torch.equal(full[k], v) for k, v in ref.state_dict().items()) and full.keys() == \
+        ref.state_dict().keys()
     ps.destroy_model_parallel()
     return {"logits": (logits - out_ref.logits).abs().max().item(),
             "loss": (out.loss - out_ref.loss).abs().item(),
             "tasks": max((out.loss_per_task[t] - out_ref.loss_per_task[t]).abs().item()
                          for t in out_ref.loss_per_task),
-            "grads": grads, "local_vocab": out.logits.shape[-1]}
+            "grads": grads, "local_vocab": out.logits.shape[-1], "same_state": same_state}
 
 
 def _tp_vs_full_variants(rank, world_size, cfgs):
@@ -90,6 +93,7 @@ def test_tp2_equals_tp1_dense_and_moe():
     for rank_results in results:
         for (variant, cfg), r in zip(cfgs.items(), rank_results):
             assert r["local_vocab"] == cfg.padded_audio_vocab_size // 2
+            assert r["same_state"], variant  # gathered shards == the full weights
             assert r["logits"] < 1e-5 and r["loss"] < 1e-5 and r["tasks"] < 1e-5, (variant, r)
             bad = {k: v for k, v in r["grads"].items() if v > 1e-5}
             assert not bad, (variant, bad)

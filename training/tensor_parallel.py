@@ -15,7 +15,7 @@ Sharding (rank r of tp, a shard = the r-th contiguous block of the split dimensi
 Everything else (norms, codebook embeddings, MoE layers) is replicated: an MoE layer sees the full
 tokens on every TP rank and its experts are replicated across the TP group (split over EP only).
 `shard_state_dict` / `merge_state_dicts` convert between full and TP-sharded state dicts by the same
-rules (checkpoint export and resharding).
+rules, `gather_full_state_dict` collects the full one from a running TP group (checkpoint export).
 """
 
 from __future__ import annotations
@@ -85,6 +85,22 @@ def merge_state_dicts(shards: list[dict], cfg: ModelConfig) -> dict:
     return {k: merge_tensors([s[k] for s in shards], shard_kind(k), cfg) for k in shards[0]}
 
 
+def gather_full_state_dict(model: AudioLM, tp_group=None) -> dict:
+    """The full (unsharded) state dict of a parallelized model, on every rank of its TP group."""
+    tp_group = tp_group or ps.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group)
+    out = {}
+    for name, t in model.state_dict().items():
+        kind = shard_kind(name)
+        if kind is None or tp == 1:
+            out[name] = t
+            continue
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t.contiguous(), group=tp_group)
+        out[name] = merge_tensors(parts, kind, model.cfg)
+    return out
+
+
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:
     """Raise a clear error when the model cannot be split over `tp` ranks."""
     for what, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
@@ -98,11 +114,16 @@ def check_tp_size(cfg: ModelConfig, tp: int) -> None:
 
 
 class _Column(ColumnParallelLinear):
+    # megatron's (empty, fp8-only) "_extra_state" entry is left out: state dicts keep the plain names
+    get_extra_state, set_extra_state = torch.nn.Module.get_extra_state, torch.nn.Module.set_extra_state
+
     def forward(self, x):
         return super().forward(x)[0]
 
 
 class _Row(RowParallelLinear):
+    get_extra_state, set_extra_state = torch.nn.Module.get_extra_state, torch.nn.Module.set_extra_state
+
     def forward(self, x):
         return super().forward(x)[0]
 
