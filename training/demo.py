@@ -32,10 +32,11 @@ from training.config import REPO_ROOT, load_config
 
 TINY = os.path.join(REPO_ROOT, "training", "configs", "tiny")
 
-# Seconds, measured on 2 CPU cores with the tiny configs (re-measured after stage 1 of each demo).
-LAUNCH_OVERHEAD_S = {1: 13.0, 2: 18.0}  # process start, imports, deepspeed.initialize, final save
-DENSE_STEP_S = 0.5  # one process, batch 4 (two specialists side by side)
-MOE_STEP_S = 0.4  # two processes (EP=2, DP=2), batch 4
+# Seconds on 2 CPU cores with the tiny configs, on the pessimistic side (measured 12-27 s per launch
+# depending on what else runs); re-measured after stage 1 and stage 2 of each demo.
+LAUNCH_OVERHEAD_S = {1: 20.0, 2: 24.0}  # process start, imports, deepspeed.initialize, final save
+DENSE_STEP_S = 0.7  # one process, batch 4, two specialists side by side
+MOE_STEP_S = 0.45  # two processes (EP=2, DP=2), batch 4
 MIN_STEPS = 4
 # Steps of stage 2 and stage 3 relative to one specialist's steps.
 STAGE2_RATIO, STAGE3_RATIO = 0.5, 1.0
@@ -247,6 +248,19 @@ def _codec_of(mix_json: str) -> dict:
         return json.load(f).get("codec", {})
 
 
+def _audio_to_tensorboard(wavs: list[str], logdir: str) -> None:
+    import soundfile as sf
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(logdir)
+    for path in wavs:
+        audio, sr = sf.read(path, dtype="float32")
+        name = os.path.splitext(os.path.basename(path))[0]
+        writer.add_audio(f"samples/{name}", torch.from_numpy(audio)[None], 0, sample_rate=sr)
+    writer.close()
+
+
 def _valid_mix(data: dict) -> str:
     for key in ("valid", "valid_balanced", "balanced_valid"):
         if key in data:
@@ -320,6 +334,8 @@ def _run(args) -> int:
     wavs += generate_to_files("", "music", "a calm piano melody in A minor",
                               os.path.join(wav_dir, "music.wav"), seed=args.seed, max_seconds=3.0,
                               loaded=loaded, log=quiet, progress=False)
+
+    _audio_to_tensorboard(wavs, os.path.join(root, "eval", "stage3", "tb"))
 
     lines = ["# unimoe demo results", "", results_table(stages, evals), ""]
     if untrained:
