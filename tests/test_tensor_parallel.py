@@ -99,6 +99,28 @@ def test_tp2_equals_tp1_dense_and_moe():
             assert not bad, (variant, bad)
 
 
+def _tp_jitter(rank, world_size, cfg):
+    from megatron.core import parallel_state as ps
+
+    from training.batch import collate
+    from training.tensor_parallel import parallelize
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    torch.manual_seed(0)
+    model = parallelize(AudioLM(cfg)).train()
+    torch.manual_seed(1000 + rank)  # per-rank seeds, as trainers often set them
+    out = model(collate(make_samples(cfg, 3, seed=1), cfg))
+    ps.destroy_model_parallel()
+    return {"selected": out.aux[0].selected, "loss": out.loss.detach()}
+
+
+def test_tp_ranks_share_router_jitter():
+    """With router jitter on, the replicated MoE layer routes identically on every TP rank."""
+    cfg = tiny_cfg(moe={**MOE, "input_jitter": 0.5})
+    a, b = run_distributed(_tp_jitter, world_size=2, args=(cfg,))
+    assert torch.equal(a["selected"], b["selected"]) and torch.equal(a["loss"], b["loss"])
+
+
 def _tp_ep_train(rank, world_size, steps):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer

@@ -20,6 +20,7 @@ rules, `gather_full_state_dict` collects the full one from a running TP group (c
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -199,4 +200,24 @@ def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
         model.heads[k] = column(f"heads.{k}", model.heads[k])
     model.cross_entropy = vocab_parallel_ce_per_token
     model.tp_size = tp
+    if cfg.is_moe:
+        model.register_forward_pre_hook(functools.partial(_sync_rng_across_tp, group=tp_group))
     return model
+
+
+def _sync_rng_across_tp(module, args, group):
+    """Replicated MoE layers draw router jitter from the torch RNG: every TP rank must draw the same
+    noise or their 'replicated' activations (and routing) silently diverge. Trainers commonly seed
+    per rank, so before each training forward the TP group adopts TP rank 0's RNG state (a few KB)."""
+    if not module.training:
+        return
+    src = dist.get_global_rank(group, 0)
+    nccl = dist.get_backend(group) == "nccl"
+    comm_dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    pairs = [(torch.get_rng_state, torch.set_rng_state)]
+    if torch.cuda.is_available():
+        pairs.append((torch.cuda.get_rng_state, torch.cuda.set_rng_state))
+    for get, set_ in pairs:
+        state = get().to(comm_dev)
+        dist.broadcast(state, src=src, group=group)
+        set_(state.cpu())
