@@ -82,15 +82,19 @@ def _tp_vs_full(rank, world_size, cfg):
             "grads": grads, "local_vocab": out.logits.shape[-1], "same_state": same_state}
 
 
-def _tp_vs_full_variants(rank, world_size, cfgs):
-    return [_tp_vs_full(rank, world_size, cfg) for cfg in cfgs]
+def _tp_checks(rank, world_size, cfgs, jitter_cfg):
+    return [_tp_vs_full(rank, world_size, cfg) for cfg in cfgs], _tp_jitter(rank, world_size, jitter_cfg)
 
 
 def test_tp2_equals_tp1_dense_and_moe():
-    """One pair of gloo processes checks both variants (process start-up dominates the runtime)."""
+    """TP=2 == TP=1 for both variants; with router jitter on, the replicated MoE layer routes identically
+    on every TP rank. One pair of gloo processes runs all checks (process start-up dominates)."""
     cfgs = {"dense": tiny_cfg(), "moe": tiny_cfg(moe=MOE)}
-    results = run_distributed(_tp_vs_full_variants, world_size=2, args=(list(cfgs.values()),))
-    for rank_results in results:
+    jitter_cfg = tiny_cfg(moe={**MOE, "input_jitter": 0.5})
+    results = run_distributed(_tp_checks, world_size=2, args=(list(cfgs.values()), jitter_cfg))
+    a, b = results[0][1], results[1][1]
+    assert torch.equal(a["selected"], b["selected"]) and torch.equal(a["loss"], b["loss"])
+    for rank_results, _ in results:
         for (variant, cfg), r in zip(cfgs.items(), rank_results):
             assert r["local_vocab"] == cfg.padded_audio_vocab_size // 2
             assert r["same_state"], variant  # gathered shards == the full weights
@@ -112,13 +116,6 @@ def _tp_jitter(rank, world_size, cfg):
     out = model(collate(make_samples(cfg, 3, seed=1), cfg))
     ps.destroy_model_parallel()
     return {"selected": out.aux[0].selected, "loss": out.loss.detach()}
-
-
-def test_tp_ranks_share_router_jitter():
-    """With router jitter on, the replicated MoE layer routes identically on every TP rank."""
-    cfg = tiny_cfg(moe={**MOE, "input_jitter": 0.5})
-    a, b = run_distributed(_tp_jitter, world_size=2, args=(cfg,))
-    assert torch.equal(a["selected"], b["selected"]) and torch.equal(a["loss"], b["loss"])
 
 
 def _tp_ep_train(rank, world_size, steps):
