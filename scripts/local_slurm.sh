@@ -44,9 +44,9 @@ ensure_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
     log "starting munged"
     if id munge >/dev/null 2>&1; then
-        runuser -u munge -- munged 2>/dev/null || munged --force
+        runuser -u munge -- munged 9>&- 2>/dev/null || munged --force 9>&-
     else
-        munged --force
+        munged --force 9>&-
     fi
     for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
     munge_ok || die "munged started but munge -n | unmunge fails (see /var/log/munge/munged.log)"
@@ -55,7 +55,7 @@ ensure_munge() {
 
 write_conf() {
     local ncpu mem user
-    ncpu=$(nproc)
+    ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc obeys OMP_NUM_THREADS
     mem=${UNIMOE_SLURM_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)}
     user=$(id -un)
     cat > "$CONF" <<EOF
@@ -142,10 +142,11 @@ do_start() {
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     ensure_munge
     write_conf
-    log "starting slurmctld and slurmd ($HOST, $(nproc) CPUs, port $PORT, dir $DIR)"
-    SLURM_CONF=$CONF slurmctld -c -f "$CONF" || die "slurmctld failed; see $DIR/log/slurmctld.log"
+    log "starting slurmctld and slurmd ($HOST, $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs, port $PORT, dir $DIR)"
+    # 9>&-: the daemons must not inherit (and hold forever) the lock of this script
+    SLURM_CONF=$CONF slurmctld -c -f "$CONF" 9>&- || die "slurmctld failed; see $DIR/log/slurmctld.log"
     for _ in $(seq 50); do SLURM_CONF=$CONF scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-    SLURM_CONF=$CONF slurmd -f "$CONF" || die "slurmd failed; see $DIR/log/slurmd.log"
+    SLURM_CONF=$CONF slurmd -f "$CONF" 9>&- || die "slurmd failed; see $DIR/log/slurmd.log"
     wait_idle
     running || die "daemons did not stay up; see $DIR/log"
     log "SLURM is up: SLURM_CONF=$CONF"

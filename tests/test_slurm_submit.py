@@ -1,0 +1,90 @@
+"""`unimoe slurm submit`: the curriculum file and the --dry-run command lines (no SLURM needed).
+
+    .venv/bin/pytest tests/test_slurm_submit.py
+    UPDATE_SNAPSHOTS=1 .venv/bin/pytest tests/test_slurm_submit.py    # after an intended change
+"""
+
+import argparse
+import os
+import re
+
+import pytest
+import yaml
+
+from training.slurm import REPO_ROOT, CurriculumError, load_curriculum, run_cli, sbatch_command
+
+SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "slurm_submit_dry_run_4x8.txt")
+CURRICULUM = os.path.join("training", "configs", "curriculum.yaml")
+
+
+def _dry_run(capsys, curriculum, runs=None):
+    code = run_cli(argparse.Namespace(curriculum=curriculum, dry_run=True, runs=runs))
+    captured = capsys.readouterr()
+    return code, captured.out.replace(REPO_ROOT, "<ROOT>"), captured.err
+
+
+def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys):
+    code, out, _ = _dry_run(capsys, CURRICULUM)
+    assert code == 0
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        os.makedirs(os.path.dirname(SNAPSHOT), exist_ok=True)
+        with open(SNAPSHOT, "w") as f:
+            f.write(out)
+    with open(SNAPSHOT) as f:
+        assert out == f.read(), "dry-run output changed; UPDATE_SNAPSHOTS=1 if intended"
+    # what the snapshot documents: the multi-node shape and the afterok chain
+    assert out.count("--nodes=4 --ntasks-per-node=8 --gpus-per-node=8") == 2
+    assert out.count("--nodes=2 --ntasks-per-node=8 --gpus-per-node=8") == 2
+    assert "--dependency=afterok:$STAGE1_SPEECH_JOB:$STAGE1_MUSIC_JOB" in out
+    assert "--dependency=afterok:$STAGE2_JOB" in out
+
+
+def test_tiny_curriculum_is_cpu_2_tasks(capsys):
+    stages = load_curriculum(os.path.join(REPO_ROOT, "training/configs/tiny/curriculum.yaml"), runs="/r")
+    assert [s.name for s in stages] == ["stage1_speech", "stage1_music", "stage2", "stage3"]
+    assert all((s.nodes, s.tasks_per_node, s.gpus_per_node, s.cpus_per_task) == (1, 2, 0, 1) for s in stages)
+    assert stages[2].overrides == ["stage.init_from=[/r/stage1_speech,/r/stage1_music]"]
+    cmd = sbatch_command(stages[3], ["41"])
+    assert "--gpus-per-node=0" in cmd and "--dependency=afterok:41" in cmd
+    assert cmd[-1] == "slurm/stage3.sbatch"
+    assert "--output=/r/stage3/slurm-%j.out" in cmd
+    code, out, err = _dry_run(capsys, "training/configs/tiny/curriculum.yaml", runs="/r")
+    assert code == 0 and "warning" not in err  # the tiny stage configs validate for 2 tasks
+
+
+def _write(tmp_path, doc):
+    path = tmp_path / "cur.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+STAGE = {"name": "a", "template": "slurm/stage1.sbatch", "config": "training/configs/tiny/stage1_speech.yaml",
+         "run_dir": "{runs}/a"}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"stages": []}, "non-empty `stages:`"),
+    ({"stages": [STAGE], "cluster": 1}, "unknown top-level keys ['cluster']"),
+    ({"stages": [{**STAGE, "gpu": 8}]}, "unknown keys ['gpu']"),
+    ({"stages": [{k: v for k, v in STAGE.items() if k != "config"}]}, "needs ['config']"),
+    ({"stages": [{**STAGE, "after": ["b"]}]}, "is after 'b', which is not a stage listed before it"),
+    ({"stages": [STAGE, STAGE]}, "two stages are named 'a'"),
+    ({"stages": [{**STAGE, "tasks_per_node": 4, "gpus_per_node": 8}]}, "one task per GPU"),
+    ({"stages": [{**STAGE, "nodes": 0}]}, "nodes must be an integer >= 1"),
+    ({"stages": [{**STAGE, "run_dir": "{base}/a"}]}, "only {runs} may be used"),
+])
+def test_bad_curriculum_is_named(tmp_path, doc, message):
+    with pytest.raises(CurriculumError) as e:
+        load_curriculum(_write(tmp_path, doc))
+    assert message in str(e.value) and "cur.yaml" in str(e.value)
+
+
+def test_submit_refuses_a_layout_the_stage_config_cannot_run(tmp_path, capsys):
+    # tiny stage 2 has parallel.ep=2: it cannot run on 1 task; --dry-run warns, submit refuses
+    doc = {"stages": [{**STAGE, "name": "s2", "config": "training/configs/tiny/stage2.yaml",
+                       "tasks_per_node": 1, "overrides": ["stage.init_from=[x,y]"]}]}
+    path = _write(tmp_path, doc)
+    code, _, err = _dry_run(capsys, path)
+    assert code == 0 and re.search(r"warning: stage 's2' \(1 node\(s\) x 1 tasks\).*parallel.ep=2", err)
+    assert run_cli(argparse.Namespace(curriculum=path, dry_run=False, runs=None)) == 2
+    assert "parallel.ep=2" in capsys.readouterr().err
