@@ -26,7 +26,7 @@ def start(cmd: list[str], env: dict | None = None, log: str | None = None) -> su
                             start_new_session=True)  # its own process group: killpg reaches every rank
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
                        timeout=timeout)
     return p
@@ -47,7 +47,7 @@ def metrics(run_dir: str) -> dict[int, dict]:
     return out
 
 
-def wait_for_step(proc: subprocess.Popen, run_dir: str, step: int, timeout: float = 120) -> None:
+def wait_for_step(proc: subprocess.Popen, run_dir: str, step: int, timeout: float = 600) -> None:
     t0 = time.time()
     while step not in metrics(run_dir):
         if proc.poll() is not None:

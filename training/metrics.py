@@ -13,6 +13,25 @@ import os
 
 import torch
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10": 125e12}
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of this rank's GPU (for the MFU estimate); None on CPU or an unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float | None = None) -> float | None:
+    peak = peak_flops()
+    if peak is None:
+        return None
+    from training.params import train_flops_per_token
+    return tokens_per_s * train_flops_per_token(model_cfg, seq_len, experts_per_token) / peak
+
 
 def flatten_stats(stats, prefix: str = "") -> dict[str, float]:
     """Nested dicts/lists/tensors of numbers -> {"a/b/3": float}; non-numbers are skipped."""

@@ -56,7 +56,6 @@ def step_losses(out, cfg, model_cfg, step: int):
         loss = loss + aux_total
         for k, v in logs.items():
             parts[k if k.startswith("aux_") else f"aux_{k}"] = float(v)
-        from training.metrics import flatten_stats
-        for i, a in enumerate(out.aux):
-            routing.update(flatten_stats(getattr(a, "stats", {}), f"routing/layer{i}"))
+        from moe.stats import summarize
+        routing = summarize(out.aux, prefix="routing")  # per layer and per task, + means over layers
     return loss, parts, routing

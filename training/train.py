@@ -137,7 +137,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from data_prep.mix import MixtureReader
     from training import checkpoint as ckpt
     from training.data import DistributedBatches, resolve_train_mix
-    from training.metrics import MetricsLogger
+    from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
     from training.parallel import init_parallel, shutdown
     from training.stages import init_stage_weights, step_losses
@@ -241,6 +241,10 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             tokens = _global_tokens(batches, pg)
             record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens / dt, "skipped": skipped}
+            est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]),
+                      routing.get("routing/experts_per_token"))
+            if est is not None:
+                scalars["train/mfu_estimate"] = est
             if step % cfg.logging.routing_every == 0 or step == 1:
                 scalars.update(routing)  # rank 0's last micro-batch
             metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)

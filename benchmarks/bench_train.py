@@ -1,0 +1,120 @@
+"""Training-step throughput: the tiny MoE AudioLM vs the same model with a dense FFN of equal ACTIVE
+parameters, in one process on the same batch (forward + backward + AdamW step, plain torch, no DeepSpeed).
+
+    unimoe bench train --json [--quick] [--device cuda]
+
+The dense FFN width = shared experts' width + the MEASURED mean number of routed experts per token (from
+the MoE's routing stats in warm-up) x the routed expert width, so both models spend the same matmul FLOPs
+per token in their FFNs; `moe_over_dense_time` is then the cost of routing + dispatch + the small per-expert
+GEMMs. Iterations are interleaved (moe, dense, moe, ...) and medians reported. On a GPU the MFU estimate uses
+training.params.train_flops_per_token and the device's peak bf16 dense FLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from training.batch import collate
+from training.metrics import peak_flops
+from training.model import AudioLM, ModelConfig
+from training.params import parameter_counts, train_flops_per_token
+
+
+def tiny_cfg(moe: dict | None, ffn: int, num_layers: int, hidden: int) -> ModelConfig:
+    return ModelConfig(num_layers=num_layers, hidden_size=hidden, num_heads=4, ffn_hidden_size=ffn,
+                       num_codebooks=8, codebook_size=1024, delay_pattern="musicgen", text_vocab_size=512,
+                       max_seq_len=4096, moe=moe)
+
+
+def make_batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    samples = [{"id": str(i), "task": ("speech", "music")[i % 2], "text_ids": rng.integers(5, 500, size=16),
+                "codes": rng.integers(0, cfg.codebook_size, size=(cfg.num_codebooks, frames))}
+               for i in range(batch)]
+    return collate(samples, cfg)
+
+
+def _step(model, opt, batch, device):
+    t0 = time.perf_counter()
+    out = model(batch)
+    loss = out.loss
+    if out.aux:
+        loss = loss + 0.01 * sum(a.balance_loss for a in out.aux)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    layers, hidden, ffn = (2, 64, 256) if not on_gpu else (8, 1024, 4096)
+    batch_size, frames = (4, 96) if quick else (8, 192)
+    if on_gpu:
+        batch_size, frames = 16, 512
+    warmup, iters = (1, 3) if quick else (2, 7)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    torch.manual_seed(0)
+    moe_cfg = tiny_cfg({"num_routed_experts": 8, "num_null_experts": 1, "num_shared_experts": 2,
+                        "top_p": 0.7}, ffn, layers, hidden)
+    moe = AudioLM(moe_cfg).to(dev, dtype)
+    batch = {k: v.to(dev) for k, v in make_batch(moe_cfg, batch_size, frames).items()}
+    tokens = int(batch["valid"].sum())
+    opt_m = torch.optim.AdamW(moe.parameters(), lr=1e-4)
+    k_seen = []
+    for _ in range(warmup):
+        _, out = _step(moe, opt_m, batch, dev)
+        k_seen += [a.stats["experts_per_token"] for a in out.aux]
+    mean_k = float(np.mean(k_seen))
+    kw = moe_cfg.moe_kwargs()
+    width = int(round(kw.get("num_shared_experts", 2) * kw["shared_ffn_size"]
+                      + mean_k * kw["routed_ffn_size"]))
+    dense_cfg = tiny_cfg(None, width, layers, hidden)
+    dense = AudioLM(dense_cfg).to(dev, dtype)
+    opt_d = torch.optim.AdamW(dense.parameters(), lr=1e-4)
+    for _ in range(warmup):
+        _step(dense, opt_d, batch, dev)
+    t_moe, t_dense = [], []
+    for _ in range(iters):
+        t_moe.append(_step(moe, opt_m, batch, dev)[0])
+        t_dense.append(_step(dense, opt_d, batch, dev)[0])
+    tm, td = statistics.median(t_moe), statistics.median(t_dense)
+    seq = batch["text"].shape[1]
+    res = {
+        "device": torch.cuda.get_device_name(dev) if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""), "layers": layers, "hidden": hidden, "batch": batch_size,
+        "seq_len": seq, "tokens_per_step": tokens,
+        "experts_per_token": round(mean_k, 3), "dense_equal_active_ffn_width": width,
+        "active_params_moe": int(parameter_counts(moe_cfg, mean_k)["active_mean"]),
+        "active_params_dense": int(parameter_counts(dense_cfg)["active_mean"]),
+        "moe_step_s": tm, "dense_step_s": td,
+        "moe_tokens_per_s": tokens / tm, "dense_tokens_per_s": tokens / td,
+        "moe_over_dense_time": tm / td,
+    }
+    if on_gpu:
+        peak = peak_flops()
+        if peak:
+            res["peak_flops"] = peak
+            res["mfu_moe"] = tokens / tm * train_flops_per_token(moe_cfg, seq, mean_k) / peak
+            res["mfu_dense"] = tokens / td * train_flops_per_token(dense_cfg, seq) / peak
+    return res
+
+
+def run_cli(args) -> int:
+    res = run(quick=args.quick, device=args.device)
+    print(f"train step on {res['device']}: MoE {res['moe_tokens_per_s']:.0f} tok/s, dense (equal active, FFN "
+          f"width {res['dense_equal_active_ffn_width']}) {res['dense_tokens_per_s']:.0f} tok/s, "
+          f"moe_over_dense_time {res['moe_over_dense_time']:.3f} (experts/token {res['experts_per_token']})")
+    if "mfu_moe" in res:
+        print(f"MFU estimate: MoE {res['mfu_moe']:.3f}, dense {res['mfu_dense']:.3f}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
