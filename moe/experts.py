@@ -1,10 +1,10 @@
 """SwiGLU experts and the grouped expert computation over tokens sorted by expert.
 
 `grouped_swiglu(x, counts, experts)` runs expert i on the contiguous rows
-x[sum(counts[:i]) : sum(counts[:i+1])] with one hand-written autograd function: outputs are written in
-place into one buffer (no per-expert cat), the backward recomputes nothing but the SwiGLU activation,
-and every expert's weights get a gradient (zeros for an expert that received no tokens), so gradient
-reduction sees the same parameters on every step and every rank.
+x[sum(counts[:i]) : sum(counts[:i+1])] with one hand-written autograd function: GEMM outputs are
+written in place into shared buffers (no per-expert cat), elementwise work runs once over all rows
+(fused silu_backward), and every expert's weights get a gradient (zeros for an expert that received no
+tokens), so gradient reduction sees the same parameters on every step and every rank.
 """
 
 from __future__ import annotations
@@ -27,59 +27,66 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _slices(counts: list[int]):
+    off = 0
+    for e, c in enumerate(counts):
+        yield e, off, c
+        off += c
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
+    """Per expert only the GEMMs; every elementwise step runs once over all experts' rows.
+
+    gate and up run as one GEMM against [gate; up] (a small weight copy, half the GEMM calls); the
+    activations kept for backward are the ones autograd keeps for a dense SwiGLU: h = [h1 | h2],
+    s = silu(h1), a = s * h2.
+    """
+
     @staticmethod
     def forward(ctx, x, counts: list[int], *weights):
         # weights = (gate_0, up_0, down_0, gate_1, ...); x [M, D] sorted by expert
-        y = x.new_empty(x.shape[0], weights[2].shape[0] if weights else x.shape[1])
-        saved = []  # per expert: the same activations autograd would keep for a dense SwiGLU
-        off = 0
-        for e, c in enumerate(counts):
-            wg, wu, wd = weights[3 * e: 3 * e + 3]
-            if c == 0:
-                saved.append(None)
-                continue
-            xe = x[off: off + c]
-            h1 = torch.mm(xe, wg.t())
-            h2 = torch.mm(xe, wu.t())
-            s = F.silu(h1)
-            a = s * h2
-            torch.mm(a, wd.t(), out=y[off: off + c])
-            saved.append((h1, h2, s, a))
-            off += c
+        f = weights[0].shape[0]
+        h = x.new_empty(x.shape[0], 2 * f)
+        for e, off, c in _slices(counts):
+            if c:
+                torch.mm(x[off: off + c], torch.cat(weights[3 * e: 3 * e + 2]).t(), out=h[off: off + c])
+        s = F.silu(h[:, :f])
+        a = s * h[:, f:]
+        y = x.new_empty(x.shape[0], weights[2].shape[0])
+        for e, off, c in _slices(counts):
+            if c:
+                torch.mm(a[off: off + c], weights[3 * e + 2].t(), out=y[off: off + c])
         ctx.counts = counts
-        ctx.acts = saved
-        ctx.save_for_backward(x, *weights)
+        ctx.save_for_backward(x, h, s, a, *weights)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, *weights = ctx.saved_tensors
+        x, h, s, a, *weights = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx = torch.empty_like(x) if need[0] else None
-        gws = []
-        off = 0
+        f = weights[0].shape[0]
         gy = gy.contiguous()
-        for e, c in enumerate(ctx.counts):
-            wg, wu, wd = weights[3 * e: 3 * e + 3]
-            need_w = need[2 + 3 * e: 5 + 3 * e]
-            if c == 0:
-                gws += [torch.zeros_like(w) if n else None for w, n in zip((wg, wu, wd), need_w)]
-                continue
-            h1, h2, s, a = ctx.acts[e]
-            xe, ge = x[off: off + c], gy[off: off + c]
-            gd = torch.mm(ge.t(), a) if need_w[2] else None  # [D, F]
-            ga = torch.mm(ge, wd)  # [c, F]
-            g2 = ga * s
-            g1 = torch.ops.aten.silu_backward(ga.mul_(h2), h1)
-            gws += [torch.mm(g1.t(), xe) if need_w[0] else None, torch.mm(g2.t(), xe) if need_w[1] else None,
-                    gd]
-            if gx is not None:
-                ge_x = gx[off: off + c]
-                torch.mm(g1, wg, out=ge_x)
-                ge_x.addmm_(g2, wu)
-            off += c
-        ctx.acts = None
+        gws = [None] * len(weights)
+        ga = gy.new_empty(x.shape[0], f)
+        for e, off, c in _slices(ctx.counts):
+            if c:
+                torch.mm(gy[off: off + c], weights[3 * e + 2], out=ga[off: off + c])
+                if need[4 + 3 * e]:
+                    gws[3 * e + 2] = torch.mm(gy[off: off + c].t(), a[off: off + c])  # [D, F]
+        gh = torch.empty_like(h)  # [d h1 | d h2]
+        torch.mul(ga, s, out=gh[:, f:])
+        torch.ops.aten.silu_backward.grad_input(ga.mul_(h[:, f:]), h[:, :f], grad_input=gh[:, :f])
+        gx = torch.empty_like(x) if need[0] else None
+        for e, off, c in _slices(ctx.counts):
+            wg, wu = weights[3 * e: 3 * e + 2]
+            if c and (need[2 + 3 * e] or need[3 + 3 * e]):
+                gwgu = torch.mm(gh[off: off + c].t(), x[off: off + c])  # [2F, D]
+                gws[3 * e], gws[3 * e + 1] = gwgu[:f], gwgu[f:]
+            if c and gx is not None:
+                torch.mm(gh[off: off + c], torch.cat([wg, wu]), out=gx[off: off + c])
+        # an expert without tokens still gets a (zero) gradient: same reduction on every rank and step
+        gws = [torch.zeros_like(w) if g is None and need[2 + i] else g
+               for i, (w, g) in enumerate(zip(weights, gws))]
         return (gx, None, *gws)
 
 

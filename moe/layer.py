@@ -146,11 +146,8 @@ class MoELayer(_DeepSpeedMoE):
             y_sorted = self._expert_parallel(x_sorted, plan.counts)
         out = weighted_scatter(y_sorted, w, plan)
 
-        for s, expert in enumerate(self.shared):
-            y = expert(x)
-            if r.shared_weights is not None:
-                y = y * r.shared_weights[:, s: s + 1].to(y.dtype)
-            out = out + y
+        if len(self.shared):
+            out = out + self._shared_forward(x, r.shared_weights)
 
         valid = None if task_ids is None else task_ids >= 0
         balance, z, ent = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid)
@@ -158,6 +155,20 @@ class MoELayer(_DeepSpeedMoE):
                      probs=r.probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
                      collapse_threshold=cfg.collapse_entropy_threshold)
         return out.reshape(shape), aux
+
+    def _shared_forward(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """sum_s g_s * shared_s(x) as ONE wide SwiGLU: weights concatenated, gates applied to the
+        activations of each expert's block (down is linear, so scaling before it is the same)."""
+        if len(self.shared) == 1 and gates is None:
+            return self.shared[0](x)
+        wg = torch.cat([e.gate_proj.weight for e in self.shared])
+        wu = torch.cat([e.up_proj.weight for e in self.shared])
+        wd = torch.cat([e.down_proj.weight for e in self.shared], dim=1)
+        a = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+        if gates is not None:
+            n_s = len(self.shared)
+            a = (a.view(-1, n_s, a.shape[1] // n_s) * gates.to(a.dtype).unsqueeze(-1)).view(a.shape)
+        return F.linear(a, wd)
 
     def _expert_parallel(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Send each (token, expert) row to the rank holding the expert, run, bring the results back."""
