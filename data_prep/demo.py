@@ -59,13 +59,13 @@ def _paths(root: str) -> dict:
     return out
 
 
-def _build(root: str, log) -> dict:
+def _build(root: str, log, size: tuple[int, int]) -> dict:
     paths = _paths(root)
     t0 = time.time()
     manifest = synth(
         os.path.join(root, "synth"),
-        SPEECH_ITEMS,
-        MUSIC_ITEMS,
+        size[0],
+        size[1],
         seed=0,
         valid_fraction=VALID_FRACTION,
         progress=False,
@@ -112,10 +112,12 @@ def _build(root: str, log) -> dict:
     return {"paths": paths, "timing": timing, "version": DEMO_VERSION}
 
 
-def ensure_demo_data(cache_dir: str | None = None, log=None) -> dict:
-    """Build the demo corpus unless a complete one is cached; returns the dict of paths (DEMO_KEYS)."""
+def ensure_demo_data(cache_dir: str | None = None, log=None, size: tuple[int, int] | None = None) -> dict:
+    """Build the demo corpus unless a complete one is cached; returns the dict of paths (DEMO_KEYS).
+    `size` = (speech, music) clips overrides the default corpus size (tests), in its own cache folder."""
     log = log or (lambda m: print(m, file=sys.stderr))
-    root = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), DEMO_VERSION)
+    version = DEMO_VERSION if size is None else f"{DEMO_VERSION}-{size[0]}x{size[1]}"
+    root = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), version)
     marker = os.path.join(root, "DONE.json")
     if os.path.isfile(marker):
         return _paths(root)
@@ -126,7 +128,7 @@ def ensure_demo_data(cache_dir: str | None = None, log=None) -> dict:
             if not os.path.isfile(marker):
                 log(f"[demo-data] building the demo corpus once (about a minute) in {root}")
                 write_json_atomic(marker + ".building", {"pid": os.getpid()})
-                done = _build(root, log)
+                done = _build(root, log, size or (SPEECH_ITEMS, MUSIC_ITEMS))
                 write_json_atomic(marker, done)
                 os.remove(marker + ".building")
         finally:

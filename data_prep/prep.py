@@ -50,7 +50,7 @@ class PrepConfig:
     shard_size: int = 256
     slice_index: int = 0
     num_slices: int = 1
-    block_items: int = 32  # items handed to the decode pool at once (the pipeline's granularity)
+    block_items: int = 8  # items handed to the decode pool at once (the pipeline granularity)
     batch_items: int = 8  # items per codec batch
     batch_seconds: float = 8.0  # padded audio seconds per codec batch (small batches are faster on CPU)
     progress: bool = True
@@ -210,13 +210,21 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
         for b in range(0, len(shard_items[k]), cfg.block_items)
     ]
     total = sum(len(shard_items[k]) for k in todo)
-    pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 0 and blocks else None
+    # fork (as torch's DataLoader does on Linux): cheap start, and works from any __main__; the workers only
+    # run numpy/soundfile code (data_prep.audio). spawn where fork does not exist.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    workers = cfg.workers
+    if workers > 0 and mp.current_process().daemon:  # e.g. inside a DataLoader/Pool worker: no children
+        log("[prep] running in a daemonic process: decoding in this process (--workers ignored)")
+        workers = 0
+    pool = ctx.Pool(workers) if workers > 0 and blocks else None
     pending, written = [], 0
+    timing = {"decode_wait_s": 0.0, "codec_s": 0.0, "write_s": 0.0}  # wall time of the main process by stage
 
     def submit(b):
         jobs = [(j, it.audio, audio_cfg) for j, it in enumerate(blocks[b][2])]
         pending.append(
-            pool.map_async(load_job, jobs, chunksize=max(1, len(jobs) // (4 * cfg.workers))) if pool else jobs
+            pool.map_async(load_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))) if pool else jobs
         )
 
     try:
@@ -228,19 +236,25 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
             job = pending.pop(0)
             if b + 2 < len(blocks):
                 submit(b + 2)  # keep the pool two blocks ahead of the codec
+            t = time.perf_counter()
             loaded = job.get() if pool else [load_job(j) for j in job]
             wavs = {j: w for j, w, _ in loaded if w is not None}
+            timing["decode_wait_s"] += time.perf_counter() - t
+            t = time.perf_counter()
             codes = _encode_block(codec, wavs, cfg) if wavs else {}
+            timing["codec_s"] += time.perf_counter() - t
             for j, w, reason in loaded:
                 results[base + j] = reason if w is None else (len(w) / codec.sample_rate, codes[j])
             bar.update(len(block))
             if base + len(block) == len(shard_items[k]):  # last block of shard k: write it
+                t = time.perf_counter()
                 entry = _write_shard(cfg, k, shard_items[k], results, tok, crash_after, written)
                 written += entry["items"]
                 listing["shards"].append(entry)
                 listing["shards"].sort(key=lambda e: e["index"])
                 sh.write_json_atomic(list_path, listing)
                 results = {}
+                timing["write_s"] += time.perf_counter() - t
         bar.close()
     finally:
         if pool:
@@ -248,6 +262,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
             pool.join()
 
     report = _report(cfg, listing, manifest_rejects, seen, codec, time.time() - t0, mine, shard_items)
+    report["timing"] = {k: round(v, 3) for k, v in timing.items()}
     sh.write_json_atomic(os.path.join(cfg.out, sh.report_name(cfg.slice_index, cfg.num_slices)), report)
     return report
 
