@@ -1,5 +1,6 @@
 """`unimoe generate` from a tiny trained checkpoint: valid WAVs within the length bounds for both tasks,
-the same seed gives the same audio, run dir and exported model.pt agree, clear errors for bad checkpoints.
+the same seed gives the same audio, run dir and exported model.pt agree, clear errors for bad checkpoints;
+`unimoe eval` on the same checkpoint.
 
     .venv/bin/pytest tests/test_generate_cli.py      (trains a tiny MoE model for 2 steps first, ~40 s)
 """
@@ -95,3 +96,19 @@ def test_clear_errors_for_missing_incomplete_and_incompatible(run_dir, tmp_path,
     err = capsys.readouterr().err
     assert "cannot load this checkpoint" in err and "model.pt" in err
     assert not os.path.exists(out)
+
+
+def test_eval_cli_on_the_trained_checkpoint(run_dir, tmp_path, capsys):
+    """`unimoe eval` on the same tiny checkpoint (shares the trained run with the generation tests)."""
+    from data_prep.demo import ensure_demo_data
+
+    valid = ensure_demo_data()["valid"]
+    out = tmp_path / "eval"
+    assert main(["eval", "--ckpt", run_dir, "--data", valid, "--out", str(out), "--batches", "2",
+                 "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation loss (8 samples)" in printed and "routing: experts/token" in printed
+    for name in ("eval.json", "routing.json", "routing_load.png", "routing_capacity.png"):
+        assert (out / name).stat().st_size > 0
+    assert main(["eval", "--ckpt", run_dir, "--data", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -55,6 +55,7 @@ class StageRun:
     step_s: float | None = None  # measured time per step
     overhead_s: float | None = None  # measured fixed cost of the launch
     batch: int = 0  # global batch size (samples per step), read from the config
+    lr: float = 0.0  # peak learning rate, read from the config
 
     def out_dir(self, root: str) -> str:
         return os.path.join(root, "runs", self.key)
@@ -74,7 +75,8 @@ def make_stages() -> dict[str, StageRun]:
                           os.path.join(TINY, "joint.yaml"), 2, True),
     }
     for st in stages.values():
-        st.batch = load_config(st.config).data.global_batch_size
+        cfg = load_config(st.config)
+        st.batch, st.lr = cfg.data.global_batch_size, cfg.optim.lr
     return stages
 
 
@@ -221,16 +223,18 @@ def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
         return f"{loss:.3f}" if loss is not None else "n/a"
 
     rows = [("speech", "speech"), ("music", "music"), ("stage2", None), ("stage3", None), ("joint", None)]
-    lines = ["| model | speech val loss | music val loss | steps | train samples | wall (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | speech val loss | music val loss | steps | train samples | peak lr | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
     for key, own in rows:
         st = stages[key]
         lines.append(f"| {st.title} | {fmt(key, 'speech', own)} | {fmt(key, 'music', own)} | {st.steps} | "
-                     f"{st.steps * st.batch} | {st.wall_s:.0f} |")
+                     f"{st.steps * st.batch} | {st.lr:g} | {st.wall_s:.0f} |")
     curriculum = sum(stages[k].steps * stages[k].batch for k in ("speech", "music", "stage2", "stage3"))
     lines.append("")
-    lines.append(f"Loss = cross-entropy summed over the codebooks, on the validation mixture. "
-                 f"Curriculum total: {curriculum} samples; joint baseline: "
+    n_valid = evals.get("stage3", {}).get("samples", "?")
+    lines.append(f"Validation loss = cross-entropy summed over the codebooks, on {n_valid} samples of the "
+                 f"balanced validation mixture (lower is better; a specialist only on its own task). "
+                 f"Training samples: curriculum {curriculum} in total, joint baseline "
                  f"{stages['joint'].steps * stages['joint'].batch}.")
     for key in ("stage3", "joint"):
         routing = evals.get(key, {}).get("routing", {}).get("summary")
