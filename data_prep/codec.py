@@ -25,6 +25,7 @@ import importlib
 import math
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,18 +185,7 @@ def _init_random_codebooks(model, seed: int) -> None:
         residual = residual - book.decode(book.encode(residual))
 
 
-def load_codec(
-    name: str = "encodec_24khz",
-    bandwidth: float = 6.0,
-    checkpoint: str | None = None,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> Codec:
-    """Build a codec. name: "encodec_24khz" (trained weights from `checkpoint`, else the package's
-    download) or "random" (untrained, deterministic from `seed`). Raises CodecUnavailable / ValueError."""
-    if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}: choose one of {', '.join(CODECS)}")
-    encodec = import_encodec()
+def _build(encodec, name: str, checkpoint: str | None, seed: int):
     if name == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -228,6 +218,24 @@ def load_codec(
                     f"PATH/{ENCODEC_24KHZ_CHECKPOINT}, "
                     "or --codec random for an untrained codec (tests/demo only)."
                 ) from None
+    return model
+
+
+def load_codec(
+    name: str = "encodec_24khz",
+    bandwidth: float = 6.0,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Codec:
+    """Build a codec. name: "encodec_24khz" (trained weights from `checkpoint`, else the package's
+    download) or "random" (untrained, deterministic from `seed`). Raises CodecUnavailable / ValueError."""
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}: choose one of {', '.join(CODECS)}")
+    encodec = import_encodec()
+    with warnings.catch_warnings():  # encodec's weight_norm deprecation notice, once per model build
+        warnings.simplefilter("ignore", FutureWarning)
+        model = _build(encodec, name, checkpoint, seed)
     model.eval().to(device)
     valid = [b for b in model.target_bandwidths]
     if bandwidth not in valid:

@@ -44,6 +44,7 @@ class PrepConfig:
     bandwidth: float = 6.0
     codec_checkpoint: str | None = None
     codec_seed: int = 0
+    device: str = "cpu"  # where the codec runs
     workers: int = 1
     min_seconds: float = 0.2
     max_seconds: float = 30.0
@@ -148,9 +149,15 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     tok = Tokenizer(cfg.tokenizer)
     if codec is None:
         try:
-            codec = load_codec(cfg.codec, cfg.bandwidth, cfg.codec_checkpoint, seed=cfg.codec_seed)
+            codec = load_codec(
+                cfg.codec, cfg.bandwidth, cfg.codec_checkpoint, cfg.device, seed=cfg.codec_seed
+            )
         except (CodecUnavailable, ValueError) as e:
             raise PrepError(str(e)) from None
+        except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without CUDA
+            raise PrepError(
+                f"cannot run the codec on --device {cfg.device}: {' '.join(str(e).split())}"
+            ) from None
     if not codec.trained:
         log(f"[prep] WARNING: {codec.info()['label']}")
     if codec.codebook_size > np.iinfo(np.uint16).max:
@@ -199,6 +206,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     if len(mine) > len(todo):
         log(f"[prep] skipping {len(mine) - len(todo)} complete shard(s) (checksums verified)")
 
+    sh.write_json_atomic(list_path, listing)  # listed even when this slice has no shards (for the merge)
     for k in todo:  # temporary files of a crashed earlier run of these shards
         for stale in glob.glob(os.path.join(cfg.out, f".tmp.{sh.shard_name(k)}.*")):
             os.remove(stale)
@@ -334,6 +342,7 @@ def run_cli(args) -> int:
             slice_index=i,
             num_slices=n,
             codec_seed=getattr(args, "codec_seed", 0),
+            device=getattr(args, "device", "cpu"),
         )
         report = prep(cfg, log=lambda m: print(m, file=sys.stderr))
     except PrepError as e:

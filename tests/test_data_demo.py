@@ -16,7 +16,7 @@ from data_prep.mix import MixtureReader
 from training.cli import main as cli
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
-TINY = (8, 8)
+TINY = (4, 4)
 
 
 def _ensure(cache, result_file=None):

@@ -104,6 +104,7 @@ def _prep_args(p):
     p.add_argument("--shard-size", type=int, default=256, help="items per shard")
     p.add_argument("--slice", default=None, help="i/n: process the i-th of n manifest slices (job arrays)")
     p.add_argument("--codec-seed", type=int, default=0, help="seed of --codec random")
+    p.add_argument("--device", default="cpu", help="where the codec encodes (cpu, cuda, cuda:1)")
 
 
 def _mix_args(p):
