@@ -14,8 +14,9 @@
    a markdown table at the end (also written to OUT/results.md).
 
 Each training stage is a `unimoe train` subprocess with the tiny configs; step counts are scaled
-to `--minutes` (the wall-clock budget of the training stages) from per-step estimates that are
-re-measured after stage 1.
+to `--minutes` (the wall-clock budget of the training stages) from per-step and per-launch
+estimates that are re-measured after stage 1 and stage 2. Re-running into the same --out replaces
+the previous demo's runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,7 +159,9 @@ def run_stages(group: list[StageRun], root: str, seed: int) -> None:
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     procs = []
     for st in group:
-        os.makedirs(st.out_dir(root), exist_ok=True)
+        if os.path.exists(st.out_dir(root)):  # an earlier demo in the same --out: start clean
+            shutil.rmtree(st.out_dir(root))
+        os.makedirs(st.out_dir(root))
         log = open(os.path.join(st.out_dir(root), "train.log"), "w")
         _say(f"{st.title}: {st.steps} steps x {st.batch} samples, {st.nproc} process(es) "
              f"-> {st.out_dir(root)}")
@@ -323,6 +327,7 @@ def _run(args) -> int:
     train_wall = time.time() - t_train
 
     evals = {}
+    shutil.rmtree(os.path.join(root, "eval"), ignore_errors=True)
     for key, st in stages.items():
         evals[key] = evaluate(st.out_dir(root), valid, out_dir=os.path.join(root, "eval", key),
                               routing=st.moe)
