@@ -181,8 +181,10 @@ def plot_report(report: dict):
     for task in TASKS:
         ax1.plot(x, [lay["experts_per_token"][task] for lay in report["layers"]], marker="o", label=task)
         ax2.plot(x, [lay["null_share"][task] for lay in report["layers"]], marker="o", label=task)
-    for ax, title in ((ax1, "routed experts per token"), (ax2, "null-expert share")):
+    for ax, title, top in ((ax1, "routed experts per token", report["num_routed_experts"]),
+                           (ax2, "null-expert share", 1.0)):
         ax.set_xticks(list(x), ylabels)
+        ax.set_ylim(0, top)  # the full range: small task differences stay small
         ax.set_title(title)
         ax.legend()
     return {"routing_load": heat, "routing_capacity": cap}
