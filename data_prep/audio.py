@@ -61,8 +61,9 @@ def _wav_truncation(path: str) -> str | None:
     return None
 
 
-def decode(path: str) -> tuple[np.ndarray, int]:
-    """Read a file as float32 [frames, channels] and its sample rate, or raise AudioError."""
+def decode(path: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Read a file as float32 [frames, channels] and its sample rate, or raise AudioError.
+    With max_seconds, a longer file is rejected from its header, before reading it."""
     if not os.path.exists(path):
         raise AudioError(f"audio file not found: {path}")
     if os.path.isdir(path):
@@ -73,6 +74,8 @@ def decode(path: str) -> tuple[np.ndarray, int]:
         info = sf.info(path)
     except Exception as e:  # libsndfile: format not recognised, no data chunk, ...
         raise AudioError(f"not decodable audio ({type(e).__name__}: {_one_line(e)})") from None
+    if max_seconds is not None and info.duration > max_seconds:
+        raise AudioError(f"too long: {info.duration:.2f} s > max {max_seconds} s")
     reason = _wav_truncation(path)
     if reason:
         raise AudioError(reason)
@@ -129,7 +132,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int, zeros: int = 16, rolloff: f
 
 def load_checked(path: str, cfg: AudioCheckConfig) -> np.ndarray:
     """Decode, check and convert one file: float32 mono at cfg.sample_rate. Raises AudioError."""
-    wav, sr = decode(path)
+    wav, sr = decode(path, cfg.max_seconds)
     if wav.shape[0] == 0:
         raise AudioError("zero-length audio (no samples)")
     if not np.isfinite(wav).all():

@@ -145,8 +145,14 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
         os.remove(probe)
     except OSError as e:
         raise PrepError(f"output directory {cfg.out} is not writable: {e.strerror}") from None
-    items, manifest_rejects, seen = read_manifest(cfg.manifest)
-    tok = Tokenizer(cfg.tokenizer)
+    try:
+        items, manifest_rejects, seen = read_manifest(cfg.manifest)
+    except OSError as e:
+        raise PrepError(f"cannot read manifest {cfg.manifest}: {e.strerror}") from None
+    try:
+        tok = Tokenizer(cfg.tokenizer)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise PrepError(f"unusable tokenizer {cfg.tokenizer}: {' '.join(str(e).split())}") from None
     if codec is None:
         try:
             codec = load_codec(

@@ -173,8 +173,10 @@ def test_cli_exit_codes(tmp_path, tokenizer, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "nothing usable" in err
     # configuration errors: one line, non-zero
+    (tmp_path / "junk.model").write_text("not a sentencepiece model")
     for extra, needle in [
         (["--codec-checkpoint", str(tmp_path / "no.th")], "does not exist"),
+        (["--tokenizer", str(tmp_path / "junk.model")], "unusable tokenizer"),
         (["--slice", "3/2"], "--slice"),
         (["--out", "/proc/forbidden/out"], "not writable"),
     ]:
