@@ -180,13 +180,21 @@ def full_state_dict(path: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path}: no complete checkpoint (a run dir, a checkpoints/step_* dir with "
                                 f"{COMPLETE}, or an exported model.pt)")
     meta = read_meta(tag_dir)
-    if meta["layout"].get("tp", 1) > 1:
-        raise NotImplementedError(f"{tag_dir}: consolidating a tensor-parallel (tp>1) checkpoint is not "
-                                  "supported yet")
+    tp = meta["layout"].get("tp", 1)
     if glob.glob(os.path.join(tag_dir, "portable", "tp0_rank*.pt")):
         from training.ckpt_portable import read_portable
-        state = read_portable(tag_dir, 0)
-        sd = {**state["params"], **state["buffers"]}
+        shards = []
+        for r in range(tp):
+            state = read_portable(tag_dir, r)
+            shards.append({**state["params"], **state["buffers"]})
+        if tp > 1:  # megatron-sharded tensors are concatenated back (training.tensor_parallel rules)
+            from training.tensor_parallel import merge_state_dicts
+            sd = merge_state_dicts(shards, model_config_from_meta(meta))
+        else:
+            sd = shards[0]
+    elif tp > 1:
+        raise NotImplementedError(f"{tag_dir}: no portable/ state; consolidating DeepSpeed's tensor-parallel "
+                                  "files is not supported")
     else:
         sd = {k: v.float() if v.is_floating_point() else v
               for k, v in _deepspeed_module_state(tag_dir).items()}

@@ -330,8 +330,8 @@ def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
         group = pg.dp_group
         dist.all_reduce(vals, group=group)
         dist.all_reduce(counts, group=group)
-    mean = {k: float(v / c) if c > 0 else float("nan") for k, v, c in zip(keys, vals, counts)
-            if not k.startswith("_count_")}
+    mean = {k: float(v / c) for k, v, c in zip(keys, vals, counts)
+            if not k.startswith("_count_") and c > 0}  # a task absent from the whole step: no key
     record = {k: v for k, v in mean.items() if k == "loss" or k.startswith("loss_") or k.startswith("aux_")}
     scalars = {k: v for k, v in mean.items() if k not in record}
     return record, scalars
