@@ -112,3 +112,5 @@ def test_eval_cli_on_the_trained_checkpoint(run_dir, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert main(["eval", "--ckpt", run_dir, "--data", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(tmp_path / "no_run"), "--data", valid]) == 2
+    assert "no_run does not exist" in capsys.readouterr().err

@@ -26,23 +26,29 @@ class GenerateError(RuntimeError):
     """A checkpoint, codec or tokenizer problem; the message says what to do."""
 
 
-def load_everything(ckpt: str, codec_checkpoint: str | None = None):
-    """-> (model, meta, codec, tokenizer) with clear errors for missing/incomplete/incompatible inputs."""
-    from data_prep.codec import CodecUnavailable, load_codec_from_info
-    from data_prep.text import load_tokenizer
+def load_checkpoint(ckpt: str):
+    """-> (model, meta) via training.checkpoint.load_for_inference, with errors that say what is wrong."""
     from training.checkpoint import load_for_inference
 
     if not os.path.exists(ckpt):
         raise GenerateError(f"--ckpt {ckpt} does not exist (give a run dir, a checkpoints/step_* dir or an "
                             f"exported model.pt)")
     try:
-        model, meta = load_for_inference(ckpt)
+        return load_for_inference(ckpt)
     except FileNotFoundError as e:  # no complete tag: a run that has not saved yet, or a save cut short
         raise GenerateError(f"{e}; if a save was interrupted, the tag lacks its COMPLETE marker: use an "
                             f"older tag or resume the run") from None
     except (ValueError, KeyError, TypeError, NotImplementedError, RuntimeError) as e:
         raise GenerateError(f"{ckpt}: cannot load this checkpoint ({type(e).__name__}: {e}); it was written "
                             f"by an incompatible config or version") from None
+
+
+def load_everything(ckpt: str, codec_checkpoint: str | None = None):
+    """-> (model, meta, codec, tokenizer) with clear errors for missing/incomplete/incompatible inputs."""
+    from data_prep.codec import CodecUnavailable, load_codec_from_info
+    from data_prep.text import load_tokenizer
+
+    model, meta = load_checkpoint(ckpt)
     info = meta.get("codec_info") or {}
     if not info:
         raise GenerateError(f"{ckpt}: the checkpoint meta records no codec (codec_info); cannot decode audio")
@@ -52,7 +58,8 @@ def load_everything(ckpt: str, codec_checkpoint: str | None = None):
     try:
         codec = load_codec_from_info(info, checkpoint=codec_checkpoint)
     except (CodecUnavailable, ValueError) as e:
-        raise GenerateError(f"codec: {e}") from None
+        raise GenerateError(f"codec: {e} (--codec-checkpoint PATH: the weights the data was prepared "
+                            f"with)") from None
     tok_path = meta.get("tokenizer_path")
     if not tok_path or not os.path.exists(tok_path):
         raise GenerateError(f"{ckpt}: the tokenizer it was trained with ({tok_path}) is missing; "
