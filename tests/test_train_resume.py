@@ -120,4 +120,6 @@ def test_bad_layout_is_a_config_error_before_any_process_group(tmp_path, capsys)
     assert "parallel.ep=4 must divide the data-parallel size 2" in capsys.readouterr().err
     assert main(train_cmd("joint.yaml", str(tmp_path / "x"), "parallel.zero_stage=3")[3:]) == 2
     assert "ZeRO stage 3" in capsys.readouterr().err
+    assert main(train_cmd("stage2.yaml", str(tmp_path / "x"), f"stage.init_from=[{tmp_path}/none]")[3:]) == 2
+    assert "stage.init_from: " in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")

@@ -83,6 +83,7 @@ def run_cli(args) -> int:
     if args.nproc:
         try:
             cfg.validate(world_size=args.nproc)
+            check_init_from(cfg, out, args.resume)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return CONFIG_EXIT_CODE
@@ -96,6 +97,7 @@ def run_cli(args) -> int:
     env = dist_env()
     try:
         cfg.validate(world_size=env.world_size)
+        check_init_from(cfg, out, args.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
@@ -104,6 +106,19 @@ def run_cli(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
+
+
+def check_init_from(cfg, out: str, resume: str | None) -> None:
+    """A stage that starts from earlier runs needs their complete checkpoints (unless it resumes itself)."""
+    if not cfg.stage.init_from:
+        return
+    from training.checkpoint import find_checkpoint
+    if resume is not None and find_checkpoint(out if resume == "auto" else resume) is not None:
+        return
+    for src in cfg.stage.init_from:
+        if not os.path.isfile(src) and find_checkpoint(src) is None:
+            raise ConfigError(f"stage.init_from: {src} has no complete checkpoint; run the previous stage "
+                              "first or point at its run dir / checkpoint tag / exported model.pt")
 
 
 def _seed_all(seed: int) -> None:
