@@ -131,6 +131,27 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device) -> dict[str, l
     return times
 
 
+def _cpu_time_one_thread(fns: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Process CPU seconds per call with one intra-op thread: the work each variant does, robust to
+    other processes on a shared machine (wall clock with 2 threads is not: barrier waits of the many
+    small parallel regions of a MoE layer grow with oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(iters):
+            for name, fn in fns.items():
+                t0 = time.process_time()
+                fn()
+                times[name].append(time.process_time() - t0)
+        return times
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _step_fn(module, x, g, unpack):
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -198,6 +219,16 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
     overhead = statistics.median(o / d for o, d in zip(times["ours"], times["dense"]))
     speedup = (statistics.median(d / o for o, d in zip(times["ours_k2"], times["deepspeed_top2"]))
                if "deepspeed_top2" in times else None)
+    cpu = {}
+    if dev.type == "cpu":
+        ct = _cpu_time_one_thread({k: fns[k] for k in ("ours", "dense", "ours_k2", "deepspeed_top2")
+                                   if k in fns}, 1, size.iters)
+        ct["dense"] = [t * flop_scale for t in ct["dense"]]
+        cpu["overhead_vs_dense"] = statistics.median(o / d for o, d in zip(ct["ours"], ct["dense"]))
+        if "deepspeed_top2" in ct:
+            cpu["speedup_vs_deepspeed"] = statistics.median(
+                d / o for o, d in zip(ct["ours_k2"], ct["deepspeed_top2"]))
+        cpu["median_ms"] = {k: 1000 * statistics.median(v) for k, v in ct.items()}
 
     result.update({
         "ours_tokens_per_s": tps["ours"],
@@ -214,6 +245,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
         "median_ms": {k: 1000 * v for k, v in sec.items()},
+        "one_thread_cpu_time": cpu,
         "config": {"tokens": size.tokens, "hidden": size.hidden, "expert_ffn": size.ffn,
                    "routed_experts": size.experts, "null_experts": 1, "shared_experts": size.shared,
                    "shared_ffn": size.shared_ffn, "top_p": 0.7, "gate_std": size.gate_std,
@@ -233,6 +265,9 @@ def run_cli(args) -> int:
                 "deepspeed_topk_tokens_per_s", "megatron_tokens_per_s", "overhead_vs_dense",
                 "speedup_vs_deepspeed", "deepspeed_dropped_fraction", "mean_experts_per_token"):
         print(f"{key:>30}: {result[key]}")
+    for key, value in result["one_thread_cpu_time"].items():
+        if key != "median_ms":
+            print(f"{key + ' (1 thread, CPU s)':>30}: {value}")
     for key in ("deepspeed_error", "megatron_error"):
         if key in result:
             print(f"{key:>30}: {result[key]}")

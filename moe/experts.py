@@ -47,9 +47,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         # weights = (gate_0, up_0, down_0, gate_1, ...); x [M, D] sorted by expert
         f = weights[0].shape[0]
         h = x.new_empty(x.shape[0], 2 * f)
+        wgu = [torch.cat(weights[3 * e: 3 * e + 2]) if c else None for e, c in enumerate(counts)]
         for e, off, c in _slices(counts):
             if c:
-                torch.mm(x[off: off + c], torch.cat(weights[3 * e: 3 * e + 2]).t(), out=h[off: off + c])
+                torch.mm(x[off: off + c], wgu[e].t(), out=h[off: off + c])
         s = F.silu(h[:, :f])
         a = s * h[:, f:]
         y = x.new_empty(x.shape[0], weights[2].shape[0])
@@ -57,6 +58,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if c:
                 torch.mm(a[off: off + c], weights[3 * e + 2].t(), out=y[off: off + c])
         ctx.counts = counts
+        ctx.wgu = wgu  # [gate; up] per expert, reused by backward (no second copy)
         ctx.save_for_backward(x, h, s, a, *weights)
         return y
 
@@ -78,12 +80,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
         torch.ops.aten.silu_backward.grad_input(ga.mul_(h[:, f:]), h[:, :f], grad_input=gh[:, :f])
         gx = torch.empty_like(x) if need[0] else None
         for e, off, c in _slices(ctx.counts):
-            wg, wu = weights[3 * e: 3 * e + 2]
             if c and (need[2 + 3 * e] or need[3 + 3 * e]):
                 gwgu = torch.mm(gh[off: off + c].t(), x[off: off + c])  # [2F, D]
                 gws[3 * e], gws[3 * e + 1] = gwgu[:f], gwgu[f:]
             if c and gx is not None:
-                torch.mm(gh[off: off + c], torch.cat([wg, wu]), out=gx[off: off + c])
+                torch.mm(gh[off: off + c], ctx.wgu[e], out=gx[off: off + c])
+        ctx.wgu = None
         # an expert without tokens still gets a (zero) gradient: same reduction on every rank and step
         gws = [torch.zeros_like(w) if g is None and need[2 + i] else g
                for i, (w, g) in enumerate(zip(weights, gws))]
