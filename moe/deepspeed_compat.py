@@ -40,8 +40,9 @@ What `engine.save_checkpoint(dir, tag)` writes (ZeRO-1/2, any EP size, tp/mp ran
       (expert partitions are over the expert-data-parallel group, so their layout depends on EP/DP).
   dir/latest                               the tag.
 `engine.load_checkpoint` with the same EP size restores everything. At another EP size the expert
-files still load (each rank reads the files of the global ids it now holds), but the ZeRO optimizer
-partitions do not: load with `load_optimizer_states=False` (or reshard offline).
+files still load (each rank reads the files of the global ids it now holds; tested EP=2 -> EP=1 with
+`load_checkpoint(..., load_module_only=True)`), but the ZeRO optimizer partitions do not: they are laid
+out per (EP, DP) layout, so either restart the optimizer or reshard its state offline.
 `expert_files_to_state_dict(tag_dir)` turns the files into one {our global name: tensor} dict.
 """
 

@@ -3,7 +3,7 @@
 Checks: the engine treats the layer as MoE; after a few AdamW steps every parameter (experts included)
 equals an EP=1 torch reference trained on both ranks' batches (so experts on different ranks were never
 averaged together); the loss goes down; save_checkpoint writes one file per GLOBAL expert and no expert
-tensor in the main model file; load_checkpoint restores the weights.
+tensor in the main model file; load_checkpoint restores the weights, also into an EP=1 engine.
 Run: .venv/bin/pytest tests/test_moe_deepspeed.py
 """
 
@@ -89,9 +89,21 @@ def _train(rank, world_size, ckpt_dir):
             p.zero_()
     engine.load_checkpoint(ckpt_dir, tag="t1")
     reload_diff = max((v - trained[k]).abs().max().item() for k, v in engine.module.state_dict().items())
+
+    # the same checkpoint loads at another EP size (EP=1: every rank reads all 4 expert files)
+    model1 = Toy(None)
+    groups1 = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model1.parameters()), "name": "params"})
+    engine1, *_ = deepspeed.initialize(model=model1, optimizer=torch.optim.AdamW(groups1, lr=LR),
+                                       config=_ds_config())
+    engine1.load_checkpoint(ckpt_dir, tag="t1", load_optimizer_states=False, load_lr_scheduler_states=False,
+                            load_module_only=True)
+    ep1 = engine1.module.state_dict()
+    reshard_diff = max((trained[k] - ep1[k]).abs().max().item() for k in trained)
+    reshard_vs_ref = max((ref_sd[k] - v).abs().max().item() for k, v in ep1.items())
     return {"losses": losses, "diffs": diffs, "has_moe": engine.has_moe_layers,
-            "num_experts": engine.num_experts, "reload_diff": reload_diff,
-            "local": sorted(model.ffn.experts.keys())}
+            "num_experts": engine.num_experts, "reload_diff": reload_diff, "reshard_diff": reshard_diff,
+            "reshard_vs_ref": reshard_vs_ref, "local": sorted(model.ffn.experts.keys())}
 
 
 def test_zero2_ep2_matches_ep1_reference_and_checkpoints(tmp_path):
@@ -104,6 +116,7 @@ def test_zero2_ep2_matches_ep1_reference_and_checkpoints(tmp_path):
         assert not bad, f"rank {rank} differs from the EP=1 reference: {bad}"
         assert res["losses"][-1] < res["losses"][0]
         assert res["reload_diff"] == 0.0
+        assert res["reshard_diff"] == 0.0 and res["reshard_vs_ref"] < 2e-5
     tag_dir = os.path.join(ckpt, "t1")
     files = sorted(os.listdir(tag_dir))
     for g in range(4):
