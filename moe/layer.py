@@ -132,8 +132,10 @@ class MoELayer(_DeepSpeedMoE):
             if task_ids.numel() != n_tok:
                 raise ValueError(f"MoELayer: task_ids has {task_ids.numel()} entries for {n_tok} tokens "
                                  f"(it must have x's leading shape {tuple(shape[:-1])})")
-        router_in = jitter(x, cfg.input_jitter) if self.training else x
-        logits = F.linear(router_in.float(), self.gate.weight.float())
+        router_in = x.float()  # fp32 gate (and fp32 jitter: 1 +- 0.01 is not representable in bf16)
+        if self.training:
+            router_in = jitter(router_in, cfg.input_jitter)
+        logits = F.linear(router_in, self.gate.weight.float())
         r = route(logits, cfg)
 
         plan = Plan(r.selected, cfg.num_routed_experts)
