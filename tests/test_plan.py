@@ -85,6 +85,8 @@ def test_valid_layouts(tmp_path):
     assert valid == {(1, 1, 8), (1, 2, 8), (1, 4, 8), (2, 1, 4), (2, 2, 4), (2, 4, 4),
                      (4, 1, 2), (4, 2, 2)}
     assert any("num_heads" in p for p in layout_problems(cfg, 8, 8, 1))
+    _, dense = _config(tmp_path, _dense(MOE))
+    assert {(lay.tp, lay.ep) for lay in all_layouts(dense, 8) if lay.ok} == {(1, 1), (2, 1), (4, 1)}
     assert any("num_routed_experts" in p for p in layout_problems(cfg, 6, 1, 3))
     assert any("data-parallel size 3" in p for p in layout_problems(cfg, 6, 2, 2))
 

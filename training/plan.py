@@ -72,10 +72,12 @@ def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]
 
 
 def all_layouts(cfg: TrainConfig, world: int) -> list[Layout]:
+    """Every tp | world and ep | dp (ep = 1 only for a dense model), with why each one fails."""
     out = []
+    moe = cfg.model_config().is_moe
     for tp in divisors(world):
         dp = world // tp
-        for ep in divisors(dp):
+        for ep in divisors(dp) if moe else [1]:
             out.append(Layout(tp, ep, dp, layout_problems(cfg, world, tp, ep)))
     return out
 
@@ -192,7 +194,8 @@ def report(cfg: TrainConfig, world: int, gpu_mem: float, seq_len: int | None, na
         gib = " ".join(f"{_gib(m[k]):>8}" for k in ("weights", "grads", "optimizer", "activations", "total"))
         lines.append(f"{mark} {lay.tp:>3} {lay.ep:>3} {lay.dp:>4} {gib}{fits}")
     if not valid:
-        lines.append("  none: " + "; ".join(sorted({pr for lay in layouts for pr in lay.problems})))
+        lines.append("  none; what rules them out:")
+        lines += [f"    {pr}" for pr in sorted({pr for lay in layouts for pr in lay.problems})]
         ok = False
     lines.append("  (TP is best kept inside a node: tp <= GPUs per node; EP may span nodes)")
     return "\n".join(lines), ok
