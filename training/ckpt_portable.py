@@ -7,13 +7,13 @@ parameter NAME (experts under their global index, "layers.0.ffn.experts.5.up_pro
     exp_avg[name]     AdamW first moment      (absent before the first optimizer step)
     exp_avg_sq[name]  AdamW second moment
     adam_step         AdamW's step count (one value: every group steps together)
-File TAG/portable/tp{t}_rank{r}.pt holds what rank r writes: the non-expert tensors from the first
-data-parallel rank of each TP rank, each expert's tensors from the first rank of its expert-data-parallel
-group; the union of the files of one TP rank is the whole model. Loading it into an engine of any EP/DP
+File TAG/portable/tp{t}_rank{r}.pt holds what rank r writes: each tensor is gathered (a reduce over
+the ranks that hold its ZeRO shards or replicas: the data-parallel group, or the expert-data-parallel
+group for experts) onto one of those ranks, round-robin, so writing is spread and no rank holds the whole
+model. The union of one TP rank's files is the whole model. Loading it into an engine of any EP/DP
 layout (same TP) restores weights and optimizer exactly.
 
-Gathering is collective (an all-reduce over each parameter's data-parallel group): every
-rank calls `gather_portable` with the same model structure.
+Gathering is collective: every rank calls `gather_portable` with the same model structure.
 """
 
 from __future__ import annotations
@@ -60,14 +60,15 @@ def _fragment(p, zopt, key):
     return src, m.hp_fragment_address, m.lp_fragment_address
 
 
-def _zero12_full(p, zopt, key=None) -> torch.Tensor:
-    """Collective over p's data-parallel group: the full fp32 master weight (key None) or AdamW state.
-    Reads ZeRO's flat partitions directly (DeepSpeed's per-param optimizer views go stale after a load)."""
+def _zero12_full(p, zopt, key, dst: int) -> torch.Tensor:
+    """Collective over p's data-parallel group: the full fp32 master weight (key None) or AdamW state,
+    summed onto global rank `dst` (the others get partial sums they drop). Reads ZeRO's flat partitions
+    directly (DeepSpeed's per-param optimizer views go stale after a load)."""
     buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
     src, hp, lp = _fragment(p, zopt, key)
     if src is not None:
         buf.narrow(0, lp.start, lp.numel).copy_(src.narrow(0, hp.start, hp.numel))
-    dist.all_reduce(buf, group=p._dp_group)
+    dist.reduce(buf, dst=dst, group=p._dp_group)
     return buf.view(p.shape)
 
 
@@ -77,52 +78,57 @@ def _zero12_set(p, zopt, value: torch.Tensor, key=None) -> None:
         dst.narrow(0, hp.start, hp.numel).copy_(value.flatten().to(dst.dtype).narrow(0, lp.start, lp.numel))
 
 
-def _writer_ranks(engine, pg):
-    """(writes non-expert tensors, writes expert tensors) for this rank."""
-    from deepspeed.utils import groups
-    dense_writer = pg.dp_rank == 0
-    expert_writer = groups._get_expert_data_parallel_rank(pg.ep_group_name) == 0
-    return dense_writer, expert_writer
+def _replica_group(p, pg):
+    """The ranks that hold (parts of) the same tensor p: ZeRO's group for it, else the expert-data-parallel
+    group (experts) or the data-parallel group."""
+    if getattr(p, "_dp_group", None) is not None:
+        return p._dp_group
+    if is_expert_param(p):
+        from deepspeed.utils import groups
+        return groups._get_expert_data_parallel_group(p.group_name)
+    return pg.dp_group if pg.dp_group is not None else dist.group.WORLD
 
 
-def gather_portable(engine, pg) -> dict | None:
-    """Collective. Returns the dict this rank writes (None if it writes nothing)."""
+def gather_portable(engine, pg) -> dict:
+    """Collective. Returns the part this rank writes: tensors are spread round-robin over the ranks of
+    each replica group (no rank holds the whole model); non-parameter buffers go to DP rank 0."""
     model = engine.module
     zero_stage = engine.zero_optimization_stage()
     zopt = _zero_optimizer(engine)
     has_state = _optimizer_has_state(engine)
-    dense_writer, expert_writer = _writer_ranks(engine, pg)
     out = {"params": {}, "buffers": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": _adam_step(engine)}
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counters: dict[tuple, int] = {}
     for name, p in model.named_parameters():
-        write = expert_writer if is_expert_param(p) else dense_writer
+        ranks = tuple(dist.get_process_group_ranks(_replica_group(p, pg)))
+        i = counters.get(ranks, 0)
+        counters[ranks] = i + 1
+        dst = ranks[i % len(ranks)]
         if zopt is not None and hasattr(p, "_hp_mapping"):  # ZeRO 1/2, trainable
-            w = _zero12_full(p, zopt)
-            states = {k: _zero12_full(p, zopt, k) for k in OPT_KEYS} if has_state else {}
+            w = _zero12_full(p, zopt, None, dst)
+            states = {k: _zero12_full(p, zopt, k, dst) for k in OPT_KEYS} if has_state else {}
         elif hasattr(p, "ds_id"):  # ZeRO 3
             w = safe_get_full_fp32_param(p)
             states = {k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS} if has_state else {}
-        else:  # frozen, or no ZeRO
+        else:  # frozen, or no ZeRO: every replica holds it
             w = p.detach().float()
             st = base.state.get(p, {}) if zero_stage == 0 else {}
             states = {k: st[k].float() for k in OPT_KEYS if k in st}
-        if write:
+        if dst == dist.get_rank():
             out["params"][name] = w.detach().float().cpu().clone()
             for k, v in states.items():
                 if v is not None:
                     out[k][name] = v.detach().float().cpu().clone()
-    if dense_writer:
+    if pg.dp_rank == 0:
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
             if name not in param_names:
                 out["buffers"][name] = b.detach().cpu().clone()
-    return out if (dense_writer or expert_writer) else None
+    return out
 
 
 def save_portable(engine, pg, tag_dir: str) -> None:
     state = gather_portable(engine, pg)
-    if state is None:
-        return
     d = os.path.join(tag_dir, "portable")
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"tp{pg.tp_rank}_rank{pg.env.rank:05d}.pt")

@@ -2,7 +2,8 @@
 
 Each child runs `python -m training.cli <argv>` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 set. SIGTERM/SIGUSR1/SIGINT to the parent are forwarded to the children (they save and exit 75); if one
-child fails, the others are stopped. Returns 75 if any child was preempted, else the worst exit code.
+child fails, the others get FAIL_GRACE_S to exit on their own, then are killed. Returns 75 if any child
+was preempted, else the first positive exit code of a child that ended by itself (0 if all succeeded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
+FAIL_GRACE_S = 30.0
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,23 +47,29 @@ def launch_local(argv: list[str], nproc: int) -> int:
                 p.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    killed: set[int] = set()
     try:
-        codes = [None] * nproc
-        while any(c is None for c in codes):
-            for i, p in enumerate(procs):
-                if codes[i] is None:
-                    try:
-                        codes[i] = p.wait(timeout=0.5)
-                    except subprocess.TimeoutExpired:
-                        continue
-                    if codes[i] not in (0, 75):  # a failed rank: the others would hang in collectives
-                        for q in procs:
-                            if q.poll() is None:
-                                q.kill()
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            codes = [p.poll() for p in procs]
+            if failed_at is None and any(c not in (None, 0, 75) for c in codes):
+                # a rank failed: after a clean error exit (e.g. 3, non-finite stop) the others follow on their
+                # own; after a crash (killed by a signal) they would hang in a collective: stop them now
+                crashed = any(c is not None and c < 0 for c in codes)
+                failed_at = time.time() - (FAIL_GRACE_S if crashed else 0.0)
+            if failed_at is not None and time.time() - failed_at > FAIL_GRACE_S:
+                for i, p in enumerate(procs):  # stuck in a collective with the dead rank
+                    if p.poll() is None:
+                        p.kill()
+                        killed.add(i)
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    codes = [p.wait() for p in procs]
     if 75 in codes:
         return 75
-    bad = [c for c in codes if c != 0]
-    return (bad[0] if bad[0] > 0 else 1) if bad else 0
+    own = [c for i, c in enumerate(codes) if c != 0 and i not in killed]
+    if not own:
+        return 0
+    return next((c for c in own if c > 0), 1)  # e.g. 3 (non-finite) or 2 (config); 1 for a signal death

@@ -35,7 +35,7 @@ def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
     log(f"stage {stage}: weights from {sources[0]} (step {meta.get('step')}, stage {meta.get('stage')})")
 
 
-def step_losses(out, cfg, model_cfg, step: int):
+def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True):
     """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
 
     Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
@@ -56,6 +56,7 @@ def step_losses(out, cfg, model_cfg, step: int):
         loss = loss + aux_total
         for k, v in logs.items():
             parts[k if k.startswith("aux_") else f"aux_{k}"] = float(v)
-        from moe.stats import summarize
-        routing = summarize(out.aux, prefix="routing")  # per layer and per task, + means over layers
+        if want_routing:  # computing the stats costs a little: only on logging steps
+            from moe.stats import summarize
+            routing = summarize(out.aux, prefix="routing")  # per layer and per task, + means over layers
     return loss, parts, routing

@@ -229,6 +229,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             f"(tp {pg.tp}, ep {pg.ep}, dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params on rank 0, run dir {out}")
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
+        on_gpu = engine.device.type != "cpu"
         exit_code = 0
         while step < last:
             step += 1
@@ -238,9 +239,12 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             t0 = time.perf_counter()
             batches = data.next_step()
             acc, routing = None, {}
+            want_routing = step % cfg.logging.routing_every == 0 or step == 1 or on_gpu
             for mb in batches:
+                if on_gpu:
+                    mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
                 out_ = engine(mb)
-                loss, parts, routing = step_losses(out_, cfg, model_cfg, step)
+                loss, parts, routing = step_losses(out_, cfg, model_cfg, step, want_routing)
                 if step in nan_steps:
                     loss = loss * float("nan")
                 engine.backward(loss)
@@ -261,7 +265,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             if est is not None:
                 scalars["train/mfu_estimate"] = est
             if step % cfg.logging.routing_every == 0 or step == 1:
-                scalars.update(routing)  # rank 0's last micro-batch
+                scalars.update(routing)  # this rank's (rank 0's) last micro-batch
             metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
             if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
                 save("non-finite")
@@ -270,7 +274,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                     f"optim.max_nonfinite_in_row.")
                 exit_code = NONFINITE_EXIT_CODE
                 break
-            if stop.any_rank():
+            if step < last and stop.any_rank():
                 save("preempted")
                 log(f"preempted by signal: saved at step {step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
                 exit_code = PREEMPTED_EXIT_CODE
