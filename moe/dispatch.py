@@ -1,7 +1,8 @@
 """Dropless token permutation and the expert-parallel token exchange.
 
-Local (EP=1):  (token, expert) pairs sorted by expert -> one gather x[token_ids] -> experts on contiguous
-slices -> one weighted scatter-add back (`weighted_scatter`, custom autograd, no extra copies).
+Local (EP=1): (token, expert) pairs sorted by expert (`Plan`, no sort kernel) -> one gather x[token_ids]
+-> experts on contiguous slices (moe.experts) -> one weighted scatter-add back (`weighted_scatter`;
+custom autograd; on CPU a sparse CSR matmul, on GPU index_add_). No per-token Python, no capacity.
 
 Expert parallel (EP=n): rank r holds the routed experts [r*L, (r+1)*L). Sorted by global expert, the
 pairs are already grouped by destination rank. 1) per-expert counts are exchanged (all-to-all of
@@ -56,7 +57,7 @@ class Plan:
         """out[t] = sum over t's pairs p of w[p] * y[p] (w None: weight 1); out [N, D]."""
         if self.csr_ok(y):
             vals = (torch.ones_like(self.col, dtype=y.dtype) if w is None
-                    else w.index_select(0, self.col.long()).to(y.dtype))
+                    else w.index_select(0, self.col).to(y.dtype))
             mat = torch.sparse_csr_tensor(self.crow, self.col, vals, (self.n_tokens, y.shape[0]))
             return mat @ y
         out = y.new_zeros(self.n_tokens, y.shape[1])
