@@ -13,6 +13,7 @@
 #   TRAIN_ARGS    extra `unimoe train` flags, e.g. "--max-steps 100 --save-every 20"
 #   OVERRIDES     config overrides, space separated key=value, e.g. "optim.lr=3e-5 parallel.ep=4"
 #   MASTER_PORT   rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
+#   SRUN_WAIT     seconds the other tasks get after the first one exits (default 120), then srun kills them
 #
 # Ranks: srun starts SLURM_NTASKS tasks (one per GPU: --ntasks-per-node = --gpus-per-node); each gets
 # RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS and MASTER_ADDR = the first host
@@ -69,7 +70,10 @@ unimoe_srun() {
     trap '_unimoe_signal=USR1; _unimoe_log "got USR1: forwarding to the tasks"; kill -USR1 "$_unimoe_pid" 2>/dev/null' USR1
     trap '_unimoe_signal=TERM; _unimoe_log "got TERM: forwarding to the tasks"; kill -TERM "$_unimoe_pid" 2>/dev/null' TERM
     # srun no longer inherits --cpus-per-task from sbatch (SLURM >= 22.05): pass it on.
-    LOCAL_WORLD_SIZE=$tasks_per_node srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    # --wait: once one task has exited, the others get SRUN_WAIT seconds before srun kills them (a crashed
+    # rank must not leave the rest blocked in a collective). Not --kill-on-bad-exit: a preempted rank
+    # exits 75 while rank 0 is still finishing the checkpoint, and that must not kill rank 0.
+    LOCAL_WORLD_SIZE=$tasks_per_node srun --wait="${SRUN_WAIT:-120}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
                  exec "$@"' unimoe-task "$@" &
     _unimoe_pid=$!
