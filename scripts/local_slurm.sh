@@ -163,6 +163,16 @@ stop_pid() {  # name: TERM, wait up to 10 s, then KILL
     rm -f "$DIR/$1.pid"
 }
 
+cancel_jobs() {  # job steps outlive slurmd: end them first, so no training process is left behind
+    running || return 0
+    SLURM_CONF=$CONF scancel --user="$(id -un)" >/dev/null 2>&1 || true
+    for _ in $(seq 80); do
+        [ -z "$(SLURM_CONF=$CONF squeue -h -t running,completing 2>/dev/null)" ] && return 0
+        sleep 0.5
+    done
+    log "warning: jobs still running after 40 s: $(SLURM_CONF=$CONF squeue -h 2>/dev/null | tr '\n' ';')"
+}
+
 stop_daemons() {
     stop_pid slurmd
     stop_pid slurmctld
@@ -179,6 +189,7 @@ do_stop() {
         log "still in use by pid(s) $left; leaving it running (stop --force to stop anyway)"
         return 0
     fi
+    cancel_jobs
     stop_daemons
     stop_pid munged  # only present when this script started munged
     log "stopped"

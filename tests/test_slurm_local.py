@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slurm
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "local_slurm.sh")
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
+SUBMITTED: list[str] = []  # cancelled at the end of the module, whatever happened
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -40,6 +41,8 @@ def slurm():
     """A running SLURM: the one scripts/test.sh started (SLURM_CONF), or one started here."""
     if os.environ.get("SLURM_CONF") and _ping():
         yield os.environ["SLURM_CONF"]
+        if SUBMITTED:
+            _run(["scancel", *SUBMITTED])  # no-op for finished jobs; no test leaves work running
         return
     if not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("sbatch")):
         pytest.skip("SLURM is not installed: apt-get install slurm-wlm munge (scripts/test.sh does it "
@@ -54,7 +57,7 @@ def slurm():
     try:
         yield exports["SLURM_CONF"]
     finally:
-        _run([SCRIPT, "stop"], env=os.environ)
+        _run([SCRIPT, "stop"], env=os.environ)  # cancels the jobs, then stops the daemons
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -70,7 +73,8 @@ def job_info(job_id: str) -> dict:
 def sbatch(args: list[str], env: dict | None = None) -> str:
     proc = _run(["sbatch", "--parsable", *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
+    SUBMITTED.append(proc.stdout.strip().split(";")[0])
+    return SUBMITTED[-1]
 
 
 def _logs(paths) -> str:
@@ -128,9 +132,10 @@ def curriculum(slurm, tmp_path_factory):
                  "training/configs/tiny/curriculum.yaml", "--runs", runs], cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
     ids = dict(re.findall(r"^(\w+): job (\d+)", proc.stdout, re.M))
+    SUBMITTED.extend(ids.values())
     assert list(ids) == ["stage1_speech", "stage1_music", "stage2", "stage3"], proc.stdout
     logs = [os.path.join(runs, name, f"slurm-{j}.out") for name, j in ids.items()]
-    infos = wait_jobs(list(ids.values()), 900, logs)
+    infos = wait_jobs(list(ids.values()), 600, logs)
     return {"runs": runs, "ids": ids, "infos": infos, "logs": logs, "seconds": time.time() - t0}
 
 
@@ -173,7 +178,7 @@ def test_preempted_stage_requeues_and_resumes_to_the_same_loss(curriculum, tmp_p
             pytest.fail(f"the training never started\n{_logs([log])}")
         time.sleep(0.2)
     assert _run(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
-    info = wait_jobs([job], 600, [log])[job]
+    info = wait_jobs([job], 400, [log])[job]
     text = _logs([log])
     assert info["JobState"] == "COMPLETED", text
     assert int(info["Restarts"]) == 1, f"the job was not requeued (did it finish before the signal?)\n{text}"
