@@ -219,3 +219,26 @@ def test_prep_array_with_2_tasks_equals_single_process_prep(slurm, tmp_path):
     for entry in s["shards"]:
         for name in entry["files"]:
             assert (tmp_path / "array" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+
+
+def test_dry_run_output_is_a_runnable_script(slurm, tmp_path):
+    """The --dry-run script, run by bash, submits the same chain (held here: SBATCH_HOLD, then cancelled)."""
+    runs = str(tmp_path / "runs")
+    dry = _run([sys.executable, "-m", "training.cli", "slurm", "submit", "--curriculum",
+                "training/configs/tiny/curriculum.yaml", "--runs", runs, "--dry-run"], cwd=REPO_ROOT)
+    assert dry.returncode == 0, dry.stderr
+    proc = _run(["bash", "-e"], input=dry.stdout, cwd=REPO_ROOT, env={**os.environ, "SBATCH_HOLD": "1"})
+    ids = dict(re.findall(r"^(\w+): job (\d+)", proc.stdout, re.M))
+    SUBMITTED.extend(ids.values())
+    try:
+        assert proc.returncode == 0 and len(ids) == 4, proc.stderr
+        infos = {name: job_info(j) for name, j in ids.items()}
+        assert infos["stage2"]["Dependency"] == (f"afterok:{ids['stage1_speech']}(unfulfilled),"
+                                                 f"afterok:{ids['stage1_music']}(unfulfilled)")
+        assert infos["stage3"]["Dependency"] == f"afterok:{ids['stage2']}(unfulfilled)"
+        for name, info in infos.items():
+            assert info["Command"].endswith(f"slurm/stage{name[5]}.sbatch")
+            assert info["StdOut"] == os.path.join(runs, name, f"slurm-{ids[name]}.out")
+            assert (info["NumTasks"], info["MinCPUsNode"]) == ("2", "2")
+    finally:
+        _run(["scancel", *ids.values()])
