@@ -131,7 +131,7 @@ def resume(engine, pg, tag_dir: str, layout: dict) -> dict:
     meta = read_meta(tag_dir)
     saved = meta["layout"]
     same = all(saved.get(k) == layout.get(k) for k in ("world_size", "tp", "ep", "zero_stage"))
-    has_ds_files = os.path.exists(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    has_ds_files = bool(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))  # ZeRO-3: zero_pp_*
     native = same and has_ds_files and (engine.has_moe_layers or layout["ep"] == 1)
     rank_file = os.path.join(tag_dir, "client", f"rank{pg.env.rank:05d}.pt")
     if native:

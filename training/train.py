@@ -227,7 +227,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         log(f"stage {cfg.stage.stage}: steps {step + 1}..{last} of {cfg.max_steps}, "
             f"world {pg.env.world_size} "
             f"(tp {pg.tp}, ep {pg.ep}, dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params on rank 0, run dir {out}")
+            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f} M params "
+            f"on rank 0, run dir {out}")
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
         on_gpu = engine.device.type != "cpu"
         exit_code = 0
