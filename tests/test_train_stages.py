@@ -59,3 +59,17 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert complete_tags(os.path.join(out, "checkpoints"))[-1].endswith("step_00000005")
     sd, _ = full_state_dict(out)
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def test_dense_zero3_resume_and_export_match_deepspeed(tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    out = str(tmp_path / "run")
+    _ok(run(train_cmd("stage1_speech.yaml", out, "--max-steps", "2", "parallel.zero_stage=3")))
+    p = _ok(run(train_cmd("stage1_speech.yaml", out, "--max-steps", "3", "--resume", "auto",
+                          "parallel.zero_stage=3")))
+    assert "at step 2 (DeepSpeed files)" in p.stdout and sorted(metrics(out)) == [1, 2, 3]
+    sd, _ = full_state_dict(out)
+    ref = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "checkpoints"), tag="step_00000003")
+    assert set(sd) == set(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(sd[k], v.float(), rtol=0, atol=0)
