@@ -5,7 +5,7 @@ import json
 import os
 
 from training.checkpoint import COMPLETE, complete_tags, find_checkpoint, prune, tag_name
-from training.metrics import flatten_stats, truncate_jsonl
+from training.metrics import truncate_jsonl
 from training.parallel import dist_env
 
 
@@ -48,14 +48,6 @@ def test_truncate_jsonl_drops_redone_steps_and_cut_lines(tmp_path):
         f.write('{"step": 6, "lo')  # cut by kill -9
     truncate_jsonl(path, 3)
     assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3]
-
-
-def test_flatten_stats():
-    import torch
-    flat = flatten_stats({"load": torch.tensor([0.5, 0.25]), "per_task": {0: {"x": 1}}, "ok": True,
-                          "name": "skip me"}, "routing")
-    assert flat == {"routing/load/0": 0.5, "routing/load/1": 0.25, "routing/per_task/0/x": 1.0,
-                    "routing/ok": 1.0}
 
 
 def test_dist_env_from_torchrun_slurm_or_nothing(monkeypatch):

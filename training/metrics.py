@@ -33,28 +33,6 @@ def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float |
     return tokens_per_s * train_flops_per_token(model_cfg, seq_len, experts_per_token) / peak
 
 
-def flatten_stats(stats, prefix: str = "") -> dict[str, float]:
-    """Nested dicts/lists/tensors of numbers -> {"a/b/3": float}; non-numbers are skipped."""
-    out = {}
-    if isinstance(stats, dict):
-        items = stats.items()
-    elif isinstance(stats, (list, tuple)):
-        items = enumerate(stats)
-    elif torch.is_tensor(stats):
-        if stats.numel() == 1:
-            return {prefix: float(stats)}
-        items = enumerate(stats.detach().flatten().tolist())
-    elif isinstance(stats, (int, float)) and not isinstance(stats, bool):
-        return {prefix: float(stats)}
-    elif isinstance(stats, bool):
-        return {prefix: float(stats)}
-    else:
-        return {}
-    for k, v in items:
-        out.update(flatten_stats(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-
-
 def truncate_jsonl(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return

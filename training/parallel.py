@@ -177,11 +177,3 @@ def shutdown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
-
-
-def all_reduce_mean(values: list[float], group=None) -> list[float]:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return (t / dist.get_world_size(group)).tolist()

@@ -205,6 +205,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             log(f"resumed {resume_dir} at step {step} ("
                 f"{'DeepSpeed files' if client['resumed_native'] else 'portable state, new layout'})")
         metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step)
+        metrics.log_text("config", "    " + json.dumps(cfg.to_dict(), indent=1).replace("\n", "\n    "), step)
         last = min(max_steps or cfg.max_steps, cfg.max_steps)
         total = cfg.optim.schedule_steps or cfg.max_steps
         meta_base = {"config": cfg.to_dict(), "model_config": _model_cfg_dict(model_cfg), "layout": layout,
