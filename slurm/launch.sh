@@ -24,8 +24,8 @@
 # the trap below forwards USR1 (and TERM) to the srun step, srun forwards it to every task, training
 # saves a checkpoint and exits with 75 (training.train.PREEMPTED_EXIT_CODE). On 75 after USR1 the job
 # requeues itself (`scontrol requeue`) and the next run resumes from that checkpoint (--resume auto).
-# On TERM (scancel, `scontrol requeue`, time limit, PreemptMode=REQUEUE) SLURM itself decides what
-# happens to the job, so no second requeue is issued.
+# On TERM alone (scancel, `scontrol requeue`, PreemptMode=REQUEUE) SLURM itself decides what happens to
+# the job, so no second requeue is issued.
 
 PREEMPTED_EXIT_CODE=75
 
@@ -66,9 +66,9 @@ unimoe_srun() {
     tasks_per_node=${tasks_per_node%%,*}
     _unimoe_log "srun: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
         "master $MASTER_ADDR:$MASTER_PORT: $*"
-    _unimoe_signal=""
-    trap '_unimoe_signal=USR1; _unimoe_log "got USR1: forwarding to the tasks"; kill -USR1 "$_unimoe_pid" 2>/dev/null' USR1
-    trap '_unimoe_signal=TERM; _unimoe_log "got TERM: forwarding to the tasks"; kill -TERM "$_unimoe_pid" 2>/dev/null' TERM
+    _unimoe_usr1="" _unimoe_term=""
+    trap '_unimoe_usr1=1; _unimoe_log "got USR1: forwarding to the tasks"; kill -USR1 "$_unimoe_pid" 2>/dev/null' USR1
+    trap '_unimoe_term=1; _unimoe_log "got TERM: forwarding to the tasks"; kill -TERM "$_unimoe_pid" 2>/dev/null' TERM
     # srun no longer inherits --cpus-per-task from sbatch (SLURM >= 22.05): pass it on.
     # --wait: once one task has exited, the others get SRUN_WAIT seconds before srun kills them (a crashed
     # rank must not leave the rest blocked in a collective). Not --kill-on-bad-exit: a preempted rank
@@ -104,7 +104,8 @@ unimoe_train() {
     rc=$?
     _unimoe_log "training exited with $rc"
     if [ "$rc" = "$PREEMPTED_EXIT_CODE" ]; then
-        if [ "$_unimoe_signal" = TERM ]; then
+        # USR1 (the warning before the time limit) always requeues, even when the limit's TERM followed
+        if [ -n "$_unimoe_term" ] && [ -z "$_unimoe_usr1" ]; then
             _unimoe_log "checkpoint saved; SLURM is ending this job (TERM), so no requeue from here"
         else
             _unimoe_log "checkpoint saved; requeueing job $SLURM_JOB_ID"
