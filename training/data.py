@@ -8,6 +8,9 @@ index), so a resume on another data-parallel size continues with the same sample
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import torch
 
 
@@ -40,10 +43,15 @@ class DistributedBatches:
 
     def next_step(self) -> list[dict]:
         """The micro-batches (collated) of this rank for the next optimizer step; advances the position."""
+        batches = self.batches_at(self.position)
+        self.position += self.global_batch
+        return batches
+
+    def batches_at(self, position: int) -> list[dict]:
         from training.batch import collate
 
         per_rank = self.global_batch // self.dp
-        start = self.position + self.dp_rank * per_rank
+        start = position + self.dp_rank * per_rank
         batches = []
         for m in range(self.grad_accum):
             first = start + m * self.micro_batch
@@ -52,7 +60,6 @@ class DistributedBatches:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
             batches.append(collate(samples, self.model_cfg, cond_drop_prob=self.cond_drop_prob,
                                    generator=gen))
-        self.position += self.global_batch
         return batches
 
     def state_dict(self) -> dict:
@@ -60,3 +67,42 @@ class DistributedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+class Prefetcher:
+    """Reads and collates the next `depth` steps in a background thread while the current one trains.
+    The state stays that of DistributedBatches: its position moves only when a step is taken."""
+
+    def __init__(self, batches: DistributedBatches, depth: int = 2):
+        self.batches = batches
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(batches.position,), daemon=True)
+        self._thread.start()
+
+    def _work(self, position: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (position, self.batches.batches_at(position), None)
+            except Exception as e:  # handed to the training loop, raised there
+                item = (position, None, e)
+            while not self._stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            position += self.batches.global_batch
+
+    def next_step(self) -> list[dict]:
+        position, batches, error = self.queue.get()
+        if error is not None:
+            raise error
+        assert position == self.batches.position, "prefetcher out of step with the data position"
+        self.batches.position += self.batches.global_batch
+        return batches
+
+    def close(self) -> None:
+        self._stop.set()

@@ -151,7 +151,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
 
     from data_prep.mix import MixtureReader
     from training import checkpoint as ckpt
-    from training.data import DistributedBatches, resolve_train_mix
+    from training.data import DistributedBatches, Prefetcher, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
     from training.parallel import init_parallel, shutdown
@@ -230,6 +230,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             f"(tp {pg.tp}, ep {pg.ep}, dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f} M params "
             f"on rank 0, run dir {out}")
+        prefetch = Prefetcher(data)
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
         on_gpu = engine.device.type != "cpu"
         exit_code = 0
@@ -239,7 +240,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0 if group.get("frozen") else lr
             t0 = time.perf_counter()
-            batches = data.next_step()
+            batches = prefetch.next_step()
             acc, routing = None, {}
             want_routing = step % cfg.logging.routing_every == 0 or step == 1 or on_gpu
             for mb in batches:
@@ -284,6 +285,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             every = cfg.checkpoint.save_every
             if step == last or (every and step % every == 0):
                 save("final" if step == last else "periodic")
+        prefetch.close()
         metrics.close()
         return exit_code
     finally:
