@@ -59,10 +59,19 @@ class StopFlag:
     def any_rank(self) -> bool:
         import torch
         import torch.distributed as dist
-        flag = torch.tensor([1 if self.signal is not None else 0])
+        flag = torch.tensor([1 if self.signal is not None else 0], device=_comm_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _comm_device():
+    """Where small tensors for collectives live: the GPU under NCCL (it refuses CPU tensors), else CPU."""
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _fault_steps(name: str) -> set[int]:
@@ -347,12 +356,14 @@ def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
     import torch
     import torch.distributed as dist
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
-    vals = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
-    counts = torch.tensor([acc.get("_count_" + k, n_micro) for k in keys], dtype=torch.float64)
+    dev = _comm_device()
+    vals = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=dev)
+    counts = torch.tensor([acc.get("_count_" + k, n_micro) for k in keys], dtype=torch.float64, device=dev)
     if dist.is_initialized():
         group = pg.dp_group
         dist.all_reduce(vals, group=group)
         dist.all_reduce(counts, group=group)
+    vals, counts = vals.cpu(), counts.cpu()
     mean = {k: float(v / c) for k, v, c in zip(keys, vals, counts)
             if not k.startswith("_count_") and c > 0}  # a task absent from the whole step: no key
     record = {k: v for k, v in mean.items() if k == "loss" or k.startswith("loss_") or k.startswith("aux_")}
