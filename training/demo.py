@@ -22,104 +22,15 @@ the previous demo's runs.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
-from training.config import REPO_ROOT, load_config
-
-TINY = os.path.join(REPO_ROOT, "training", "configs", "tiny")
-
-# Seconds on 2 CPU cores with the tiny configs, on the pessimistic side (measured 12-27 s per launch
-# depending on what else runs); re-measured after stage 1 and stage 2 of each demo.
-LAUNCH_OVERHEAD_S = {1: 20.0, 2: 24.0}  # process start, imports, deepspeed.initialize, final save
-DENSE_STEP_S = 0.7  # one process, batch 4, two specialists side by side
-MOE_STEP_S = 0.45  # two processes (EP=2, DP=2), batch 4
-MIN_STEPS = 4
-# Steps of stage 2 and stage 3 relative to one specialist's steps.
-STAGE2_RATIO, STAGE3_RATIO = 0.5, 1.0
-
-
-@dataclass
-class StageRun:
-    key: str  # run directory name under OUT/runs
-    title: str
-    config: str
-    nproc: int
-    moe: bool
-    steps: int = 0
-    overrides: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
-    step_s: float | None = None  # measured time per step
-    overhead_s: float | None = None  # measured fixed cost of the launch
-    batch: int = 0  # global batch size (samples per step), read from the config
-    lr: float = 0.0  # peak learning rate, read from the config
-
-    def out_dir(self, root: str) -> str:
-        return os.path.join(root, "runs", self.key)
-
-
-def make_stages() -> dict[str, StageRun]:
-    stages = {
-        "speech": StageRun("stage1_speech", "speech specialist (stage 1, dense)",
-                           os.path.join(TINY, "stage1_speech.yaml"), 1, False),
-        "music": StageRun("stage1_music", "music specialist (stage 1, dense)",
-                          os.path.join(TINY, "stage1_music.yaml"), 1, False),
-        "stage2": StageRun("stage2", "upcycled MoE, gates + shared trained (stage 2)",
-                           os.path.join(TINY, "stage2.yaml"), 2, True),
-        "stage3": StageRun("stage3", "curriculum model (stage 3)",
-                           os.path.join(TINY, "stage3.yaml"), 2, True),
-        "joint": StageRun("joint", "naive joint baseline (unbalanced, from scratch)",
-                          os.path.join(TINY, "joint.yaml"), 2, True),
-    }
-    for st in stages.values():
-        cfg = load_config(st.config)
-        st.batch, st.lr = cfg.data.global_batch_size, cfg.optim.lr
-    return stages
-
-
-@dataclass
-class Estimates:
-    overhead: dict = field(default_factory=lambda: dict(LAUNCH_OVERHEAD_S))
-    dense_step: float = DENSE_STEP_S
-    moe_step: float = MOE_STEP_S
-
-
-def plan_steps(budget_s: float, est: Estimates, stages: dict[str, StageRun], done: tuple = ()) -> None:
-    """Choose step counts so that the stages not in `done` fit in `budget_s` seconds.
-
-    Specialists get n steps each (they run side by side), stage 2 n*STAGE2_RATIO, stage 3
-    n*STAGE3_RATIO, and the joint baseline as many steps as it takes to see as many samples as the
-    whole curriculum. `done` stages keep their step counts (the budget left is for the others).
-    """
-    sp, mu, s2, s3, jo = (stages[k] for k in ("speech", "music", "stage2", "stage3", "joint"))
-    fixed_samples = sum(stages[k].steps * stages[k].batch for k in done)
-    # wall(n) = overheads + n * slope, with the joint steps = curriculum samples / joint batch
-    overhead, slope = 0.0, 0.0
-    if "speech" not in done:
-        overhead += est.overhead[1]
-        slope += est.dense_step  # the two specialists run in parallel on one core each
-    n_spec_samples = 0.0 if "speech" in done else sp.batch + mu.batch
-    s2_steps = STAGE2_RATIO if "stage2" not in done else 0.0
-    s3_steps = STAGE3_RATIO if "stage3" not in done else 0.0
-    overhead += est.overhead[2] * (int("stage2" not in done) + int("stage3" not in done) + 1)
-    slope += (s2_steps + s3_steps) * est.moe_step
-    per_n_samples = n_spec_samples + s2_steps * s2.batch + s3_steps * s3.batch
-    slope += per_n_samples / jo.batch * est.moe_step
-    overhead += fixed_samples / jo.batch * est.moe_step
-    n = max(MIN_STEPS, math.floor((budget_s - overhead) / max(slope, 1e-9)))
-    if "speech" not in done:
-        sp.steps = mu.steps = n
-    if "stage2" not in done:
-        s2.steps = max(MIN_STEPS, round(n * STAGE2_RATIO))
-    if "stage3" not in done:
-        s3.steps = max(MIN_STEPS, round(n * STAGE3_RATIO))
-    curriculum_samples = sum(st.steps * st.batch for st in (sp, mu, s2, s3))
-    jo.steps = max(MIN_STEPS, round(curriculum_samples / jo.batch))
+from training.config import REPO_ROOT
+from training.demo_plan import Estimates, StageRun, make_stages, plan_steps, remeasure, stage_timeout
 
 
 def _say(msg: str) -> None:
@@ -149,47 +60,50 @@ def _last_metrics(run_dir: str) -> dict:
     return last
 
 
-def run_stages(group: list[StageRun], root: str, seed: int) -> None:
+def _stop(proc: subprocess.Popen) -> None:
+    """End a `unimoe train` launcher and its ranks (their own process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_stages(group: list[StageRun], root: str, seed: int, timeout_s: float = 3600.0) -> None:
     """Run one or more `unimoe train` subprocesses side by side; progress from their metrics.jsonl.
 
     Also measures each stage's time per step (from when its metrics lines appear) and its fixed cost
     (process start, imports, deepspeed.initialize, final save) = wall - steps * time per step.
+    A stage still running after `timeout_s`, or an interrupted demo, stops its processes.
     """
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     procs = []
-    for st in group:
-        if os.path.exists(st.out_dir(root)):  # an earlier demo in the same --out: start clean
-            shutil.rmtree(st.out_dir(root))
-        os.makedirs(st.out_dir(root))
-        log = open(os.path.join(st.out_dir(root), "train.log"), "w")
-        _say(f"{st.title}: {st.steps} steps x {st.batch} samples, {st.nproc} process(es) "
-             f"-> {st.out_dir(root)}")
-        procs.append((st, subprocess.Popen(_train_cmd(st, root, seed), stdout=log, stderr=subprocess.STDOUT,
-                                           env=env, cwd=REPO_ROOT), log, time.time()))
-    reported = {st.key: 0 for st in group}
-    seen = {st.key: [] for st in group}  # (time, step) when a new step first appeared
-    while any(p.poll() is None for _, p, _, _ in procs):
-        time.sleep(1.0)
-        for st, _, _, _ in procs:
-            m = _last_metrics(st.out_dir(root))
-            step = int(m.get("step", 0))
-            if step and (not seen[st.key] or seen[st.key][-1][1] != step):
-                seen[st.key].append((time.time(), step))
-            due = step >= reported[st.key] + max(1, st.steps // 4)
-            if due or (step == st.steps and reported[st.key] < step):
-                reported[st.key] = step
-                _say(f"  {st.key}: step {step}/{st.steps} loss {m.get('loss', float('nan')):.3f}")
-    failed = []
-    for st, p, log, t0 in procs:
-        log.close()
-        st.wall_s = time.time() - t0
-        pts = seen[st.key]
-        if len(pts) >= 2 and pts[-1][1] > pts[0][1]:
-            st.step_s = (pts[-1][0] - pts[0][0]) / (pts[-1][1] - pts[0][1])
-            st.overhead_s = max(0.0, st.wall_s - st.steps * st.step_s)
-        if p.returncode != 0:
-            failed.append(st)
+    t_start = time.time()
+    try:
+        for st in group:
+            if os.path.exists(st.out_dir(root)):  # an earlier demo in the same --out: start clean
+                shutil.rmtree(st.out_dir(root))
+            os.makedirs(st.out_dir(root))
+            log = open(os.path.join(st.out_dir(root), "train.log"), "w")
+            _say(f"{st.title}: {st.steps} steps x {st.batch} samples, {st.nproc} process(es) "
+                 f"-> {st.out_dir(root)}")
+            proc = subprocess.Popen(_train_cmd(st, root, seed), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=REPO_ROOT, start_new_session=True)
+            procs.append((st, proc, log, time.time()))
+        _watch(procs, root, t_start + timeout_s)
+    finally:
+        for _, proc, log, _ in procs:
+            _stop(proc)
+            log.close()
+    failed = [st for st, p, _, _ in procs if p.returncode != 0]
     for st in failed:
         with open(os.path.join(st.out_dir(root), "train.log")) as f:
             tail = f.readlines()[-40:]
@@ -202,20 +116,32 @@ def run_stages(group: list[StageRun], root: str, seed: int) -> None:
              f"{_last_metrics(st.out_dir(root)).get('loss', float('nan')):.3f}")
 
 
-def remeasure(est: Estimates, st: StageRun) -> None:
-    """Update the estimates from a finished stage: its own kind (dense/MoE, 1/2 processes) takes the
-    measured values, the other kind is scaled by the same factor (how fast this machine is right now)."""
-    old_step = est.moe_step if st.moe else est.dense_step
-    old_overhead = est.overhead[st.nproc]
-    if st.step_s is None:  # too few steps to time them: scale everything by wall / predicted
-        factor = st.wall_s / (old_overhead + st.steps * old_step)
-        step_factor = overhead_factor = min(max(factor, 0.25), 4.0)
-    else:
-        step_factor = min(max(st.step_s / old_step, 0.25), 4.0)
-        overhead_factor = min(max(st.overhead_s / old_overhead, 0.25), 4.0)
-    est.dense_step *= step_factor
-    est.moe_step *= step_factor
-    est.overhead = {k: v * overhead_factor for k, v in est.overhead.items()}
+def _watch(procs: list, root: str, deadline: float) -> None:
+    """Poll until every process ended: progress lines, step timing; stop them all after `deadline`."""
+    reported = {st.key: 0 for st, _, _, _ in procs}
+    seen = {st.key: [] for st, _, _, _ in procs}  # (time, step) when a new step first appeared
+    while any(p.poll() is None for _, p, _, _ in procs):
+        time.sleep(1.0)
+        if time.time() > deadline:
+            _say("a stage ran far past its time budget: stopping it")
+            for _, p, _, _ in procs:
+                _stop(p)
+            break
+        for st, _, _, _ in procs:
+            m = _last_metrics(st.out_dir(root))
+            step = int(m.get("step", 0))
+            if step and (not seen[st.key] or seen[st.key][-1][1] != step):
+                seen[st.key].append((time.time(), step))
+            due = step >= reported[st.key] + max(1, st.steps // 4)
+            if due or (step == st.steps and reported[st.key] < step):
+                reported[st.key] = step
+                _say(f"  {st.key}: step {step}/{st.steps} loss {m.get('loss', float('nan')):.3f}")
+    for st, _, _, t0 in procs:
+        st.wall_s = time.time() - t0
+        pts = seen[st.key]
+        if len(pts) >= 2 and pts[-1][1] > pts[0][1]:
+            st.step_s = (pts[-1][0] - pts[0][0]) / (pts[-1][1] - pts[0][1])
+            st.overhead_s = max(0.0, st.wall_s - st.steps * st.step_s)
 
 
 def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
@@ -308,22 +234,22 @@ def _run(args) -> int:
     _say("plan: " + ", ".join(f"{k} {st.steps} steps" for k, st in stages.items()))
     t_train = time.time()
     _say("stage 1: the speech and music specialists, side by side")
-    run_stages([stages["speech"], stages["music"]], root, args.seed)
+    run_stages([stages["speech"], stages["music"]], root, args.seed, stage_timeout(est, stages["speech"]))
     remeasure(est, max(stages["speech"], stages["music"], key=lambda s: s.wall_s))
     plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music"))
     _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage2", "stage3", "joint")))
     _say("stage 2: upcycle both specialists into the MoE model; experts frozen (2 processes, EP=2)")
     stages["stage2"].overrides = [f"stage.init_from=[{stages['speech'].out_dir(root)},"
                                   f"{stages['music'].out_dir(root)}]"]
-    run_stages([stages["stage2"]], root, args.seed)
+    run_stages([stages["stage2"]], root, args.seed, stage_timeout(est, stages["stage2"]))
     remeasure(est, stages["stage2"])
     plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music", "stage2"))
     _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage3", "joint")))
     _say("stage 3: everything trainable on the balanced mixture (2 processes, EP=2)")
     stages["stage3"].overrides = [f"stage.init_from=[{stages['stage2'].out_dir(root)}]"]
-    run_stages([stages["stage3"]], root, args.seed)
+    run_stages([stages["stage3"]], root, args.seed, stage_timeout(est, stages["stage3"]))
     _say("baseline: the same MoE model from scratch on the unbalanced mixture, same number of samples")
-    run_stages([stages["joint"]], root, args.seed)
+    run_stages([stages["joint"]], root, args.seed, stage_timeout(est, stages["joint"]))
     train_wall = time.time() - t_train
 
     evals = {}
@@ -363,6 +289,8 @@ def _run(args) -> int:
 
 
 def run_cli(args) -> int:
+    # SIGTERM (and Ctrl-C) unwind through run_stages, which stops the training processes it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return _run(args)
     except RuntimeError as e:  # a failed stage: its log tail was printed above
