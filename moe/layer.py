@@ -34,6 +34,7 @@ from moe.dispatch import (
 from moe.experts import SwiGLU, grouped_swiglu
 from moe.losses import router_losses
 from moe.router import jitter, route
+from moe.serial import one_thread, serial
 from moe.stats import routing_stats
 
 
@@ -136,11 +137,20 @@ class MoELayer(_DeepSpeedMoE):
         if self.training:
             router_in = jitter(router_in, cfg.input_jitter)
         logits = F.linear(router_in, self.gate.weight.float())
-        r = route(logits, cfg)
+        valid = None if task_ids is None else task_ids >= 0
 
-        plan = Plan(r.selected, cfg.num_routed_experts)
+        def _route(lg):  # small [N, R+Z+S] ops: one CPU thread (moe.serial)
+            r = route(lg, cfg)
+            losses = router_losses(lg, r.probs, r.selected, cfg.num_dynamic_experts, valid)
+            shared = lg.new_zeros(0) if r.shared_weights is None else r.shared_weights
+            return (r.selected, r.weights, shared, r.probs, *losses)
+
+        selected, weights, shared_w, probs, balance, z, ent = serial(_route, logits)
+        with one_thread():
+            plan = Plan(selected, cfg.num_routed_experts)
+            pair_idx = plan.expert_ids * n_tok + plan.token_ids
         # combine weight of each pair, expert-major like the pairs: a 1-D gather from weights.T
-        w = r.weights.t().reshape(-1).index_select(0, plan.expert_ids * n_tok + plan.token_ids)
+        (w,) = serial(lambda wt: (wt.t().reshape(-1).index_select(0, pair_idx),), weights)
         x_sorted = gather(x, plan)
         if self.ep_size == 1:
             y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts)
@@ -149,12 +159,10 @@ class MoELayer(_DeepSpeedMoE):
         out = weighted_scatter(y_sorted, w, plan)
 
         if len(self.shared):
-            out = out + self._shared_forward(x, r.shared_weights)
+            out = out + self._shared_forward(x, shared_w if shared_w.numel() else None)
 
-        valid = None if task_ids is None else task_ids >= 0
-        balance, z, ent = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid)
-        aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=r.selected.detach(),
-                     probs=r.probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
+        aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=selected.detach(),
+                     probs=probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
                      collapse_threshold=cfg.collapse_entropy_threshold)
         return out.reshape(shape), aux
 
@@ -163,10 +171,10 @@ class MoELayer(_DeepSpeedMoE):
         activations of each expert's block (down is linear, so scaling before it is the same)."""
         if len(self.shared) == 1 and gates is None:
             return self.shared[0](x)
-        wg = torch.cat([e.gate_proj.weight for e in self.shared])
-        wu = torch.cat([e.up_proj.weight for e in self.shared])
+        wgu = torch.cat([e.gate_proj.weight for e in self.shared] + [e.up_proj.weight for e in self.shared])
         wd = torch.cat([e.down_proj.weight for e in self.shared], dim=1)
-        a = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+        h1, h2 = F.linear(x, wgu).chunk(2, dim=-1)  # one GEMM for every gate and up projection
+        a = F.silu(h1) * h2
         if gates is not None:
             n_s = len(self.shared)
             a = (a.view(-1, n_s, a.shape[1] // n_s) * gates.to(a.dtype).unsqueeze(-1)).view(a.shape)

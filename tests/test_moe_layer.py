@@ -188,3 +188,27 @@ def test_bfloat16_layer_runs_close_to_fp32():
     assert xb.grad.dtype == torch.bfloat16 and layer_bf16.gate.weight.grad is not None
     # same routing up to rare near-ties; outputs agree to bf16 precision
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_two_intra_op_threads_use_the_expert_thread_pool_and_match():
+    torch.manual_seed(0)
+    layer = MoELayer(_cfg())
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.5)
+    x, g_out = torch.randn(40, 12), torch.randn(40, 12)
+    results = []
+    threads = torch.get_num_threads()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            xi = x.clone().requires_grad_()
+            out, _ = layer(xi)
+            (out * g_out).sum().backward()
+            results.append((out.detach(), _grads(layer, xi)))
+            layer.zero_grad(set_to_none=True)
+        finally:
+            torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
