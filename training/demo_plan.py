@@ -16,11 +16,11 @@ from training.config import REPO_ROOT, load_config
 
 TINY = os.path.join(REPO_ROOT, "training", "configs", "tiny")
 
-# Seconds on 2 CPU cores with the tiny configs, on the pessimistic side (measured 12-27 s per launch
-# depending on what else runs); re-measured after stage 1 and stage 2 of each demo.
-LAUNCH_OVERHEAD_S = {1: 20.0, 2: 24.0}  # process start, imports, deepspeed.initialize, final save
-DENSE_STEP_S = 0.7  # one process, batch 4, two specialists side by side
-MOE_STEP_S = 0.45  # two processes (EP=2, DP=2), batch 4
+# Seconds on 2 idle CPU cores with the tiny configs, rounded up (measured: 10-15 s per launch and
+# 0.6 / 0.35 s per step idle, up to 2x that on a busy machine); re-measured after stage 1 and 2.
+LAUNCH_OVERHEAD_S = {1: 14.0, 2: 18.0}  # process start, imports, deepspeed.initialize, final save
+DENSE_STEP_S = 0.6  # one process, batch 4, two specialists side by side
+MOE_STEP_S = 0.4  # two processes (EP=2, DP=2), batch 4
 MIN_STEPS = 4
 # Steps of stage 2 and stage 3 relative to one specialist's steps.
 STAGE2_RATIO, STAGE3_RATIO = 0.5, 1.0
