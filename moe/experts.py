@@ -9,6 +9,7 @@ tokens), so gradient reduction sees the same parameters on every step and every 
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -31,7 +32,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 
 def _per_expert(counts: list[int], device: torch.device, fn) -> None:
@@ -49,8 +50,8 @@ def _per_expert(counts: list[int], device: torch.device, fn) -> None:
             fn(*item)
         return
     global _POOL
-    if _POOL is None or _POOL._max_workers < n:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unimoe-experts")
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < n:  # new after a fork
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="unimoe-experts"))
     groups, load = [[] for _ in range(n)], [0] * n
     for item in sorted(items, key=lambda it: -it[2]):  # greedy balance by rows
         i = load.index(min(load))
@@ -63,7 +64,7 @@ def _per_expert(counts: list[int], device: torch.device, fn) -> None:
                 fn(*item)
 
     with one_thread():
-        for fut in [_POOL.submit(run, g) for g in groups if g]:
+        for fut in [_POOL[1].submit(run, g) for g in groups if g]:
             fut.result()
 
 
