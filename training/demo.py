@@ -242,7 +242,7 @@ def _run(args) -> int:
     stages["stage2"].overrides = [f"stage.init_from=[{stages['speech'].out_dir(root)},"
                                   f"{stages['music'].out_dir(root)}]"]
     run_stages([stages["stage2"]], root, args.seed, stage_timeout(est, stages["stage2"]))
-    remeasure(est, stages["stage2"])
+    remeasure(est, stages["stage2"], steps=False)
     plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music", "stage2"))
     _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage3", "joint")))
     _say("stage 3: everything trainable on the balanced mixture (2 processes, EP=2)")

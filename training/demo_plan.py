@@ -110,9 +110,11 @@ def stage_timeout(est: Estimates, st: StageRun) -> float:
     return 4 * predicted + 300
 
 
-def remeasure(est: Estimates, st: StageRun) -> None:
+def remeasure(est: Estimates, st: StageRun, steps: bool = True) -> None:
     """Update the estimates from a finished stage: its own kind (dense/MoE, 1/2 processes) takes the
-    measured values, the other kind is scaled by the same factor (how fast this machine is right now)."""
+    measured values, the other kind is scaled by the same factor (how fast this machine is right now).
+    steps=False keeps the step times (stage 2 trains without expert gradients: its steps are faster
+    than those of stage 3 and the joint baseline) and updates only the launch overheads."""
     old_step = est.moe_step if st.moe else est.dense_step
     old_overhead = est.overhead[st.nproc]
     if st.step_s is None:  # too few steps to time them: scale everything by wall / predicted
@@ -121,6 +123,7 @@ def remeasure(est: Estimates, st: StageRun) -> None:
     else:
         step_factor = min(max(st.step_s / old_step, 0.25), 4.0)
         overhead_factor = min(max(st.overhead_s / old_overhead, 0.25), 4.0)
-    est.dense_step *= step_factor
-    est.moe_step *= step_factor
+    if steps:
+        est.dense_step *= step_factor
+        est.moe_step *= step_factor
     est.overhead = {k: v * overhead_factor for k, v in est.overhead.items()}
