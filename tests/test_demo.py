@@ -92,6 +92,10 @@ def test_demo_end_to_end(tmp_path):
         report = json.loads((out / "eval" / key / "routing.json").read_text())
         assert len(report["layers"]) >= 1
         assert (out / "eval" / key / "routing_load.png").stat().st_size > 0
+    ran = json.loads((out / "demo_config.json").read_text())["stages"]
+    samples = {k: r["steps"] * r["global_batch"] for k, r in ran.items()}
+    curriculum = sum(samples[k] for k in ("speech", "music", "stage2", "stage3"))
+    assert abs(samples["joint"] - curriculum) <= ran["joint"]["global_batch"]  # the same budget
     for key in ("stage1_speech", "stage1_music", "stage2", "stage3", "joint"):
         tb = out / "runs" / key / "tb"
         assert tb.is_dir() and any(f.startswith("events") for f in os.listdir(tb)), key

@@ -251,6 +251,11 @@ def _run(args) -> int:
     _say("baseline: the same MoE model from scratch on the unbalanced mixture, same number of samples")
     run_stages([stages["joint"]], root, args.seed, stage_timeout(est, stages["joint"]))
     train_wall = time.time() - t_train
+    with open(os.path.join(root, "demo_config.json"), "w") as f:  # what this demo ran (each run: config.yaml)
+        json.dump({"minutes": args.minutes, "seed": args.seed, "training_wall_s": round(train_wall, 1),
+                   "stages": {k: {"config": st.config, "steps": st.steps, "global_batch": st.batch,
+                                  "lr": st.lr, "overrides": st.overrides, "wall_s": round(st.wall_s, 1)}
+                              for k, st in stages.items()}}, f, indent=2)
 
     evals = {}
     shutil.rmtree(os.path.join(root, "eval"), ignore_errors=True)
