@@ -22,11 +22,13 @@ class Command:
 
 
 def _train_args(p):
-    p.add_argument("--config", required=True, help="stage config (YAML/JSON), e.g. training/configs/tiny/joint.yaml")
+    p.add_argument("--config", required=True,
+                   help="stage config (YAML/JSON), e.g. training/configs/tiny/joint.yaml")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a path")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest complete checkpoint in the run dir) or a path")
     p.add_argument("--nproc", type=int, default=None,
                    help="start N local processes (workstation); under torchrun/srun leave unset")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (dotted keys)")
@@ -48,7 +50,8 @@ def _generate_args(p):
     p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default per task)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance (default per task)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
