@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe.experts import SwiGLU
 from training.delay import DelayPattern
 
 TASKS = ("speech", "music")  # task index = position in this tuple (also the MoE task id)
@@ -218,19 +219,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Same names as moe's routed experts (upcycling)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, ep_group=None):
         super().__init__()
@@ -242,7 +230,7 @@ class Block(nn.Module):
             from moe.layer import MoELayer
             self.ffn = MoELayer(cfg.moe_config(), ep_group=ep_group)
         else:
-            self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)  # same names as the routed experts
 
     def forward(self, x, cos, sin, mask=None, cache=None, task_ids=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
