@@ -80,22 +80,23 @@ def _fault_steps(name: str) -> set[int]:
 
 
 def run_cli(args) -> int:
-    overrides = list(args.overrides or [])
+    """Every ConfigError (loading, layout checks, during set-up) ends the run with one line and exit 2."""
     try:
-        cfg = load_config(args.config, overrides)
-        if args.save_every is not None:
-            cfg.checkpoint.save_every = args.save_every
+        return _run(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
+
+
+def _run(args) -> int:
+    overrides = list(args.overrides or [])
+    cfg = load_config(args.config, overrides)
+    if args.save_every is not None:
+        cfg.checkpoint.save_every = args.save_every
     out = args.out or os.path.join("runs", cfg.name)
     if args.nproc:
-        try:
-            cfg.validate(world_size=args.nproc)
-            check_init_from(cfg, out, args.resume)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return CONFIG_EXIT_CODE
+        cfg.validate(world_size=args.nproc)
+        check_init_from(cfg, out, args.resume)
         argv = ["train", "--config", args.config, "--out", out]
         for flag, value in (("--max-steps", args.max_steps), ("--save-every", args.save_every),
                             ("--resume", args.resume)):
@@ -104,17 +105,9 @@ def run_cli(args) -> int:
         return launch_local(argv + overrides, args.nproc)
     from training.parallel import dist_env
     env = dist_env()
-    try:
-        cfg.validate(world_size=env.world_size)
-        check_init_from(cfg, out, args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return CONFIG_EXIT_CODE
-    try:
-        return train(cfg, out, max_steps=args.max_steps, resume=args.resume, env=env)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return CONFIG_EXIT_CODE
+    cfg.validate(world_size=env.world_size)
+    check_init_from(cfg, out, args.resume)
+    return train(cfg, out, max_steps=args.max_steps, resume=args.resume, env=env)
 
 
 def check_init_from(cfg, out: str, resume: str | None) -> None:
