@@ -9,14 +9,9 @@ tokens), so gradient reduction sees the same parameters on every step and every 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from moe.serial import one_thread
 
 
 class SwiGLU(nn.Module):
@@ -32,40 +27,13 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-
-
-def _per_expert(counts: list[int], device: torch.device, fn) -> None:
-    """fn(e, offset, count) for every expert with tokens.
-
-    On CPU with n > 1 intra-op threads, experts run concurrently on n worker threads, each with
-    single-threaded GEMMs (experts split by row count): one fork/join per phase instead of one per
-    GEMM. Same FLOPs on a quiet machine; on an oversubscribed one each intra-op fork can cost a
-    scheduler time slice, which made a 62-GEMM step several times slower than its CPU time.
-    """
-    items = [(e, off, c) for e, off, c in _slices(counts) if c]
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or len(items) < n:  # fewer experts than threads: intra-op GEMMs
-        for item in items:
-            fn(*item)
-        return
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < n:  # new after a fork
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="unimoe-experts"))
-    groups, load = [[] for _ in range(n)], [0] * n
-    for item in sorted(items, key=lambda it: -it[2]):  # greedy balance by rows
-        i = load.index(min(load))
-        groups[i].append(item)
-        load[i] += item[2]
-
-    def run(group):
-        with torch.no_grad():
-            for item in group:
-                fn(*item)
-
-    with one_thread():
-        for fut in [_POOL[1].submit(run, g) for g in groups if g]:
-            fut.result()
+def _per_expert(counts: list[int], fn) -> None:
+    """fn(e, offset, count) for every expert with tokens, one after the other; each GEMM uses torch's
+    intra-op threads. A pool running experts concurrently with one-thread GEMMs only helped on an
+    oversubscribed machine and cost 10-20% on an idle 2-core one (`unimoe bench moe`)."""
+    for e, off, c in _slices(counts):
+        if c:
+            fn(e, off, c)
 
 
 def _slices(counts: list[int]):
@@ -94,11 +62,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
             wgu[e] = torch.cat(weights[3 * e: 3 * e + 2])
             torch.mm(x[off: off + c], wgu[e].t(), out=h[off: off + c])
 
-        _per_expert(counts, x.device, gate_up)
+        _per_expert(counts, gate_up)
         s = F.silu(h[:, :f])
         a = s * h[:, f:]
         y = x.new_empty(x.shape[0], weights[2].shape[0])
-        _per_expert(counts, x.device,
+        _per_expert(counts,
                     lambda e, off, c: torch.mm(a[off: off + c], weights[3 * e + 2].t(), out=y[off: off + c]))
         ctx.counts = counts
         ctx.wgu = wgu  # [gate; up] per expert, reused by backward (no second copy)
@@ -119,7 +87,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if need[4 + 3 * e]:
                 gws[3 * e + 2] = torch.mm(gy[off: off + c].t(), a[off: off + c])  # [D, F]
 
-        _per_expert(ctx.counts, x.device, down_grads)
+        _per_expert(ctx.counts, down_grads)
         gh = torch.empty_like(h)  # [d h1 | d h2]
         torch.mul(ga, s, out=gh[:, f:])
         torch.ops.aten.silu_backward.grad_input(ga.mul_(h[:, f:]), h[:, :f], grad_input=gh[:, :f])
@@ -132,7 +100,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if gx is not None:
                 torch.mm(gh[off: off + c], ctx.wgu[e], out=gx[off: off + c])
 
-        _per_expert(ctx.counts, x.device, gate_up_grads)
+        _per_expert(ctx.counts, gate_up_grads)
         ctx.wgu = None
         # an expert without tokens still gets a (zero) gradient: same reduction on every rank and step
         gws = [torch.zeros_like(w) if g is None and need[2 + i] else g

@@ -190,7 +190,7 @@ def test_bfloat16_layer_runs_close_to_fp32():
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_two_intra_op_threads_use_the_expert_thread_pool_and_match():
+def test_one_and_two_intra_op_threads_match():
     torch.manual_seed(0)
     layer = MoELayer(_cfg())
     with torch.no_grad():
