@@ -115,8 +115,10 @@ def _dense_width(mean_experts: float, size: BenchSize) -> float:
     return mean_experts * size.ffn + size.shared * size.shared_ffn
 
 
-def _time_interleaved(fns: dict, warmup: int, iters: int, device) -> dict[str, list[float]]:
-    """Seconds per call for each function, calls interleaved round by round (load drift hits all)."""
+def _time_interleaved(fns: dict, warmup: int, iters: int, device,
+                      clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of `clock` per call for each function, calls interleaved round by round (load drift
+    hits all variants alike)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -124,10 +126,10 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device) -> dict[str, l
     for _ in range(iters):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -138,16 +140,7 @@ def _cpu_time_one_thread(fns: dict, warmup: int, iters: int) -> dict[str, list[f
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        times = {name: [] for name in fns}
-        for _ in range(iters):
-            for name, fn in fns.items():
-                t0 = time.process_time()
-                fn()
-                times[name].append(time.process_time() - t0)
-        return times
+        return _time_interleaved(fns, warmup, iters, torch.device("cpu"), clock=time.process_time)
     finally:
         torch.set_num_threads(threads)
 
