@@ -135,41 +135,18 @@ def test_every_bad_input_is_reported_and_the_rest_processed(tmp_path, codec, tok
 
 def test_cli_exit_codes(tmp_path, tokenizer, capsys):
     manifest, _, _ = _bad_corpus(str(tmp_path / "corpus"))
-    base = [
-        "data",
-        "prep",
-        "--manifest",
-        manifest,
-        "--tokenizer",
-        tokenizer,
-        "--codec",
-        "random",
-        "--workers",
-        "0",
-        "--max-seconds",
-        "3",
-    ]
+
+    def prep_argv(manifest):
+        return ["data", "prep", "--manifest", str(manifest), "--tokenizer", tokenizer, "--codec", "random",
+                "--workers", "0"]
+
+    base = prep_argv(manifest) + ["--max-seconds", "3"]
     assert cli(base + ["--out", str(tmp_path / "ok")]) == 0
     # nothing usable: every line bad
     bad = tmp_path / "allbad.jsonl"
     bad.write_text('not json\n{"id": "x", "task": "speech", "audio": "missing.wav", "text": "hi"}\n')
     capsys.readouterr()
-    rc = cli(
-        [
-            "data",
-            "prep",
-            "--manifest",
-            str(bad),
-            "--tokenizer",
-            tokenizer,
-            "--codec",
-            "random",
-            "--workers",
-            "0",
-            "--out",
-            str(tmp_path / "none"),
-        ]
-    )
+    rc = cli(prep_argv(bad) + ["--out", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert rc != 0 and "nothing usable" in err
     # configuration errors: one line, non-zero
