@@ -2,9 +2,13 @@
 
 `grouped_swiglu(x, counts, experts)` runs expert i on the contiguous rows
 x[sum(counts[:i]) : sum(counts[:i+1])] with one hand-written autograd function: GEMM outputs are
-written in place into shared buffers (no per-expert cat), elementwise work runs once over all rows
-(fused silu_backward), and every expert's weights get a gradient (zeros for an expert that received no
-tokens), so gradient reduction sees the same parameters on every step and every rank.
+written in place into shared buffers (no per-expert cat), elementwise work runs once over all rows,
+in place where it can, on contiguous buffers (strided elementwise kernels and fresh allocations cost
+more than a GEMM split in two on CPU), and every expert's weights get a gradient (zeros for an expert
+that received no tokens), so gradient reduction sees the same parameters on every step and every rank.
+
+`swiglu(x, gate_w, up_w, down_w, block_gates)` is the same function for one wide SwiGLU over all rows,
+with optional per-row gates on blocks of its hidden width: the shared experts, concatenated.
 """
 
 from __future__ import annotations
@@ -27,85 +31,109 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _per_expert(counts: list[int], fn) -> None:
-    """fn(e, offset, count) for every expert with tokens, one after the other; each GEMM uses torch's
-    intra-op threads. A pool running experts concurrently with one-thread GEMMs only helped on an
-    oversubscribed machine and cost 10-20% on an idle 2-core one (`unimoe bench moe`)."""
-    for e, off, c in _slices(counts):
-        if c:
-            fn(e, off, c)
+CHUNK_ROWS = 1024  # rows per piece: a piece's activations stay in cache between its GEMMs
 
 
-def _slices(counts: list[int]):
-    off = 0
+def _pieces(counts: list[int]):
+    """(expert, rows) for each expert's contiguous rows, in pieces of at most CHUNK_ROWS, one after the
+    other; each GEMM uses torch's intra-op threads. A pool running experts concurrently with one-thread
+    GEMMs only helped on an oversubscribed machine and cost 10-20% on an idle 2-core one."""
+    off, max_rows = 0, CHUNK_ROWS
     for e, c in enumerate(counts):
-        yield e, off, c
+        for r0 in range(off, off + c, max_rows):
+            yield e, slice(r0, min(r0 + max_rows, off + c))
         off += c
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """Per expert only the GEMMs; every elementwise step runs once over all experts' rows.
+def _blocks(t: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """[M, F] -> [M, n_blocks, F / n_blocks] view."""
+    return t.view(t.shape[0], n_blocks, -1)
 
-    gate and up run as one GEMM against [gate; up] (a small weight copy, half the GEMM calls); the
-    activations kept for backward are the ones autograd keeps for a dense SwiGLU: h = [h1 | h2],
-    s = silu(h1), a = s * h2.
+
+def _accumulate(grads: list, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """grads[i] += a @ b (the first piece of an expert allocates it)."""
+    if grads[i] is None:
+        grads[i] = torch.mm(a, b)
+    else:
+        grads[i].addmm_(a, b)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Piece by piece (an expert's rows, at most CHUNK_ROWS at a time): the GEMMs, and between them the
+    elementwise work on that piece while it is still in cache (one pass over all rows at the end costs
+    a trip to memory per elementwise op, as much as a GEMM on CPU).
+
+    Saved for backward: x, h1 = x Wg^T and h2 = x Wu^T, less than autograd keeps for a dense SwiGLU;
+    silu(h1) and the down projection's input a = silu(h1) * h2 (* g) are recomputed per piece in
+    backward, in cache, into per-call scratch buffers. Block gates g [M, B] scale block b of the hidden
+    width by g[:, b] (B gated SwiGLUs concatenated along F: the shared experts).
     """
 
     @staticmethod
-    def forward(ctx, x, counts: list[int], *weights):
+    def forward(ctx, x, counts: list[int], gates, *weights):
         # weights = (gate_0, up_0, down_0, gate_1, ...); x [M, D] sorted by expert
-        f = weights[0].shape[0]
-        h = x.new_empty(x.shape[0], 2 * f)
-        wgu = [None] * len(counts)
-
-        def gate_up(e, off, c):
-            wgu[e] = torch.cat(weights[3 * e: 3 * e + 2])
-            torch.mm(x[off: off + c], wgu[e].t(), out=h[off: off + c])
-
-        _per_expert(counts, gate_up)
-        s = F.silu(h[:, :f])
-        a = s * h[:, f:]
-        y = x.new_empty(x.shape[0], weights[2].shape[0])
-        _per_expert(counts,
-                    lambda e, off, c: torch.mm(a[off: off + c], weights[3 * e + 2].t(), out=y[off: off + c]))
+        m, f = x.shape[0], weights[0].shape[0]
+        h1, h2 = x.new_empty(m, f), x.new_empty(m, f)
+        y = x.new_empty(m, weights[2].shape[0])
+        scratch = x.new_empty(min(m, CHUNK_ROWS), f)
+        for e, rows in _pieces(counts):
+            wg, wu, wd = weights[3 * e: 3 * e + 3]
+            torch.mm(x[rows], wg.t(), out=h1[rows])
+            torch.mm(x[rows], wu.t(), out=h2[rows])
+            a = _gated_activation(h1[rows], h2[rows], None if gates is None else gates[rows],
+                                  scratch[: rows.stop - rows.start])
+            torch.mm(a, wd.t(), out=y[rows])
         ctx.counts = counts
-        ctx.wgu = wgu  # [gate; up] per expert, reused by backward (no second copy)
-        ctx.save_for_backward(x, h, s, a, *weights)
+        ctx.save_for_backward(x, h1, h2, gates, *weights)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, h, s, a, *weights = ctx.saved_tensors
+        x, h1, h2, gates, *weights = ctx.saved_tensors
         need = ctx.needs_input_grad
-        f = weights[0].shape[0]
         gy = gy.contiguous()
         gws = [None] * len(weights)
-        ga = gy.new_empty(x.shape[0], f)
-
-        def down_grads(e, off, c):
-            torch.mm(gy[off: off + c], weights[3 * e + 2], out=ga[off: off + c])
-            if need[4 + 3 * e]:
-                gws[3 * e + 2] = torch.mm(gy[off: off + c].t(), a[off: off + c])  # [D, F]
-
-        _per_expert(ctx.counts, down_grads)
-        gh = torch.empty_like(h)  # [d h1 | d h2]
-        torch.mul(ga, s, out=gh[:, f:])
-        torch.ops.aten.silu_backward.grad_input(ga.mul_(h[:, f:]), h[:, :f], grad_input=gh[:, :f])
         gx = torch.empty_like(x) if need[0] else None
-
-        def gate_up_grads(e, off, c):
-            if need[2 + 3 * e] or need[3 + 3 * e]:
-                gwgu = torch.mm(gh[off: off + c].t(), x[off: off + c])  # [2F, D]
-                gws[3 * e], gws[3 * e + 1] = gwgu[:f], gwgu[f:]
+        g_gates = gates.new_empty(gates.shape) if gates is not None and need[2] else None
+        rows_max, f = min(x.shape[0], CHUNK_ROWS), h1.shape[1]
+        ga_buf, s_buf, t_buf = (x.new_empty(rows_max, f) for _ in range(3))
+        for e, rows in _pieces(ctx.counts):
+            n = rows.stop - rows.start
+            wg, wu, wd = weights[3 * e: 3 * e + 3]
+            xe, h1e, h2e, gye = x[rows], h1[rows], h2[rows], gy[rows]
+            ga, s, t = ga_buf[:n], s_buf[:n], t_buf[:n]
+            torch.mm(gye, wd, out=ga)  # d(down input)
+            torch.ops.aten.silu.out(h1e, out=s)
+            torch.mul(s, h2e, out=t)  # a (ungated)
+            if gates is not None:
+                ge = gates[rows].unsqueeze(-1)
+                if g_gates is not None:
+                    torch.linalg.vecdot(_blocks(ga, ge.shape[1]), _blocks(t, ge.shape[1]), out=g_gates[rows])
+                _blocks(t, ge.shape[1]).mul_(ge)  # t = down input
+                _blocks(ga, ge.shape[1]).mul_(ge)  # ga = d a
+            if need[5 + 3 * e]:
+                _accumulate(gws, 3 * e + 2, gye.t(), t)  # [D, F]
+            gh2 = torch.mul(ga, s, out=t)
+            gh1 = torch.ops.aten.silu_backward.grad_input(ga.mul_(h2e), h1e, grad_input=ga)
+            if need[3 + 3 * e]:
+                _accumulate(gws, 3 * e, gh1.t(), xe)
+            if need[4 + 3 * e]:
+                _accumulate(gws, 3 * e + 1, gh2.t(), xe)
             if gx is not None:
-                torch.mm(gh[off: off + c], ctx.wgu[e], out=gx[off: off + c])
-
-        _per_expert(ctx.counts, gate_up_grads)
-        ctx.wgu = None
+                torch.mm(gh1, wg, out=gx[rows]).addmm_(gh2, wu)
         # an expert without tokens still gets a (zero) gradient: same reduction on every rank and step
-        gws = [torch.zeros_like(w) if g is None and need[2 + i] else g
+        gws = [torch.zeros_like(w) if g is None and need[3 + i] else g
                for i, (w, g) in enumerate(zip(weights, gws))]
-        return (gx, None, *gws)
+        return (gx, None, g_gates, *gws)
+
+
+def _gated_activation(h1, h2, gates, out):
+    """out = silu(h1) * h2, block b of the width scaled by gates[:, b] (gates None: unscaled)."""
+    torch.ops.aten.silu.out(h1, out=out)
+    out.mul_(h2)
+    if gates is not None:
+        _blocks(out, gates.shape[1]).mul_(gates.unsqueeze(-1))
+    return out
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], experts: list[SwiGLU]) -> torch.Tensor:
@@ -114,4 +142,14 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], experts: list[SwiGLU]) ->
     weights = []
     for ex in experts:
         weights += [ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight]
-    return _GroupedSwiGLU.apply(x, list(counts), *weights)
+    return _GroupedSwiGLU.apply(x, list(counts), None, *weights)
+
+
+def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
+           block_gates: torch.Tensor | None = None) -> torch.Tensor:
+    """down_w (silu(x gate_w^T) * (x up_w^T) * g) for x [N, D]; block_gates [N, B] (or None: g = 1) scales
+    block b of the hidden width (F / B columns) by g[:, b]: B gated SwiGLUs concatenated along F."""
+    if block_gates is not None:
+        assert gate_w.shape[0] % block_gates.shape[1] == 0, (gate_w.shape, block_gates.shape)
+        block_gates = block_gates.to(x.dtype).contiguous()
+    return _GroupedSwiGLU.apply(x, [x.shape[0]], block_gates, gate_w, up_w, down_w)

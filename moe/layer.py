@@ -31,7 +31,7 @@ from moe.dispatch import (
     segment_perm,
     weighted_scatter,
 )
-from moe.experts import SwiGLU, grouped_swiglu
+from moe.experts import SwiGLU, grouped_swiglu, swiglu
 from moe.losses import router_losses
 from moe.router import jitter, route
 from moe.serial import one_thread, serial
@@ -167,18 +167,14 @@ class MoELayer(_DeepSpeedMoE):
         return out.reshape(shape), aux
 
     def _shared_forward(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """sum_s g_s * shared_s(x) as ONE wide SwiGLU: weights concatenated, gates applied to the
-        activations of each expert's block (down is linear, so scaling before it is the same)."""
-        if len(self.shared) == 1 and gates is None:
-            return self.shared[0](x)
-        wgu = torch.cat([e.gate_proj.weight for e in self.shared] + [e.up_proj.weight for e in self.shared])
-        wd = torch.cat([e.down_proj.weight for e in self.shared], dim=1)
-        h1, h2 = F.linear(x, wgu).chunk(2, dim=-1)  # one GEMM for every gate and up projection
-        a = F.silu(h1) * h2
-        if gates is not None:
-            n_s = len(self.shared)
-            a = (a.view(-1, n_s, a.shape[1] // n_s) * gates.to(a.dtype).unsqueeze(-1)).view(a.shape)
-        return F.linear(a, wd)
+        """sum_s g_s * shared_s(x) as ONE wide SwiGLU: weights concatenated, gate g_s applied to the
+        activations of expert s's block (down is linear, so scaling before it is the same)."""
+        gate_w = [e.gate_proj.weight for e in self.shared]
+        up_w = [e.up_proj.weight for e in self.shared]
+        down_w = [e.down_proj.weight for e in self.shared]
+        if len(self.shared) == 1:
+            return swiglu(x, gate_w[0], up_w[0], down_w[0], block_gates=gates)
+        return swiglu(x, torch.cat(gate_w), torch.cat(up_w), torch.cat(down_w, dim=1), block_gates=gates)
 
     def _expert_parallel(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Send each (token, expert) row to the rank holding the expert, run, bring the results back."""

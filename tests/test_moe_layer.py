@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import moe.experts
 from moe.config import MoEConfig
 from moe.layer import MoELayer
 from moe.losses import balance_weight, combine_aux
@@ -67,8 +68,20 @@ def _grads(layer, x):
 @pytest.mark.parametrize("kw", [
     {}, dict(renormalize=False), dict(gate_shared=False), dict(min_k=2, max_k=2, num_null_experts=0),
     dict(top_p=0.4, max_k=3, num_shared_experts=0), dict(num_null_experts=2, min_k=2),
+    dict(num_shared_experts=1), dict(num_shared_experts=1, gate_shared=False), dict(num_shared_experts=3),
 ])
 def test_matches_per_token_reference(kw):
+    _check_against_reference(kw)
+
+
+def test_matches_reference_when_experts_run_in_pieces(monkeypatch):
+    """Experts with more rows than CHUNK_ROWS run piece by piece; weight gradients add up over pieces."""
+    monkeypatch.setattr(moe.experts, "CHUNK_ROWS", 3)
+    _check_against_reference({})
+    _check_against_reference(dict(num_shared_experts=1, gate_shared=False))
+
+
+def _check_against_reference(kw):
     torch.manual_seed(0)
     layer = MoELayer(_cfg(**kw))
     with torch.no_grad():  # larger weights so routing is not uniform and outputs are not tiny
