@@ -30,8 +30,9 @@ class Plan:
     """Where each routed (token, expert) pair goes: pairs sorted by expert (stable in token order).
 
     expert_ids, token_ids [M]; counts [R]. For the way back on CPU, a CSR matrix [N, M] (row t holds the
-    expert-sorted positions of token t's pairs) turns the scatter-add into one sparse-dense matmul, which
-    is several times faster than index_add_ on CPU; on GPU index_add_ (atomics) is used.
+    expert-sorted positions of token t's pairs, its values the combine weights) turns the weighted
+    scatter-add into one sparse-dense matmul that accumulates into the shared experts' output: no
+    weighting pass and no separate add; on GPU index_add_ (atomics) is used.
     """
 
     def __init__(self, selected: torch.Tensor, num_experts: int):
@@ -53,14 +54,15 @@ class Plan:
     def csr_ok(self, t: torch.Tensor) -> bool:
         return self.use_csr and t.dtype in (torch.float32, torch.float64)
 
-    def combine(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        """out[t] = sum over t's pairs p of w[p] * y[p] (w None: weight 1); out [N, D]."""
+    def combine(self, y: torch.Tensor, w: torch.Tensor | None, base: torch.Tensor | None = None):
+        """out[t] = base[t] + sum over t's pairs p of w[p] * y[p] (w None: weight 1; base None: 0);
+        out [N, D]. A given base is accumulated into in place and returned."""
         if self.csr_ok(y):
             vals = (torch.ones_like(self.col, dtype=y.dtype) if w is None
                     else w.index_select(0, self.col).to(y.dtype))
             mat = torch.sparse_csr_tensor(self.crow, self.col, vals, (self.n_tokens, y.shape[0]))
-            return mat @ y
-        out = y.new_zeros(self.n_tokens, y.shape[1])
+            return mat @ y if base is None else base.addmm_(mat, y)
+        out = y.new_zeros(self.n_tokens, y.shape[1]) if base is None else base
         return out.index_add_(0, self.token_ids, y if w is None else y * w.unsqueeze(1).to(y.dtype))
 
 
@@ -77,18 +79,21 @@ class _Gather(torch.autograd.Function):
 
 class _WeightedScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, w, plan: Plan):
+    def forward(ctx, y, w, base, plan: Plan):
         ctx.plan = plan
         ctx.save_for_backward(y, w)
-        return plan.combine(y, w)
+        if base is not None:
+            ctx.mark_dirty(base)
+        return plan.combine(y, w, base)
 
     @staticmethod
     def backward(ctx, g):
         y, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
         g_sorted = g.index_select(0, ctx.plan.token_ids)
-        gw = (g_sorted * y).sum(1, dtype=torch.float32).to(w.dtype) if ctx.needs_input_grad[1] else None
-        gy = g_sorted.mul_(w.unsqueeze(1).to(g.dtype)) if ctx.needs_input_grad[0] else None
-        return gy, gw, None
+        gw = torch.linalg.vecdot(g_sorted, y).to(w.dtype) if need[1] else None
+        gy = g_sorted.mul_(w.unsqueeze(1).to(g.dtype)) if need[0] else None
+        return gy, gw, g if need[2] else None, None
 
 
 def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -96,9 +101,10 @@ def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return _Gather.apply(x, plan)
 
 
-def weighted_scatter(y: torch.Tensor, w: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """y [M, D] in expert order, w [M] -> out [N, D] = sum over each token's pairs of w * y."""
-    return _WeightedScatter.apply(y, w, plan)
+def weighted_scatter(y: torch.Tensor, w: torch.Tensor, plan: Plan, base: torch.Tensor | None = None):
+    """y [M, D] in expert order, w [M] -> out [N, D] = base + sum over each token's pairs of w * y.
+    base (optional, e.g. the shared experts' output) is accumulated into in place: no separate add."""
+    return _WeightedScatter.apply(y, w, base, plan)
 
 
 def resolve_exchange(method: str, group) -> str:

@@ -156,10 +156,10 @@ class MoELayer(_DeepSpeedMoE):
             y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts)
         else:
             y_sorted = self._expert_parallel(x_sorted, plan.counts)
-        out = weighted_scatter(y_sorted, w, plan)
-
+        shared_out = None
         if len(self.shared):
-            out = out + self._shared_forward(x, shared_w if shared_w.numel() else None)
+            shared_out = self._shared_forward(x, shared_w if shared_w.numel() else None)
+        out = weighted_scatter(y_sorted, w, plan, base=shared_out)  # routed outputs added onto shared
 
         aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=selected.detach(),
                      probs=probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
