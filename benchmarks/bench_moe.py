@@ -36,11 +36,12 @@ class BenchSize:
     shared_ffn: int = 256
     gate_std: float = 0.1  # router init: logits of std ~ gate_std * sqrt(hidden), a peaked, trained-like gate
     warmup: int = 2
-    iters: int = 7
+    iters: int = 15  # interleaved wall-clock rounds; ratios are medians of per-round ratios
+    cpu_iters: int = 5  # rounds of the one-thread CPU-time measurement
 
 
-QUICK = BenchSize(tokens=2048, hidden=256, ffn=256, shared_ffn=128, warmup=2, iters=5)
-TINY = BenchSize(tokens=64, hidden=32, ffn=32, shared_ffn=16, warmup=1, iters=1)
+QUICK = BenchSize(tokens=2048, hidden=256, ffn=256, shared_ffn=128, warmup=2, iters=15)
+TINY = BenchSize(tokens=64, hidden=32, ffn=32, shared_ffn=16, warmup=1, iters=1, cpu_iters=1)
 
 
 def _sync(device):
@@ -215,7 +216,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
     cpu = {}
     if dev.type == "cpu":
         ct = _cpu_time_one_thread({k: fns[k] for k in ("ours", "dense", "ours_k2", "deepspeed_top2")
-                                   if k in fns}, 1, size.iters)
+                                   if k in fns}, 1, size.cpu_iters)
         ct["dense"] = [t * flop_scale for t in ct["dense"]]
         cpu["overhead_vs_dense"] = statistics.median(o / d for o, d in zip(ct["ours"], ct["dense"]))
         if "deepspeed_top2" in ct:
@@ -245,7 +246,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
                    "mode": "training (input jitter on), forward + backward, fp32",
                    "ours_k2": f"{size.experts} routed, 0 null, 0 shared, min_k = max_k = 2",
                    "deepspeed": "deepspeed.moe.layer.MoE k=2, capacity_factor 1.25, drop_tokens, 1 process",
-                   "warmup": size.warmup, "iters": size.iters, "device": device,
+                   "warmup": size.warmup, "iters": size.iters, "cpu_iters": size.cpu_iters, "device": device,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
     })
