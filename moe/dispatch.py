@@ -1,8 +1,9 @@
 """Dropless token permutation and the expert-parallel token exchange.
 
 Local (EP=1): (token, expert) pairs sorted by expert (`Plan`, no sort kernel) -> one gather x[token_ids]
--> experts on contiguous slices (moe.experts) -> one weighted scatter-add back (`weighted_scatter`;
-custom autograd; on CPU a sparse CSR matmul, on GPU index_add_). No per-token Python, no capacity.
+-> experts on contiguous slices, their outputs scaled by the combine weights (moe.experts) -> one
+scatter-add back onto the shared experts' output (`scatter_add`; on CPU a sparse CSR matmul, on GPU
+index_add_). Gather and scatter-add are each other's backward. No per-token Python, no capacity.
 
 Expert parallel (EP=n): rank r holds the routed experts [r*L, (r+1)*L). Sorted by global expert, the
 pairs are already grouped by destination rank. 1) per-expert counts are exchanged (all-to-all of
@@ -29,10 +30,9 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 class Plan:
     """Where each routed (token, expert) pair goes: pairs sorted by expert (stable in token order).
 
-    expert_ids, token_ids [M]; counts [R]. For the way back on CPU, a CSR matrix [N, M] (row t holds the
-    expert-sorted positions of token t's pairs, its values the combine weights) turns the weighted
-    scatter-add into one sparse-dense matmul that accumulates into the shared experts' output: no
-    weighting pass and no separate add; on GPU index_add_ (atomics) is used.
+    expert_ids, token_ids [M]; counts [R]. For the way back on CPU, a 0/1 CSR matrix [N, M] (row t holds
+    the expert-sorted positions of token t's pairs) turns the scatter-add into one sparse-dense matmul
+    that accumulates into a given output (no zero fill, no separate add); on GPU index_add_ (atomics).
     """
 
     def __init__(self, selected: torch.Tensor, num_experts: int):
@@ -42,28 +42,26 @@ class Plan:
         # tokens in order within an expert, no sort kernel needed.
         self.expert_ids, self.token_ids = sel.t().nonzero(as_tuple=True)
         self.counts = torch.bincount(self.expert_ids, minlength=num_experts)
-        self.use_csr = sel.device.type == "cpu"
-        if self.use_csr:
+        self.csr = None
+        if sel.device.type == "cpu":
             idx = torch.int32 if self.token_ids.numel() < 2 ** 31 else torch.int64
             offsets = self.counts.cumsum(0) - self.counts
             pos = sel.to(idx).cumsum(0) - 1 + offsets.to(idx)  # expert-sorted position of pair (t, e)
-            self.col = pos[sel]  # token-major order
-            self.crow = torch.zeros(self.n_tokens + 1, dtype=idx, device=sel.device)
-            self.crow[1:] = sel.sum(1).cumsum(0)
+            col = pos[sel]  # token-major order
+            crow = torch.zeros(self.n_tokens + 1, dtype=idx, device=sel.device)
+            crow[1:] = sel.sum(1).cumsum(0)
+            self.csr = (crow, col)
 
-    def csr_ok(self, t: torch.Tensor) -> bool:
-        return self.use_csr and t.dtype in (torch.float32, torch.float64)
-
-    def combine(self, y: torch.Tensor, w: torch.Tensor | None, base: torch.Tensor | None = None):
-        """out[t] = base[t] + sum over t's pairs p of w[p] * y[p] (w None: weight 1; base None: 0);
-        out [N, D]. A given base is accumulated into in place and returned."""
-        if self.csr_ok(y):
-            vals = (torch.ones_like(self.col, dtype=y.dtype) if w is None
-                    else w.index_select(0, self.col).to(y.dtype))
-            mat = torch.sparse_csr_tensor(self.crow, self.col, vals, (self.n_tokens, y.shape[0]))
+    def combine(self, y: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] = base[t] + sum of y over token t's pairs (base None: 0); out [N, D]. A given base is
+        accumulated into in place and returned."""
+        if self.csr is not None and y.dtype in (torch.float32, torch.float64):
+            crow, col = self.csr
+            mat = torch.sparse_csr_tensor(crow, col, torch.ones_like(col, dtype=y.dtype),
+                                          (self.n_tokens, y.shape[0]))
             return mat @ y if base is None else base.addmm_(mat, y)
         out = y.new_zeros(self.n_tokens, y.shape[1]) if base is None else base
-        return out.index_add_(0, self.token_ids, y if w is None else y * w.unsqueeze(1).to(y.dtype))
+        return out.index_add_(0, self.token_ids, y)
 
 
 class _Gather(torch.autograd.Function):
@@ -74,26 +72,21 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.plan.combine(g.contiguous(), None), None
+        return ctx.plan.combine(g.contiguous()), None
 
 
-class _WeightedScatter(torch.autograd.Function):
+class _ScatterAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, w, base, plan: Plan):
+    def forward(ctx, y, base, plan: Plan):
         ctx.plan = plan
-        ctx.save_for_backward(y, w)
         if base is not None:
             ctx.mark_dirty(base)
-        return plan.combine(y, w, base)
+        return plan.combine(y, base)
 
     @staticmethod
     def backward(ctx, g):
-        y, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        g_sorted = g.index_select(0, ctx.plan.token_ids)
-        gw = torch.linalg.vecdot(g_sorted, y).to(w.dtype) if need[1] else None
-        gy = g_sorted.mul_(w.unsqueeze(1).to(g.dtype)) if need[0] else None
-        return gy, gw, g if need[2] else None, None
+        gy = g.index_select(0, ctx.plan.token_ids) if ctx.needs_input_grad[0] else None
+        return gy, g if ctx.needs_input_grad[1] else None, None
 
 
 def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -101,10 +94,10 @@ def gather(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return _Gather.apply(x, plan)
 
 
-def weighted_scatter(y: torch.Tensor, w: torch.Tensor, plan: Plan, base: torch.Tensor | None = None):
-    """y [M, D] in expert order, w [M] -> out [N, D] = base + sum over each token's pairs of w * y.
-    base (optional, e.g. the shared experts' output) is accumulated into in place: no separate add."""
-    return _WeightedScatter.apply(y, w, base, plan)
+def scatter_add(y: torch.Tensor, plan: Plan, base: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, D] in expert order -> out [N, D] = base + sum of y over each token's pairs. base (optional,
+    e.g. the shared experts' output) is accumulated into in place: no separate add."""
+    return _ScatterAdd.apply(y, base, plan)
 
 
 def resolve_exchange(method: str, group) -> str:

@@ -1,11 +1,11 @@
 """SwiGLU experts and the grouped expert computation over tokens sorted by expert.
 
-`grouped_swiglu(x, counts, experts)` runs expert i on the contiguous rows
-x[sum(counts[:i]) : sum(counts[:i+1])] with one hand-written autograd function: GEMM outputs are
-written in place into shared buffers (no per-expert cat), elementwise work runs once over all rows,
-in place where it can, on contiguous buffers (strided elementwise kernels and fresh allocations cost
-more than a GEMM split in two on CPU), and every expert's weights get a gradient (zeros for an expert
-that received no tokens), so gradient reduction sees the same parameters on every step and every rank.
+`grouped_swiglu(x, counts, experts, row_weights)` runs expert i on the contiguous rows
+x[sum(counts[:i]) : sum(counts[:i+1])] and scales each output row by its combine weight, in one
+hand-written autograd function: GEMMs write into shared buffers (no per-expert cat), the elementwise
+work of each piece of rows runs between its GEMMs while it is in cache, and every expert's weights get
+a gradient (zeros for an expert that received no tokens), so gradient reduction sees the same
+parameters on every step and every rank.
 
 `swiglu(x, gate_w, up_w, down_w, block_gates)` is the same function for one wide SwiGLU over all rows,
 with optional per-row gates on blocks of its hidden width: the shared experts, concatenated.
@@ -136,13 +136,16 @@ def _gated_activation(h1, h2, gates, out):
     return out
 
 
-def grouped_swiglu(x: torch.Tensor, counts: list[int], experts: list[SwiGLU]) -> torch.Tensor:
-    """Apply experts[i] to its contiguous slice of x ([M, D], rows sorted by expert); returns [M, D]."""
+def grouped_swiglu(x: torch.Tensor, counts: list[int], experts: list[SwiGLU],
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply experts[i] to its contiguous slice of x ([M, D], rows sorted by expert); returns [M, D], row
+    m scaled by row_weights[m] when given (the combine weights: scaled in cache, piece by piece)."""
     assert len(counts) == len(experts) and sum(counts) == x.shape[0], (counts, x.shape)
     weights = []
     for ex in experts:
         weights += [ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight]
-    return _GroupedSwiGLU.apply(x, list(counts), None, *weights)
+    gates = None if row_weights is None else row_weights.to(x.dtype).unsqueeze(1)
+    return _GroupedSwiGLU.apply(x, list(counts), gates, *weights)
 
 
 def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,

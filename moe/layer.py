@@ -28,8 +28,8 @@ from moe.dispatch import (
     exchange_counts,
     gather,
     resolve_exchange,
+    scatter_add,
     segment_perm,
-    weighted_scatter,
 )
 from moe.experts import SwiGLU, grouped_swiglu, swiglu
 from moe.losses import router_losses
@@ -152,14 +152,14 @@ class MoELayer(_DeepSpeedMoE):
         # combine weight of each pair, expert-major like the pairs: a 1-D gather from weights.T
         (w,) = serial(lambda wt: (wt.t().reshape(-1).index_select(0, pair_idx),), weights)
         x_sorted = gather(x, plan)
-        if self.ep_size == 1:
-            y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts)
+        if self.ep_size == 1:  # y_sorted: each pair's expert output times its combine weight
+            y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts, w)
         else:
-            y_sorted = self._expert_parallel(x_sorted, plan.counts)
+            y_sorted = self._expert_parallel(x_sorted, w, plan.counts)
         shared_out = None
         if len(self.shared):
             shared_out = self._shared_forward(x, shared_w if shared_w.numel() else None)
-        out = weighted_scatter(y_sorted, w, plan, base=shared_out)  # routed outputs added onto shared
+        out = scatter_add(y_sorted, plan, base=shared_out)  # routed outputs added onto shared
 
         aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=selected.detach(),
                      probs=probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
@@ -176,8 +176,9 @@ class MoELayer(_DeepSpeedMoE):
             return swiglu(x, gate_w[0], up_w[0], down_w[0], block_gates=gates)
         return swiglu(x, torch.cat(gate_w), torch.cat(up_w), torch.cat(down_w, dim=1), block_gates=gates)
 
-    def _expert_parallel(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Send each (token, expert) row to the rank holding the expert, run, bring the results back."""
+    def _expert_parallel(self, x_sorted: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Send each (token, expert) row and its combine weight to the rank holding the expert, run,
+        bring the weighted results back."""
         n, n_local = self.ep_size, self.num_local_experts
         method = resolve_exchange(self.cfg.ep_exchange, self.ep_group)
         recv = exchange_counts(counts, self.ep_group, method)  # [n * L]: from rank s for my expert l
@@ -188,8 +189,10 @@ class MoELayer(_DeepSpeedMoE):
         local_counts = [sum(recv_c[s * n_local + e] for s in range(n)) for e in range(n_local)]
 
         x_recv = exchange(x_sorted, send_splits, recv_splits, self.ep_group, method)
+        w_recv = exchange(w.unsqueeze(1), send_splits, recv_splits, self.ep_group, method)
         perm = segment_perm(recv.view(n, n_local))  # (source, expert) order -> (expert, source) order
-        y_local = grouped_swiglu(x_recv.index_select(0, perm), local_counts, self.local_experts)
+        y_local = grouped_swiglu(x_recv.index_select(0, perm), local_counts, self.local_experts,
+                                 w_recv.index_select(0, perm).squeeze(1))
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         return exchange(y_local.index_select(0, inv), recv_splits, send_splits, self.ep_group, method)
