@@ -31,14 +31,19 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-CHUNK_ROWS = 1024  # rows per piece: a piece's activations stay in cache between its GEMMs
+CHUNK_ROWS = 1024  # CPU: rows per piece, so a piece's activations stay in cache between its GEMMs
 
 
-def _pieces(counts: list[int]):
-    """(expert, rows) for each expert's contiguous rows, in pieces of at most CHUNK_ROWS, one after the
+def _piece_rows(x: torch.Tensor) -> int:
+    """Rows per piece: CHUNK_ROWS on CPU; on GPU an expert's rows are one piece (fewer, larger GEMMs)."""
+    return CHUNK_ROWS if x.device.type == "cpu" else max(x.shape[0], 1)
+
+
+def _pieces(counts: list[int], max_rows: int):
+    """(expert, rows) for each expert's contiguous rows, in pieces of at most max_rows, one after the
     other; each GEMM uses torch's intra-op threads. A pool running experts concurrently with one-thread
     GEMMs only helped on an oversubscribed machine and cost 10-20% on an idle 2-core one."""
-    off, max_rows = 0, CHUNK_ROWS
+    off = 0
     for e, c in enumerate(counts):
         for r0 in range(off, off + c, max_rows):
             yield e, slice(r0, min(r0 + max_rows, off + c))
@@ -59,9 +64,9 @@ def _accumulate(grads: list, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """Piece by piece (an expert's rows, at most CHUNK_ROWS at a time): the GEMMs, and between them the
-    elementwise work on that piece while it is still in cache (one pass over all rows at the end costs
-    a trip to memory per elementwise op, as much as a GEMM on CPU).
+    """Piece by piece (an expert's rows, on CPU at most CHUNK_ROWS at a time): the GEMMs, and between
+    them the elementwise work on that piece while it is still in cache (after all GEMMs, every
+    elementwise op would stream all rows through memory once more).
 
     Saved for backward: x, h1 = x Wg^T and h2 = x Wu^T, less than autograd keeps for a dense SwiGLU;
     silu(h1) and the down projection's input a = silu(h1) * h2 (* g) are recomputed per piece in
@@ -75,8 +80,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         m, f = x.shape[0], weights[0].shape[0]
         h1, h2 = x.new_empty(m, f), x.new_empty(m, f)
         y = x.new_empty(m, weights[2].shape[0])
-        scratch = x.new_empty(min(m, CHUNK_ROWS), f)
-        for e, rows in _pieces(counts):
+        piece = _piece_rows(x)
+        scratch = x.new_empty(min(m, piece), f)
+        for e, rows in _pieces(counts, piece):
             wg, wu, wd = weights[3 * e: 3 * e + 3]
             torch.mm(x[rows], wg.t(), out=h1[rows])
             torch.mm(x[rows], wu.t(), out=h2[rows])
@@ -95,9 +101,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         gws = [None] * len(weights)
         gx = torch.empty_like(x) if need[0] else None
         g_gates = gates.new_empty(gates.shape) if gates is not None and need[2] else None
-        rows_max, f = min(x.shape[0], CHUNK_ROWS), h1.shape[1]
-        ga_buf, s_buf, t_buf = (x.new_empty(rows_max, f) for _ in range(3))
-        for e, rows in _pieces(ctx.counts):
+        piece, f = _piece_rows(x), h1.shape[1]
+        ga_buf, s_buf, t_buf = (x.new_empty(min(x.shape[0], piece), f) for _ in range(3))
+        for e, rows in _pieces(ctx.counts, piece):
             n = rows.stop - rows.start
             wg, wu, wd = weights[3 * e: 3 * e + 3]
             xe, h1e, h2e, gye = x[rows], h1[rows], h2[rows], gy[rows]
