@@ -1,22 +1,25 @@
 """Dropless token permutation and the expert-parallel token exchange.
 
-Local (EP=1): (token, expert) pairs sorted by expert (`Plan`, no sort kernel) -> one gather x[token_ids]
--> experts on contiguous slices, their outputs scaled by the combine weights (moe.experts) -> one
-scatter-add back onto the shared experts' output (`scatter_add`; on CPU a sparse CSR matmul, on GPU
-index_add_). Gather and scatter-add are each other's backward. No per-token Python, no capacity.
+`Plan`: the (token, expert) pairs sorted by expert (no sort kernel), with per-expert counts. Local (EP=1),
+moe.experts.grouped_swiglu fuses the permutation with the experts: each piece of an expert's pairs
+gathers its tokens' rows, runs, and scatter-adds its weighted output onto the shared experts' output;
+no per-token Python, no capacity, no [pairs, D] copies.
 
 Expert parallel (EP=n): rank r holds the routed experts [r*L, (r+1)*L). Sorted by global expert, the
 pairs are already grouped by destination rank. 1) per-expert counts are exchanged (all-to-all of
-[n, L] counts), 2) the tokens travel (all-to-all, uneven splits), 3) received rows are reordered from
-(source rank, local expert) to (local expert, source rank) so each local expert sees one contiguous
-slice, 4) the way back is the inverse permutation and the reverse all-to-all. Null-routed tokens are
-never in the pair list, so they never travel. `exchange` is differentiable (its backward is the reverse
+[n, L] counts), 2) the tokens travel, gathered into pair order (`gather`), with their combine weights
+(all-to-all, uneven splits), 3) each local expert's pairs read the received rows through the
+permutation (source rank, local expert) -> (local expert, source rank) and write their outputs back to
+the same rows, 4) the reverse all-to-all brings them home, where `scatter_add` (on CPU a sparse CSR
+matmul, on GPU index_add_) adds them onto the shared experts' output. Null-routed tokens are never in
+the pair list, so they never travel. `exchange` is differentiable (its backward is the reverse
 exchange) and has two transports: `all_to_all_single` (NCCL, and gloo in recent torch) and point-to-point
 isend/irecv (any backend; the default on gloo).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -42,15 +45,20 @@ class Plan:
         # tokens in order within an expert, no sort kernel needed.
         self.expert_ids, self.token_ids = sel.t().nonzero(as_tuple=True)
         self.counts = torch.bincount(self.expert_ids, minlength=num_experts)
-        self.csr = None
-        if sel.device.type == "cpu":
-            idx = torch.int32 if self.token_ids.numel() < 2 ** 31 else torch.int64
-            offsets = self.counts.cumsum(0) - self.counts
-            pos = sel.to(idx).cumsum(0) - 1 + offsets.to(idx)  # expert-sorted position of pair (t, e)
-            col = pos[sel]  # token-major order
-            crow = torch.zeros(self.n_tokens + 1, dtype=idx, device=sel.device)
-            crow[1:] = sel.sum(1).cumsum(0)
-            self.csr = (crow, col)
+        self._selected = sel
+
+    @functools.cached_property
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(crow, col) of the 0/1 [N, M] matrix of token t's pair positions (CPU only; built on first use)."""
+        sel = self._selected
+        if sel.device.type != "cpu":
+            return None
+        idx = torch.int32 if self.token_ids.numel() < 2 ** 31 else torch.int64
+        offsets = self.counts.cumsum(0) - self.counts
+        pos = sel.to(idx).cumsum(0) - 1 + offsets.to(idx)  # expert-sorted position of pair (t, e)
+        crow = torch.zeros(self.n_tokens + 1, dtype=idx, device=sel.device)
+        crow[1:] = sel.sum(1).cumsum(0)
+        return crow, pos[sel]  # col in token-major order
 
     def combine(self, y: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """out[t] = base[t] + sum of y over token t's pairs (base None: 0); out [N, D]. A given base is

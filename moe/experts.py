@@ -1,11 +1,13 @@
-"""SwiGLU experts and the grouped expert computation over tokens sorted by expert.
+"""SwiGLU experts and the grouped expert computation, fused with the token permutation.
 
-`grouped_swiglu(x, counts, experts, row_weights)` runs expert i on the contiguous rows
-x[sum(counts[:i]) : sum(counts[:i+1])] and scales each output row by its combine weight, in one
-hand-written autograd function: GEMMs write into shared buffers (no per-expert cat), the elementwise
-work of each piece of rows runs between its GEMMs while it is in cache, and every expert's weights get
-a gradient (zeros for an expert that received no tokens), so gradient reduction sees the same
-parameters on every step and every rank.
+`grouped_swiglu(x, counts, experts, index, row_weights, base)`: pair p (pairs sorted by expert, counts[i]
+of them for expert i) reads row index[p] of x, goes through its expert, is scaled by row_weights[p] and
+added to row index[p] of the output (base, or zeros). One hand-written autograd function, piece by piece
+(an expert's pairs, on CPU at most CHUNK_ROWS at a time): gather the piece's rows, its GEMMs with the
+elementwise work between them while the piece is in cache, scatter-add its output; backward the same
+way round. No [pairs, D] copy of the tokens, their outputs or their gradients is ever materialised, and
+every expert's weights get a gradient (zeros for an expert that received no tokens), so gradient
+reduction sees the same parameters on every step and every rank.
 
 `swiglu(x, gate_w, up_w, down_w, block_gates)` is the same function for one wide SwiGLU over all rows,
 with optional per-row gates on blocks of its hidden width: the shared experts, concatenated.
@@ -31,12 +33,12 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-CHUNK_ROWS = 1024  # CPU: rows per piece, so a piece's activations stay in cache between its GEMMs
+CHUNK_ROWS = 2048  # CPU: rows per piece, so a piece's activations stay in (L3) cache between its GEMMs
 
 
-def _piece_rows(x: torch.Tensor) -> int:
-    """Rows per piece: CHUNK_ROWS on CPU; on GPU an expert's rows are one piece (fewer, larger GEMMs)."""
-    return CHUNK_ROWS if x.device.type == "cpu" else max(x.shape[0], 1)
+def _piece_rows(x: torch.Tensor, m: int) -> int:
+    """Rows per piece: CHUNK_ROWS on CPU; on GPU an expert's m pairs are one piece (fewer, larger GEMMs)."""
+    return CHUNK_ROWS if x.device.type == "cpu" else max(m, 1)
 
 
 def _pieces(counts: list[int], max_rows: int):
@@ -63,50 +65,79 @@ def _accumulate(grads: list, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
         grads[i].addmm_(a, b)
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """Piece by piece (an expert's rows, on CPU at most CHUNK_ROWS at a time): the GEMMs, and between
-    them the elementwise work on that piece while it is still in cache (after all GEMMs, every
-    elementwise op would stream all rows through memory once more).
+class _Rows:
+    """A piece's rows of an [N, D] tensor: pairs `rows` read and add to rows index[rows] (index None:
+    the pairs are the rows themselves, read as views and written in place)."""
 
-    Saved for backward: x, h1 = x Wg^T and h2 = x Wu^T, less than autograd keeps for a dense SwiGLU;
-    silu(h1) and the down projection's input a = silu(h1) * h2 (* g) are recomputed per piece in
-    backward, in cache, into per-call scratch buffers. Block gates g [M, B] scale block b of the hidden
-    width by g[:, b] (B gated SwiGLUs concatenated along F: the shared experts).
-    """
+    def __init__(self, index: torch.Tensor | None, rows: slice):
+        self.index = None if index is None else index[rows]
+        self.rows = rows
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.rows] if self.index is None else t.index_select(0, self.index)
+
+    def add_products(self, out: torch.Tensor, products, overwrite: bool = False) -> None:
+        """out[rows] (+)= sum of a @ b over products [(a, b), ...]."""
+        (a, b), rest = products[0], products[1:]
+        if self.index is None:
+            dst = out[self.rows]
+            torch.mm(a, b, out=dst) if overwrite else dst.addmm_(a, b)
+        else:
+            dst = torch.mm(a, b)
+        for a, b in rest:
+            dst.addmm_(a, b)
+        if self.index is not None:
+            out.index_add_(0, self.index, dst)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Saved for backward: x, index, h1 = x Wg^T and h2 = x Wu^T per pair (less than autograd keeps for
+    a dense SwiGLU); silu(h1) and the down projection's input a = silu(h1) * h2 (* g) are recomputed per
+    piece in backward, in cache, into per-call scratch buffers. Gates g [M, B] scale block b of the
+    hidden width by g[:, b] (B = 1: the combine weights; B gated SwiGLUs concatenated along F: the
+    shared experts)."""
 
     @staticmethod
-    def forward(ctx, x, counts: list[int], gates, *weights):
-        # weights = (gate_0, up_0, down_0, gate_1, ...); x [M, D] sorted by expert
-        m, f = x.shape[0], weights[0].shape[0]
+    def forward(ctx, x, index, counts: list[int], gates, base, *weights):
+        # weights = (gate_0, up_0, down_0, gate_1, ...)
+        m, f, d = sum(counts), weights[0].shape[0], weights[2].shape[0]
         h1, h2 = x.new_empty(m, f), x.new_empty(m, f)
-        y = x.new_empty(m, weights[2].shape[0])
-        piece = _piece_rows(x)
+        fresh = base is None and index is None  # output rows written exactly once, in pair order
+        out = base if base is not None else (x.new_empty(m, d) if fresh else x.new_zeros(x.shape[0], d))
+        piece = _piece_rows(x, m)
         scratch = x.new_empty(min(m, piece), f)
         for e, rows in _pieces(counts, piece):
             wg, wu, wd = weights[3 * e: 3 * e + 3]
-            torch.mm(x[rows], wg.t(), out=h1[rows])
-            torch.mm(x[rows], wu.t(), out=h2[rows])
+            at = _Rows(index, rows)
+            xe = at.read(x)
+            torch.mm(xe, wg.t(), out=h1[rows])
+            torch.mm(xe, wu.t(), out=h2[rows])
             a = _gated_activation(h1[rows], h2[rows], None if gates is None else gates[rows],
                                   scratch[: rows.stop - rows.start])
-            torch.mm(a, wd.t(), out=y[rows])
+            at.add_products(out, [(a, wd.t())], overwrite=fresh)
+        if base is not None:
+            ctx.mark_dirty(base)
         ctx.counts = counts
-        ctx.save_for_backward(x, h1, h2, gates, *weights)
-        return y
+        ctx.save_for_backward(x, index, h1, h2, gates, *weights)
+        return out
 
     @staticmethod
-    def backward(ctx, gy):
-        x, h1, h2, gates, *weights = ctx.saved_tensors
+    def backward(ctx, g):
+        x, index, h1, h2, gates, *weights = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gy = gy.contiguous()
+        g = g.contiguous()
         gws = [None] * len(weights)
-        gx = torch.empty_like(x) if need[0] else None
-        g_gates = gates.new_empty(gates.shape) if gates is not None and need[2] else None
-        piece, f = _piece_rows(x), h1.shape[1]
-        ga_buf, s_buf, t_buf = (x.new_empty(min(x.shape[0], piece), f) for _ in range(3))
+        gx = None
+        if need[0]:
+            gx = torch.zeros_like(x) if index is not None else torch.empty_like(x)
+        g_gates = gates.new_empty(gates.shape) if gates is not None and need[3] else None
+        piece, f = _piece_rows(x, h1.shape[0]), h1.shape[1]
+        ga_buf, s_buf, t_buf = (x.new_empty(min(h1.shape[0], piece), f) for _ in range(3))
         for e, rows in _pieces(ctx.counts, piece):
             n = rows.stop - rows.start
             wg, wu, wd = weights[3 * e: 3 * e + 3]
-            xe, h1e, h2e, gye = x[rows], h1[rows], h2[rows], gy[rows]
+            at = _Rows(index, rows)
+            xe, gye, h1e, h2e = at.read(x), at.read(g), h1[rows], h2[rows]
             ga, s, t = ga_buf[:n], s_buf[:n], t_buf[:n]
             torch.mm(gye, wd, out=ga)  # d(down input)
             torch.ops.aten.silu.out(h1e, out=s)
@@ -117,20 +148,20 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     torch.linalg.vecdot(_blocks(ga, ge.shape[1]), _blocks(t, ge.shape[1]), out=g_gates[rows])
                 _blocks(t, ge.shape[1]).mul_(ge)  # t = down input
                 _blocks(ga, ge.shape[1]).mul_(ge)  # ga = d a
-            if need[5 + 3 * e]:
+            if need[7 + 3 * e]:
                 _accumulate(gws, 3 * e + 2, gye.t(), t)  # [D, F]
             gh2 = torch.mul(ga, s, out=t)
             gh1 = torch.ops.aten.silu_backward.grad_input(ga.mul_(h2e), h1e, grad_input=ga)
-            if need[3 + 3 * e]:
+            if need[5 + 3 * e]:
                 _accumulate(gws, 3 * e, gh1.t(), xe)
-            if need[4 + 3 * e]:
+            if need[6 + 3 * e]:
                 _accumulate(gws, 3 * e + 1, gh2.t(), xe)
             if gx is not None:
-                torch.mm(gh1, wg, out=gx[rows]).addmm_(gh2, wu)
+                at.add_products(gx, [(gh1, wg), (gh2, wu)], overwrite=index is None)
         # an expert without tokens still gets a (zero) gradient: same reduction on every rank and step
-        gws = [torch.zeros_like(w) if g is None and need[3 + i] else g
-               for i, (w, g) in enumerate(zip(weights, gws))]
-        return (gx, None, g_gates, *gws)
+        gws = [torch.zeros_like(w) if gw is None and need[5 + i] else gw
+               for i, (w, gw) in enumerate(zip(weights, gws))]
+        return (gx, None, None, g_gates, g if need[4] else None, *gws)
 
 
 def _gated_activation(h1, h2, gates, out):
@@ -143,15 +174,18 @@ def _gated_activation(h1, h2, gates, out):
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], experts: list[SwiGLU],
-                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply experts[i] to its contiguous slice of x ([M, D], rows sorted by expert); returns [M, D], row
-    m scaled by row_weights[m] when given (the combine weights: scaled in cache, piece by piece)."""
-    assert len(counts) == len(experts) and sum(counts) == x.shape[0], (counts, x.shape)
+                   index: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+                   base: torch.Tensor | None = None) -> torch.Tensor:
+    """out[index[p]] += row_weights[p] * experts[i](x[index[p]]) for the counts[i] pairs p of expert i
+    (pairs sorted by expert); out = base (accumulated into in place) or zeros, [len(x), D].
+    index None: x is already in pair order ([sum(counts), D]) and so is the output."""
+    assert len(counts) == len(experts), (len(counts), len(experts))
+    assert sum(counts) == (x.shape[0] if index is None else index.numel()), (counts, x.shape)
     weights = []
     for ex in experts:
         weights += [ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight]
     gates = None if row_weights is None else row_weights.to(x.dtype).unsqueeze(1)
-    return _GroupedSwiGLU.apply(x, list(counts), gates, *weights)
+    return _GroupedSwiGLU.apply(x, index, list(counts), gates, base, *weights)
 
 
 def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
@@ -161,4 +195,4 @@ def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: to
     if block_gates is not None:
         assert gate_w.shape[0] % block_gates.shape[1] == 0, (gate_w.shape, block_gates.shape)
         block_gates = block_gates.to(x.dtype).contiguous()
-    return _GroupedSwiGLU.apply(x, [x.shape[0]], block_gates, gate_w, up_w, down_w)
+    return _GroupedSwiGLU.apply(x, None, [x.shape[0]], block_gates, None, gate_w, up_w, down_w)

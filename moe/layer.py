@@ -151,15 +151,16 @@ class MoELayer(_DeepSpeedMoE):
             pair_idx = plan.expert_ids * n_tok + plan.token_ids
         # combine weight of each pair, expert-major like the pairs: a 1-D gather from weights.T
         (w,) = serial(lambda wt: (wt.t().reshape(-1).index_select(0, pair_idx),), weights)
-        x_sorted = gather(x, plan)
-        if self.ep_size == 1:  # y_sorted: each pair's expert output times its combine weight
-            y_sorted = grouped_swiglu(x_sorted, plan.counts.tolist(), self.local_experts, w)
-        else:
-            y_sorted = self._expert_parallel(x_sorted, w, plan.counts)
         shared_out = None
         if len(self.shared):
             shared_out = self._shared_forward(x, shared_w if shared_w.numel() else None)
-        out = scatter_add(y_sorted, plan, base=shared_out)  # routed outputs added onto shared
+        # routed outputs, each times its combine weight, are added onto the shared experts' output
+        if self.ep_size == 1:  # gather, experts and scatter-add fused, piece by piece
+            out = grouped_swiglu(x, plan.counts.tolist(), self.local_experts, index=plan.token_ids,
+                                 row_weights=w, base=shared_out)
+        else:
+            y_sorted = self._expert_parallel(gather(x, plan), w, plan.counts)
+            out = scatter_add(y_sorted, plan, base=shared_out)
 
         aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=selected.detach(),
                      probs=probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
@@ -191,8 +192,7 @@ class MoELayer(_DeepSpeedMoE):
         x_recv = exchange(x_sorted, send_splits, recv_splits, self.ep_group, method)
         w_recv = exchange(w.unsqueeze(1), send_splits, recv_splits, self.ep_group, method)
         perm = segment_perm(recv.view(n, n_local))  # (source, expert) order -> (expert, source) order
-        y_local = grouped_swiglu(x_recv.index_select(0, perm), local_counts, self.local_experts,
-                                 w_recv.index_select(0, perm).squeeze(1))
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
-        return exchange(y_local.index_select(0, inv), recv_splits, send_splits, self.ep_group, method)
+        # pair p of my experts reads received row perm[p] and writes its output back to that row
+        y_recv = grouped_swiglu(x_recv, local_counts, self.local_experts, index=perm,
+                                row_weights=w_recv.squeeze(1).index_select(0, perm))
+        return exchange(y_recv, recv_splits, send_splits, self.ep_group, method)
