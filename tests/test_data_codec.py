@@ -49,14 +49,17 @@ def test_random_codec_is_deterministic_from_seed(codec):
 
 
 def test_batch_padding_keeps_each_items_codes(codec):
-    short, long = 0.1 * torch.randn(1, 1, 4800), 0.1 * torch.randn(1, 1, 9600)
+    gen = torch.Generator().manual_seed(0)  # inputs independent of what ran before in this process
+    short, long = 0.1 * torch.randn(1, 1, 4800, generator=gen), 0.1 * torch.randn(1, 1, 9600, generator=gen)
     alone = codec.encode(short)
     padded = torch.zeros(2, 1, 9600)
     padded[0, :, :4800], padded[1] = short[0], long[0]
     batched = codec.encode(padded)[0, :, : codec.num_frames(4800)]
-    # the encoder is causal: padding after the end does not change earlier frames (allow the last frame)
-    # (batched float math may flip a near-tie, so compare the agreement rate)
-    assert (batched[:, :-1] == alone[0, :, :-1]).float().mean() > 0.95
+    # the encoder is causal: padding after the end does not change earlier frames (allow the last frame).
+    # Batched float math may flip a near-tie of the first codebook's nearest code, which changes every
+    # residual code of that frame: allow one such frame of the 14 compared.
+    frames_differing = (batched[:, :-1] != alone[0, :, :-1]).any(dim=0).sum().item()
+    assert frames_differing <= 1, (batched[:, :-1], alone[0, :, :-1])
 
 
 def test_trained_codec_needs_weights(tmp_path):
