@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from torch import nn
 
@@ -33,7 +32,7 @@ from moe.dispatch import (
 )
 from moe.experts import SwiGLU, grouped_swiglu, swiglu
 from moe.losses import router_losses
-from moe.router import jitter, route
+from moe.router import gate_logits, route
 from moe.serial import one_thread, serial
 from moe.stats import routing_stats
 
@@ -133,10 +132,8 @@ class MoELayer(_DeepSpeedMoE):
             if task_ids.numel() != n_tok:
                 raise ValueError(f"MoELayer: task_ids has {task_ids.numel()} entries for {n_tok} tokens "
                                  f"(it must have x's leading shape {tuple(shape[:-1])})")
-        router_in = x.float()  # fp32 gate (and fp32 jitter: 1 +- 0.01 is not representable in bf16)
-        if self.training:
-            router_in = jitter(router_in, cfg.input_jitter)
-        logits = F.linear(router_in, self.gate.weight.float())
+        # fp32 gate (and fp32 jitter: 1 +- 0.01 is not representable in bf16)
+        logits = gate_logits(x.float(), self.gate.weight.float(), cfg.input_jitter if self.training else 0.0)
         valid = None if task_ids is None else task_ids >= 0
 
         def _route(lg):  # small [N, R+Z+S] ops: one CPU thread (moe.serial)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe.config import MoEConfig
-from moe.router import route, top_p_select
+from moe.router import gate_logits, jitter_noise, route, top_p_select
 
 
 def _cfg(**kw):
@@ -106,3 +106,31 @@ def test_random_batch_matches_per_token_rule():
 def test_config_errors_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**bad)
+
+
+def test_jitter_noise_is_uniform_on_its_interval():
+    noise = jitter_noise(torch.ones(1000, 64), 0.01)
+    assert noise.dtype == torch.float32 and noise.shape == (1000, 64)
+    assert noise.min() >= 0.99 and noise.max() <= 1.01
+    # U(-1, 1) after rescaling, in each of the four 16-bit lanes that one 64-bit draw gives
+    lanes = ((noise.double() - 1.0) / 0.01).reshape(-1, 4)
+    assert lanes.mean(0).abs().max() < 0.03  # std of a lane mean: 0.577 / sqrt(16000) = 0.0046
+    assert (lanes.std(0) - 1 / math.sqrt(3)).abs().max() < 0.01
+    assert len(torch.unique(noise)) > 30000  # 16-bit resolution, not a handful of levels
+
+
+def test_jittered_gate_matches_autograd_with_the_same_noise():
+    x, w, g = torch.randn(37, 24), torch.randn(11, 24), torch.randn(37, 11)
+    torch.manual_seed(3)
+    noise = jitter_noise(x, 0.2)
+    x_ref, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = (x_ref * noise) @ w_ref.t()
+    (ref * g).sum().backward()
+    torch.manual_seed(3)  # the same draw inside gate_logits
+    x_ours, w_ours = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = gate_logits(x_ours, w_ours, 0.2)
+    (ours * g).sum().backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(w_ours.grad, w_ref.grad)
+    torch.testing.assert_close(gate_logits(x, w), x @ w.t())
