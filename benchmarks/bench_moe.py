@@ -7,12 +7,17 @@ Prints a few lines, then (with --json) one JSON object as the last line. All var
 inputs in one process; iterations are interleaved (ours, dense, ...) after warm-up and medians reported.
 `overhead_vs_dense` = our time per token / the time per token of one dense SwiGLU FFN whose width is the
 measured mean active routed width plus the shared experts' width (the physical limit of the layer).
+On CPU the JSON also gives the page faults of each variant (memory glibc handed back to the kernel and
+touched again: the dense FFN's large activations pay far more of it than our pieces) and, measured last,
+`without_page_faults`: ours vs dense once freed memory stays in the heap, the comparison of compute only.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import statistics
 import time
@@ -24,6 +29,12 @@ import torch.distributed as dist
 from moe.config import MoEConfig
 from moe.experts import SwiGLU
 from moe.layer import MoELayer
+
+try:
+    import resource
+except ImportError:  # not on every platform: page faults are then reported as 0
+    resource = None
+PAGE_MB = mmap.PAGESIZE / 2 ** 20
 
 
 @dataclass
@@ -116,10 +127,15 @@ def _dense_width(mean_experts: float, size: BenchSize) -> float:
     return mean_experts * size.ffn + size.shared * size.shared_ffn
 
 
-def _time_interleaved(fns: dict, warmup: int, iters: int, device,
-                      clock=time.perf_counter) -> dict[str, list[float]]:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.perf_counter,
+                      faults: dict | None = None) -> dict[str, list[float]]:
     """Seconds of `clock` per call for each function, calls interleaved round by round (load drift
-    hits all variants alike)."""
+    hits all variants alike). `faults`, if given, receives each call's minor page faults in MB: memory
+    the allocator handed back to the kernel and touched again, a cost that depends on the allocator."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -127,11 +143,41 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device,
     for _ in range(iters):
         for name, fn in fns.items():
             _sync(device)
-            t0 = clock()
+            f0, t0 = _minor_faults(), clock()
             fn()
             _sync(device)
             times[name].append(clock() - t0)
+            if faults is not None:
+                faults.setdefault(name, []).append((_minor_faults() - f0) * PAGE_MB)
     return times
+
+
+def _keep_freed_memory() -> str | None:
+    """glibc: keep freed blocks in the heap instead of returning them to the kernel, so reused memory is
+    not faulted in again. None on success, else why not. Changes the process: call it last."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as e:
+        return f"no glibc ({e})"
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+          and libc.mallopt(m_top_pad, 256 << 20))
+    return None if ok else "mallopt refused the settings"
+
+
+def _without_page_faults(fns: dict, size: BenchSize, device, flop_scale: float) -> dict:
+    """ours vs dense again once freed memory stays in the heap: the comparison without the
+    allocator-dependent page-fault cost (which, with glibc's defaults, the dense FFN pays far more of)."""
+    why = _keep_freed_memory()
+    if why is not None:
+        return {"error": why}
+    faults: dict[str, list[float]] = {}
+    t = _time_interleaved({k: fns[k] for k in ("ours", "dense")}, size.warmup, size.iters, device,
+                          faults=faults)
+    t["dense"] = [x * flop_scale for x in t["dense"]]
+    return {"overhead_vs_dense": statistics.median(o / d for o, d in zip(t["ours"], t["dense"])),
+            "median_ms": {k: 1000 * statistics.median(v) for k, v in t.items()},
+            "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()}}
 
 
 def _cpu_time_one_thread(fns: dict, warmup: int, iters: int) -> dict[str, list[float]]:
@@ -205,7 +251,8 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
     log(f"timing {list(fns)} on {size.tokens} tokens, hidden {size.hidden}, {size.experts} experts of "
         f"{size.ffn}, dense-equivalent width {width:.0f} (timed at {dense_width}), "
         f"{size.iters} interleaved iterations")
-    times = _time_interleaved(fns, size.warmup, size.iters, dev)
+    faults: dict[str, list[float]] = {}
+    times = _time_interleaved(fns, size.warmup, size.iters, dev, faults=faults)
     times["dense"] = [t * flop_scale for t in times["dense"]]
     sec = {name: statistics.median(ts) for name, ts in times.items()}
     tps = {name: size.tokens / s for name, s in sec.items()}
@@ -223,6 +270,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
             cpu["speedup_vs_deepspeed"] = statistics.median(
                 d / o for o, d in zip(ct["ours_k2"], ct["deepspeed_top2"]))
         cpu["median_ms"] = {k: 1000 * statistics.median(v) for k, v in ct.items()}
+    no_faults = _without_page_faults(fns, size, dev, flop_scale) if dev.type == "cpu" else {}
 
     result.update({
         "ours_tokens_per_s": tps["ours"],
@@ -239,7 +287,11 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
         "median_ms": {k: 1000 * v for k, v in sec.items()},
+        # freshly faulted memory per step (glibc returns large freed blocks to the kernel): part of each
+        # variant's time, and allocator-dependent (jemalloc/tcmalloc or MALLOC_* settings change it)
+        "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()},
         "one_thread_cpu_time": cpu,
+        "without_page_faults": no_faults,
         "config": {"tokens": size.tokens, "hidden": size.hidden, "expert_ffn": size.ffn,
                    "routed_experts": size.experts, "null_experts": 1, "shared_experts": size.shared,
                    "shared_ffn": size.shared_ffn, "top_p": 0.7, "gate_std": size.gate_std,
@@ -265,6 +317,8 @@ def run_cli(args) -> int:
     for key, value in result["one_thread_cpu_time"].items():
         if key != "median_ms":
             print(f"{key + ' (1 thread, CPU s)':>30}: {value}")
+    if "overhead_vs_dense" in result["without_page_faults"]:
+        print(f"{'overhead_vs_dense (no faults)':>30}: {result['without_page_faults']['overhead_vs_dense']}")
     for key in ("deepspeed_error", "megatron_error"):
         if key in result:
             print(f"{key:>30}: {result[key]}")

@@ -29,5 +29,9 @@ def test_bench_moe_tiny_prints_json_last():
     assert result["ours_tokens_per_s"] > 0 and result["dense_equiv_tokens_per_s"] > 0
     assert result["deepspeed_topk_tokens_per_s"] is not None, result.get("deepspeed_error")
     assert 0.0 <= result["deepspeed_dropped_fraction"] <= 1.0
+    faults = result["page_faults_mb_per_step"]
+    assert {"ours", "dense", "ours_k2"} <= set(faults) and min(faults.values()) >= 0.0
+    no_faults = result["without_page_faults"]
+    assert no_faults.get("overhead_vs_dense", 0) > 0 or "error" in no_faults
     # megatron-core's MoELayer either ran or says why not
     assert result["megatron_tokens_per_s"] is not None or "cannot run" in result["megatron_error"]
