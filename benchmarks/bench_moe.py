@@ -152,6 +152,15 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.per
     return times
 
 
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """Median of the per-round ratios num / den: robust to load that drifts between rounds."""
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
+def _median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
 def _keep_freed_memory() -> str | None:
     """glibc: keep freed blocks in the heap instead of returning them to the kernel, so reused memory is
     not faulted in again. None on success, else why not. Changes the process: call it last."""
@@ -175,8 +184,7 @@ def _without_page_faults(fns: dict, size: BenchSize, device, flop_scale: float) 
     t = _time_interleaved({k: fns[k] for k in ("ours", "dense")}, size.warmup, size.iters, device,
                           faults=faults)
     t["dense"] = [x * flop_scale for x in t["dense"]]
-    return {"overhead_vs_dense": statistics.median(o / d for o, d in zip(t["ours"], t["dense"])),
-            "median_ms": {k: 1000 * statistics.median(v) for k, v in t.items()},
+    return {"overhead_vs_dense": _median_ratio(t["ours"], t["dense"]), "median_ms": _median_ms(t),
             "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()}}
 
 
@@ -254,22 +262,20 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
     faults: dict[str, list[float]] = {}
     times = _time_interleaved(fns, size.warmup, size.iters, dev, faults=faults)
     times["dense"] = [t * flop_scale for t in times["dense"]]
-    sec = {name: statistics.median(ts) for name, ts in times.items()}
-    tps = {name: size.tokens / s for name, s in sec.items()}
-    # per-round ratios, then the median: robust to load that drifts between rounds
-    overhead = statistics.median(o / d for o, d in zip(times["ours"], times["dense"]))
-    speedup = (statistics.median(d / o for o, d in zip(times["ours_k2"], times["deepspeed_top2"]))
-               if "deepspeed_top2" in times else None)
+    median_ms = _median_ms(times)
+    tps = {name: 1000 * size.tokens / ms for name, ms in median_ms.items()}
+    overhead = _median_ratio(times["ours"], times["dense"])
+    speedup = (_median_ratio(times["deepspeed_top2"], times["ours_k2"]) if "deepspeed_top2" in times
+               else None)
     cpu = {}
     if dev.type == "cpu":
         ct = _cpu_time_one_thread({k: fns[k] for k in ("ours", "dense", "ours_k2", "deepspeed_top2")
                                    if k in fns}, 1, size.cpu_iters)
         ct["dense"] = [t * flop_scale for t in ct["dense"]]
-        cpu["overhead_vs_dense"] = statistics.median(o / d for o, d in zip(ct["ours"], ct["dense"]))
+        cpu["overhead_vs_dense"] = _median_ratio(ct["ours"], ct["dense"])
         if "deepspeed_top2" in ct:
-            cpu["speedup_vs_deepspeed"] = statistics.median(
-                d / o for o, d in zip(ct["ours_k2"], ct["deepspeed_top2"]))
-        cpu["median_ms"] = {k: 1000 * statistics.median(v) for k, v in ct.items()}
+            cpu["speedup_vs_deepspeed"] = _median_ratio(ct["deepspeed_top2"], ct["ours_k2"])
+        cpu["median_ms"] = _median_ms(ct)
     no_faults = _without_page_faults(fns, size, dev, flop_scale) if dev.type == "cpu" else {}
 
     result.update({
@@ -286,7 +292,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
         "dropped_tokens": 0,  # dropless by construction: every (token, routed expert) pair is computed
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
-        "median_ms": {k: 1000 * v for k, v in sec.items()},
+        "median_ms": median_ms,
         # freshly faulted memory per step (glibc returns large freed blocks to the kernel): part of each
         # variant's time, and allocator-dependent (jemalloc/tcmalloc or MALLOC_* settings change it)
         "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()},
