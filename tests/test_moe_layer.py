@@ -81,12 +81,19 @@ def test_matches_reference_when_experts_run_in_pieces(monkeypatch):
     _check_against_reference(dict(num_shared_experts=1, gate_shared=False))
 
 
-def _check_against_reference(kw):
+def _seeded_layer(std: float, **kw) -> MoELayer:
+    """Seed 0, then weights of the given std: larger than init, so routing is not uniform and outputs
+    are not tiny."""
     torch.manual_seed(0)
     layer = MoELayer(_cfg(**kw))
-    with torch.no_grad():  # larger weights so routing is not uniform and outputs are not tiny
+    with torch.no_grad():
         for p in layer.parameters():
-            p.normal_(std=0.5)
+            p.normal_(std=std)
+    return layer
+
+
+def _check_against_reference(kw):
+    layer = _seeded_layer(0.5, **kw)
     x = torch.randn(24, 12)
     g_out = torch.randn(24, 12)
     x1 = x.clone().requires_grad_()
@@ -185,11 +192,7 @@ def test_names_markers_and_jitter():
 
 
 def test_bfloat16_layer_runs_close_to_fp32():
-    torch.manual_seed(0)
-    layer = MoELayer(_cfg())
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(std=0.3)
+    layer = _seeded_layer(0.3)
     x = torch.randn(32, 12)
     ref, _ = layer(x)
     layer_bf16 = MoELayer(_cfg()).to(torch.bfloat16)
@@ -204,11 +207,7 @@ def test_bfloat16_layer_runs_close_to_fp32():
 
 
 def test_one_and_two_intra_op_threads_match():
-    torch.manual_seed(0)
-    layer = MoELayer(_cfg())
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(std=0.5)
+    layer = _seeded_layer(0.5)
     x, g_out = torch.randn(40, 12), torch.randn(40, 12)
     results = []
     threads = torch.get_num_threads()
