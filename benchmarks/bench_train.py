@@ -7,7 +7,7 @@ The dense FFN width = shared experts' width + the MEASURED mean number of routed
 the MoE's routing stats in warm-up) x the routed expert width, so both models spend the same matmul FLOPs
 per token in their FFNs; `moe_over_dense_time` is then the cost of routing + dispatch + the small per-expert
 GEMMs. Iterations are interleaved (moe, dense, moe, ...) and medians reported. On a GPU the MFU estimate uses
-training.params.train_flops_per_token and the device's peak bf16 dense FLOP/s.
+training.model.params.train_flops_per_token and the device's peak bf16 dense FLOP/s.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from training.batch import collate
 from training.metrics import peak_flops
 from training.model import AudioLM, ModelConfig
-from training.params import parameter_counts, train_flops_per_token
+from training.model.batch import collate
+from training.model.params import parameter_counts, train_flops_per_token
 
 
 def tiny_cfg(moe: dict | None, ffn: int, num_layers: int, hidden: int) -> ModelConfig:

@@ -4,9 +4,9 @@ launcher environment (torchrun / SLURM)."""
 import json
 import os
 
-from training.checkpoint import COMPLETE, complete_tags, find_checkpoint, prune, tag_name
+from training.checkpoint.save import COMPLETE, complete_tags, find_checkpoint, prune, tag_name
+from training.cluster.parallel import dist_env
 from training.metrics import truncate_jsonl
-from training.parallel import dist_env
 
 
 def _tag(ckpt_dir, step, complete=True):

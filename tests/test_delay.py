@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.delay import DelayPattern, musicgen_delays, paper_delays, resolve_delays
+from training.model.delay import DelayPattern, musicgen_delays, paper_delays, resolve_delays
 
 
 def test_named_patterns():

@@ -15,7 +15,7 @@ import time
 
 import soundfile as sf
 
-from training.demo_plan import MIN_STEPS, Estimates, StageRun, make_stages, plan_steps, remeasure
+from training.demo.budget import MIN_STEPS, Estimates, StageRun, make_stages, plan_steps, remeasure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from training.routing_report import TASKS, RoutingAccumulator, routing_report
+from training.eval.routing_report import TASKS, RoutingAccumulator, routing_report
 
 
 def _by_hand(decisions, num_routed):
@@ -143,8 +143,8 @@ def _samples(n, seed=0):
 
 
 def test_evaluate_model_report_equals_raw_decisions_of_the_same_batches(tmp_path):
-    from training.batch import collate
-    from training.evaluate import evaluate_model, write_report
+    from training.eval.evaluate import evaluate_model, write_report
+    from training.model.batch import collate
 
     model = _tiny_moe_model()
     reader = _samples(10)

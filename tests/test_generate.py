@@ -4,9 +4,9 @@ padding); sampling filters; generate() respects min/max length, EOS and the dela
 import pytest
 import torch
 
-from training.batch import collate
-from training.generate import _left_pad, generate, sample_logits
 from training.model import AudioLM, KVCache, ModelConfig
+from training.model.batch import collate
+from training.model.generate import _left_pad, generate, sample_logits
 
 
 def tiny_cfg(**kw):

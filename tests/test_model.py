@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.batch import SEP_ID, TASK_TOKEN_IDS, collate
 from training.model import IGNORE_INDEX, AudioLM, ModelConfig
-from training.params import parameter_counts
+from training.model.batch import SEP_ID, TASK_TOKEN_IDS, collate
+from training.model.params import parameter_counts
 
 
 def tiny_cfg(**kw):
@@ -146,7 +146,7 @@ def test_moe_variant_counts_and_aux():
 
 
 def test_train_flops_per_token():
-    from training.params import train_flops_per_token
+    from training.model.params import train_flops_per_token
     cfg = tiny_cfg()
     c = parameter_counts(cfg)
     assert train_flops_per_token(cfg, 10) == 6 * (c["total"] - c["embedding"]) + 12 * 2 * 32 * 10

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from training.cluster.plan import GiB, all_layouts, layout_problems, memory_per_gpu, parameter_split, run_cli
 from training.config import load_config
 from training.model import AudioLM
-from training.plan import GiB, all_layouts, layout_problems, memory_per_gpu, parameter_split, run_cli
 
 MOE = {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_codebooks": 2, "codebook_size": 16,
                  "text_vocab_size": 40, "max_seq_len": 32},

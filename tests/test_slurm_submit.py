@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from training.slurm import REPO_ROOT, CurriculumError, load_curriculum, run_cli, sbatch_command
+from training.cluster.slurm import REPO_ROOT, CurriculumError, load_curriculum, run_cli, sbatch_command
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "slurm_submit_dry_run_4x8.txt")
 CURRICULUM = os.path.join("training", "configs", "curriculum.yaml")

@@ -7,7 +7,7 @@ import torch
 
 from tests.distributed import run_distributed
 from training.model import AudioLM, ModelConfig
-from training.tensor_parallel import check_tp_size, merge_state_dicts, shard_kind, shard_state_dict
+from training.model.tensor_parallel import check_tp_size, merge_state_dicts, shard_kind, shard_state_dict
 
 MOE = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1, "top_p": 0.7,
        "input_jitter": 0.0}
@@ -47,8 +47,13 @@ def test_check_tp_size():
 def _tp_vs_full(rank, world_size, cfg):
     from megatron.core import parallel_state as ps
 
-    from training.batch import collate
-    from training.tensor_parallel import gather_full_state_dict, gather_vocab, merge_tensors, parallelize
+    from training.model.batch import collate
+    from training.model.tensor_parallel import (
+        gather_full_state_dict,
+        gather_vocab,
+        merge_tensors,
+        parallelize,
+    )
 
     ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
     torch.manual_seed(0)
@@ -106,8 +111,8 @@ def test_tp2_equals_tp1_dense_and_moe():
 def _tp_jitter(rank, world_size, cfg):
     from megatron.core import parallel_state as ps
 
-    from training.batch import collate
-    from training.tensor_parallel import parallelize
+    from training.model.batch import collate
+    from training.model.tensor_parallel import parallelize
 
     ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
     torch.manual_seed(0)
@@ -122,11 +127,11 @@ def _tp_ep_train(rank, world_size, steps):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from training.batch import collate
+    from training.cluster.parallel import init_parallel
     from training.config import ParallelConfig
-    from training.parallel import init_parallel
-    from training.tensor_parallel import parallelize
-    from training.upcycle import upcycle
+    from training.model.batch import collate
+    from training.model.tensor_parallel import parallelize
+    from training.model.upcycle import upcycle
 
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the gloo group run_distributed started
     pg = init_parallel(ParallelConfig(tp=2, ep=2, backend="gloo"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.train_runs import assert_same_losses, kill_group, metrics, run, start, train_cmd, wait_for_step
-from training.checkpoint import COMPLETE, complete_tags, full_state_dict, load_for_inference
+from training.checkpoint.export import full_state_dict, load_for_inference
+from training.checkpoint.save import COMPLETE, complete_tags
 from training.cli import main
 
 pytestmark = pytest.mark.timeout(900)
@@ -103,7 +104,7 @@ def test_export_and_load_for_inference(baseline, tmp_path):
     sd = model.state_dict()
     assert any(".experts.7." in k for k in sd) and all(v.dtype == torch.float32 for v in sd.values())
     # DeepSpeed's own files (mp_rank_00 module + per-expert files) hold the same weights
-    from training.checkpoint import _deepspeed_module_state
+    from training.checkpoint.export import _deepspeed_module_state
     tag = complete_tags(os.path.join(base, "checkpoints"))[-1]
     ds = _deepspeed_module_state(tag)
     assert set(ds) == set(sd)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.batch import collate
 from training.model import AudioLM, ModelConfig
-from training.upcycle import expert_slices, upcycle, upcycle_state_dict
+from training.model.batch import collate
+from training.model.upcycle import expert_slices, upcycle, upcycle_state_dict
 
 BASE = dict(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, num_codebooks=2, codebook_size=16,
             delay_pattern="musicgen", text_vocab_size=32, vocab_pad_multiple=8, max_seq_len=96)

@@ -29,6 +29,8 @@ def _train_args(p):
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--resume", default=None,
                    help="'auto' (newest complete checkpoint in the run dir) or a path")
+    p.add_argument("--ds-config", default=None,
+                   help="DeepSpeed JSON (default: the config's parallel.ds_config, found in ds_configs/)")
     p.add_argument("--nproc", type=int, default=None,
                    help="start N local processes (workstation); under torchrun/srun leave unset")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (dotted keys)")
@@ -153,11 +155,13 @@ def _bench_prep_args(p):
 
 COMMANDS = [
     Command(("train",), "training.train:run_cli", "train one curriculum stage", _train_args),
-    Command(("plan",), "training.plan:run_cli", "parameter counts, memory and valid TPxEPxDP layouts",
+    Command(("plan",), "training.cluster.plan:run_cli", "parameter counts, memory and valid TPxEPxDP layouts",
             _plan_args),
-    Command(("generate",), "training.generate:run_cli", "sample speech or music to WAV", _generate_args),
-    Command(("eval",), "training.evaluate:run_cli", "validation loss and the routing report", _eval_args),
-    Command(("demo",), "training.demo:run_cli", "the whole pipeline on the built-in corpus", _demo_args),
+    Command(("generate",), "training.eval.generate_cli:run_cli", "sample speech or music to WAV",
+            _generate_args),
+    Command(("eval",), "training.eval.evaluate:run_cli", "validation loss and the routing report",
+            _eval_args),
+    Command(("demo",), "training.demo.run:run_cli", "the whole pipeline on the built-in corpus", _demo_args),
     Command(("data", "synth"), "data_prep.synth:run_cli", "make the built-in demo corpus", _synth_args),
     Command(("data", "import"), "data_prep.importers:run_cli", "manifest from LJSpeech/LibriTTS/jsonl",
             _import_args),
@@ -166,11 +170,13 @@ COMMANDS = [
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
-    Command(("ckpt", "export"), "training.checkpoint:export_cli", "ZeRO checkpoint to fp32 model.pt",
+    Command(("ckpt", "export"), "training.checkpoint.export:export_cli", "ZeRO checkpoint to fp32 model.pt",
             _export_args),
-    Command(("ckpt", "reshard"), "training.checkpoint:reshard_cli", "checkpoint for another EP/DP size",
+    Command(("ckpt", "reshard"), "training.checkpoint.reshard:reshard_cli",
+            "checkpoint for another EP/DP size",
             _reshard_args),
-    Command(("slurm", "submit"), "training.slurm:run_cli", "submit the curriculum chain", _submit_args),
+    Command(("slurm", "submit"), "training.cluster.slurm:run_cli", "submit the curriculum chain",
+            _submit_args),
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+# The directory holding training/ and ds_configs/: the checkout, or site-packages after `pip install .`
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(REPO_ROOT, "training", "configs")
 
 
 class ConfigError(ValueError):
@@ -71,7 +73,7 @@ class ParallelConfig:
     ep: int = 1  # expert parallel (DeepSpeed groups); must divide the data-parallel size
     zero_stage: int = 2  # wins over the ds_config file's zero_optimization.stage
     precision: str = "fp32"  # fp32 | bf16; wins over the ds_config file
-    ds_config: str = "ds_configs/zero2_fp32.json"  # relative to the repository root or absolute
+    ds_config: str = "ds_configs/zero2_fp32.json"  # absolute, or relative to the working dir or REPO_ROOT
     backend: str | None = None  # None: nccl with CUDA, gloo otherwise
 
     def __post_init__(self):
@@ -83,7 +85,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.precision must be fp32 or bf16, got {self.precision!r}")
 
     def ds_config_path(self) -> str:
-        return self.ds_config if os.path.isabs(self.ds_config) else os.path.join(REPO_ROOT, self.ds_config)
+        return find_file(self.ds_config)
 
 
 @dataclass
@@ -172,7 +174,7 @@ class TrainConfig:
         try:
             return ModelConfig(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"model: {e} (fields: see training/model.py ModelConfig)") from e
+            raise ConfigError(f"model: {e} (fields: see training/model/lm.py ModelConfig)") from e
 
     def validate(self, world_size: int) -> None:
         """Checks that need the job's size; call before any process group starts."""
@@ -202,7 +204,8 @@ class TrainConfig:
             raise ConfigError(f"data.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
                               f"(global {self.data.global_batch_size} / dp {dp})")
         if not os.path.exists(p.ds_config_path()):
-            raise ConfigError(f"parallel.ds_config: {p.ds_config_path()} does not exist (see ds_configs/)")
+            raise ConfigError(f"parallel.ds_config: {p.ds_config} does not exist (looked in the working "
+                              f"directory and {REPO_ROOT}; see ds_configs/, or pass --ds-config PATH)")
         if self.data.train is not None and not os.path.exists(self.data.train):
             raise ConfigError(f"data.train: {self.data.train} does not exist "
                               "(make it with `unimoe data mix`)")
@@ -219,6 +222,20 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(self.optim.betas)
         return d
+
+
+def find_file(path: str) -> str:
+    """A config or ds_config path as given (absolute or relative to the working directory), else relative to
+    REPO_ROOT (`training/configs/tiny/joint.yaml`, `ds_configs/zero2_fp32.json`), else to training/configs
+    (`tiny/joint.yaml`): the same names work in a checkout and in an installed package. A path found nowhere
+    is returned as given, so the caller's error names it."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    for base in (REPO_ROOT, CONFIGS_DIR):
+        candidate = os.path.join(base, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path
 
 
 def divisors(n: int) -> list[int]:
@@ -289,9 +306,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 
 def read_config_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
+    found = find_file(path)
+    if not os.path.exists(found):
+        raise ConfigError(f"config file {path} does not exist (looked in the working directory, {REPO_ROOT} "
+                          f"and {CONFIGS_DIR})")
+    with open(found) as f:
         d = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -48,7 +48,7 @@ class DistributedBatches:
         return batches
 
     def batches_at(self, position: int) -> list[dict]:
-        from training.batch import collate
+        from training.model.batch import collate
 
         per_rank = self.global_batch // self.dp
         start = position + self.dp_rank * per_rank

@@ -29,7 +29,7 @@ def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float |
     peak = peak_flops()
     if peak is None:
         return None
-    from training.params import train_flops_per_token
+    from training.model.params import train_flops_per_token
     return tokens_per_s * train_flops_per_token(model_cfg, seq_len, experts_per_token) / peak
 
 

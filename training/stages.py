@@ -2,7 +2,7 @@
 
 Stage starts (weights only; optimizer and LR schedule start fresh):
     0, 1   from scratch (joint MoE baseline, dense specialist)
-    2      training.upcycle.upcycle(the specialists' fp32 state dicts, MoE model config)
+    2      training.model.upcycle.upcycle(the specialists' fp32 state dicts, MoE model config)
     3      the stage-2 run's newest complete checkpoint (all experts, loaded by global name)
 """
 
@@ -12,12 +12,12 @@ from training.model import TASKS
 
 
 def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
-    from training.checkpoint import full_state_dict, load_into_model
+    from training.checkpoint.export import full_state_dict, load_into_model
     stage, sources = cfg.stage.stage, cfg.stage.init_from
     if stage in (0, 1) and not sources:
         return
     if stage == 2:
-        from training.upcycle import upcycle_state_dict
+        from training.model.upcycle import upcycle_state_dict
         sds = []
         for src in sources:
             sd, meta = full_state_dict(src)

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m training.cli train --config ...              # ranks from torchrun
 
 Stages (config `stage.stage`): 1 dense specialist from scratch; 2 upcycle the specialists named in
-stage.init_from (training.upcycle), freeze the routed experts (stage.freeze_experts), train the rest;
+stage.init_from (training.model.upcycle), freeze the routed experts (stage.freeze_experts), train the rest;
 3 start from the stage-2 run's weights with everything trainable; 0 = joint MoE from scratch.
 A stage starts from weights only; optimizer and schedule start fresh. `--resume` continues a run.
 
@@ -24,8 +24,8 @@ import signal
 import sys
 import time
 
+from training.cluster.launch import launch_local
 from training.config import ConfigError, load_config, save_config
-from training.launch import launch_local
 
 # torch, numpy and deepspeed are imported inside the functions that need them: the `--nproc` parent
 # process only reads the config and starts the ranks.
@@ -90,6 +90,8 @@ def run_cli(args) -> int:
 
 def _run(args) -> int:
     overrides = list(args.overrides or [])
+    if getattr(args, "ds_config", None):
+        overrides.append(f"parallel.ds_config={os.path.abspath(args.ds_config)}")
     cfg = load_config(args.config, overrides)
     if args.save_every is not None:
         cfg.checkpoint.save_every = args.save_every
@@ -103,7 +105,7 @@ def _run(args) -> int:
             if value is not None:
                 argv += [flag, str(value)]
         return launch_local(argv + overrides, args.nproc)
-    from training.parallel import dist_env
+    from training.cluster.parallel import dist_env
     env = dist_env()
     cfg.validate(world_size=env.world_size)
     check_init_from(cfg, out, args.resume)
@@ -114,7 +116,7 @@ def check_init_from(cfg, out: str, resume: str | None) -> None:
     """A stage that starts from earlier runs needs their complete checkpoints (unless it resumes itself)."""
     if not cfg.stage.init_from:
         return
-    from training.checkpoint import find_checkpoint
+    from training.checkpoint.save import find_checkpoint
     if resume is not None and find_checkpoint(out if resume == "auto" else resume) is not None:
         return
     for src in cfg.stage.init_from:
@@ -152,11 +154,11 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     import deepspeed
 
     from data_prep.mix import MixtureReader
-    from training import checkpoint as ckpt
+    from training.checkpoint import save as ckpt
+    from training.cluster.parallel import init_parallel, shutdown
     from training.data import DistributedBatches, Prefetcher, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
-    from training.parallel import init_parallel, shutdown
     from training.stages import init_stage_weights, step_losses
 
     stop = StopFlag()
@@ -181,7 +183,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         if resume_dir is None:
             init_stage_weights(model, cfg, model_cfg, log)
         if pg.tp > 1:
-            from training.tensor_parallel import parallelize
+            from training.model.tensor_parallel import parallelize
             parallelize(model)
         groups = _param_groups(model, cfg)
         o = cfg.optim
@@ -319,7 +321,7 @@ def _param_groups(model, cfg) -> list[dict]:
 
 
 def _resume_dir(resume: str | None, out: str) -> str | None:
-    from training.checkpoint import find_checkpoint
+    from training.checkpoint.save import find_checkpoint
     if resume is None:
         return None
     if resume == "auto":
@@ -363,7 +365,3 @@ def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
     scalars = {k: v for k, v in mean.items() if k not in record}
     return record, scalars
 
-
-if __name__ == "__main__":
-    from training.cli import main
-    sys.exit(main())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from training.model import ModelConfig
+from training.model.lm import ModelConfig
 
 
 def _moe_numbers(cfg: ModelConfig) -> dict:

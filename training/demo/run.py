@@ -30,7 +30,7 @@ import sys
 import time
 
 from training.config import REPO_ROOT
-from training.demo_plan import Estimates, StageRun, make_stages, plan_steps, remeasure, stage_timeout
+from training.demo.budget import Estimates, StageRun, make_stages, plan_steps, remeasure, stage_timeout
 
 
 def _say(msg: str) -> None:
@@ -206,8 +206,8 @@ def _run(args) -> int:
     import warnings
 
     from data_prep.demo import ensure_demo_data
-    from training.evaluate import evaluate
-    from training.generate_cli import generate_to_files, load_everything
+    from training.eval.evaluate import evaluate
+    from training.eval.generate_cli import generate_to_files, load_everything
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # encodec's weight_norm deprecation
     t_start = time.time()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from training.config import REPO_ROOT
 
 
 class CurriculumError(ValueError):

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from training.model import AudioLM, ModelConfig
+from training.model.lm import AudioLM, ModelConfig
 
 _DENSE_FFN = re.compile(r"^layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight$")
 

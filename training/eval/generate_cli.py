@@ -4,9 +4,9 @@
     unimoe generate --ckpt model.pt --task music --text "a calm piano melody in A minor" --out b.wav --num 4
 
 The checkpoint (a run dir, one ZeRO tag dir or an exported model.pt, via
-training.checkpoint.load_for_inference) records the codec and the sentencepiece model it was trained
+training.checkpoint.export.load_for_inference) records the codec and the sentencepiece model it was trained
 with; both are loaded from there (`--codec-checkpoint` points to the codec weights when they moved).
-Sampling is training.generate.generate (KV cache, per-task classifier-free guidance, top-k/top-p,
+Sampling is training.model.generate.generate (KV cache, per-task classifier-free guidance, top-k/top-p,
 temperature); the same --seed gives the same audio.
 """
 
@@ -27,8 +27,8 @@ class GenerateError(RuntimeError):
 
 
 def load_checkpoint(ckpt: str):
-    """-> (model, meta) via training.checkpoint.load_for_inference, with errors that say what is wrong."""
-    from training.checkpoint import load_for_inference
+    """-> (model, meta) via training.checkpoint.export.load_for_inference; errors say what is wrong."""
+    from training.checkpoint.export import load_for_inference
 
     if not os.path.exists(ckpt):
         raise GenerateError(f"--ckpt {ckpt} does not exist (give a run dir, a checkpoints/step_* dir or an "
@@ -94,7 +94,7 @@ def generate_to_files(ckpt: str, task: str, text: str, out: str, num: int = 1, s
     """Sample `num` clips and write them as WAV; returns the paths. `loaded`: load_everything()'s tuple."""
     import soundfile as sf
 
-    from training.generate import generate
+    from training.model.generate import generate
 
     if num < 1:
         raise GenerateError(f"--num must be >= 1, got {num}")

@@ -84,7 +84,7 @@ def all_layouts(cfg: TrainConfig, world: int) -> list[Layout]:
 
 def parameter_split(cfg: TrainConfig) -> dict:
     """Parameter counts by how they are placed: split by TP, replicated (MoE gate + shared), experts."""
-    from training.params import parameter_counts
+    from training.model.params import parameter_counts
 
     mcfg = cfg.model_config()
     counts = parameter_counts(mcfg)

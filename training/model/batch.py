@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID
-from training.model import IGNORE_INDEX, TASKS, ModelConfig
+from training.model.lm import IGNORE_INDEX, TASKS, ModelConfig
 
 
 def prompt_ids(task: str, text_ids, drop_text: bool = False) -> list[int]:

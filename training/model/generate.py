@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from training.batch import TEXT_PAD_ID, prompt_ids
-from training.model import TASKS, AudioLM, KVCache
+from training.model.batch import TEXT_PAD_ID, prompt_ids
+from training.model.lm import TASKS, AudioLM, KVCache
 
 DEFAULT_CFG_SCALE = {"speech": 1.0, "music": 10.0}  # paper: guidance 1 for speech, 10 for music
 
@@ -166,8 +166,3 @@ def generate(model: AudioLM, tasks: list[str] | str, text_ids: list, *, max_fram
         codes[i, :, :n] = pattern.undo(delayed[i], num_frames=n)
     return (codes, lengths) if return_lengths else codes
 
-
-def run_cli(args) -> int:
-    """`unimoe generate`: checkpoint -> codes -> codec -> WAV (the CLI lives in training/generate_cli.py)."""
-    from training.generate_cli import run_cli as _run_cli
-    return _run_cli(args)

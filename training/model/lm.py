@@ -2,7 +2,7 @@
 
 Architecture: RMSNorm, rotary position embeddings, causal SDPA attention, per layer a dense SwiGLU FFN
 or the Dynamic-Capacity MoE layer of moe/. Input sequence per sample:
-    <task> text ids <sep> frame_0 .. frame_{S-2}          (frames in the delay layout, training/delay.py)
+    <task> text ids <sep> frame_0 .. frame_{S-2}      (frames in the delay layout, training/model/delay.py)
 A text position embeds its sentencepiece id; an audio position embeds the SUM of its K codebook
 embeddings. K output heads predict the next frame's K codes; the loss covers audio targets only.
 Shapes: B batch, L sequence, K codebooks, V (padded) codebook vocab, D hidden, H heads, Dh head dim.
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.experts import SwiGLU
-from training.delay import DelayPattern
+from training.model.delay import DelayPattern
 
 TASKS = ("speech", "music")  # task index = position in this tuple (also the MoE task id)
 IGNORE_INDEX = -100
@@ -259,7 +259,7 @@ class AudioLM(nn.Module):
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(D, cfg.padded_audio_vocab_size, bias=False)
                                    for _ in range(cfg.num_codebooks))
-        # swapped for megatron-core's vocab-parallel cross entropy by training.tensor_parallel
+        # swapped for megatron-core's vocab-parallel cross entropy by training.model.tensor_parallel
         self.cross_entropy = cross_entropy_per_token
         self._init_weights()
 
@@ -312,7 +312,7 @@ class AudioLM(nn.Module):
         return logits, aux
 
     def forward(self, batch: dict) -> ModelOutput:
-        """batch from training.batch.collate: text, audio, audio_mask, labels, task_ids, task."""
+        """batch from training.model.batch.collate: text, audio, audio_mask, labels, task_ids, task."""
         logits, aux = self.forward_logits(batch["text"], batch["audio"], batch["audio_mask"],
                                           task_ids=batch.get("task_ids"))
         if "labels" not in batch:

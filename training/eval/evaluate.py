@@ -2,7 +2,7 @@
 
     unimoe eval --ckpt RUN_DIR|CKPT_DIR|model.pt --data valid/mix.json [--out DIR]
 
-Writes to OUT (default <ckpt>/eval): eval.json (losses), routing.json (training/routing_report.py),
+Writes to OUT (default <ckpt>/eval): eval.json (losses), routing.json (training/eval/routing_report.py),
 routing_load.png and routing_capacity.png (heatmaps), and tb/ (tensorboard scalars and the same
 figures as images). The loss matches training's: per codebook the mean cross-entropy over that
 codebook's audio targets, per task the sum (or mean, as the model is configured) over codebooks.
@@ -17,8 +17,8 @@ import sys
 
 import torch
 
+from training.eval.routing_report import RoutingAccumulator, plot_report, routing_report
 from training.model import IGNORE_INDEX, TASKS
-from training.routing_report import RoutingAccumulator, plot_report, routing_report
 
 
 class _LossSums:
@@ -66,7 +66,7 @@ def _moe_shape(model) -> tuple[int, int, list[int]]:
 @torch.no_grad()
 def evaluate_model(model, reader, batches: int = 8, batch_size: int = 8, routing: bool = True) -> dict:
     """Loss sums and routing decisions over the first batches * batch_size samples of `reader`."""
-    from training.batch import collate
+    from training.model.batch import collate
 
     model.eval()
     sums = _LossSums(model.cfg.num_codebooks)
@@ -124,7 +124,7 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
              routing: bool = True) -> dict:
     """Load a checkpoint, evaluate on a mix.json, write the report; returns the result dict."""
     from data_prep.mix import MixtureReader
-    from training.generate_cli import load_checkpoint
+    from training.eval.generate_cli import load_checkpoint
 
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
@@ -159,7 +159,7 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def run_cli(args) -> int:
-    from training.generate_cli import GenerateError
+    from training.eval.generate_cli import GenerateError
 
     try:
         result = evaluate(args.ckpt, args.data, args.out, args.batches, args.batch_size)

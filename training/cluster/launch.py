@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 
+from training.config import REPO_ROOT
+
 FAIL_GRACE_S = 30.0
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:

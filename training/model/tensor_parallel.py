@@ -1,6 +1,6 @@
 """Megatron-style tensor parallelism applied to a plain AudioLM from outside (torchtitan style).
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)      # training/parallel.py does this
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)      # training/cluster/parallel.py does this
     model = AudioLM(cfg, ep_group=...)     # same seed on every rank: identical full weights
     parallelize(model)                     # swaps in megatron-core layers holding this rank's shards
 
@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
-from training.model import IGNORE_INDEX, AudioLM, ModelConfig
+from training.model.lm import IGNORE_INDEX, AudioLM, ModelConfig
 
 # (name regex, kind): kind "qkv" = rows split per q/k/v part, 0 = rows, 1 = columns
 _RULES = [
@@ -141,7 +141,7 @@ def _noinit(weight):
 
 
 def vocab_parallel_ce_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Like training.model.cross_entropy_per_token on vocab-sharded logits. megatron-core's function
+    """Like training.model.lm.cross_entropy_per_token on vocab-sharded logits. megatron-core's function
     overwrites its input, so it gets an fp32 copy (the model's logits stay intact)."""
     ignore = target == IGNORE_INDEX
     loss = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), target.masked_fill(ignore, 0))
