@@ -170,16 +170,28 @@ CALIBRATION_SECONDS = 2.0
 GRID_STEPS_PER_SCALE = 512  # calibration statistics: multiples of a power of two, 1/1024..1/512 of the scale
 
 
-def _uniform(seed: int, name: str, n: int) -> np.ndarray:
-    """n float64 values in (0, 1), 24 random bits each, from SHAKE-256 of (seed, name): the same bits on
-    every machine, thread count and library version (only integer work and exact conversions)."""
+def _bits24(seed: int, name: str, n: int) -> np.ndarray:
+    """n random 24-bit integers (uint32) from SHAKE-256 of (seed, name): the same on every machine."""
     raw = hashlib.shake_256(f"unimoe-random-codec/{seed}/{name}".encode()).digest(4 * n)
-    return ((np.frombuffer(raw, dtype="<u4") >> 8) + 0.5) * 2.0**-24
+    return np.frombuffer(raw, dtype="<u4") >> 8
+
+
+def _uniform(seed: int, name: str, n: int) -> np.ndarray:
+    """n float64 values in (0, 1): exact conversions of `_bits24`, no rounding anywhere."""
+    return (_bits24(seed, name, n) + 0.5) * 2.0**-24
 
 
 def _symmetric(seed: int, name: str, n: int, bound: float) -> np.ndarray:
     """Uniform in (-bound, bound), float64; each value is one correctly rounded product."""
     return bound * (2.0 * _uniform(seed, name, n) - 1.0)
+
+
+def _normal(seed: int, name: str, n: int) -> np.ndarray:
+    """n values with mean 0 and variance 1, close to Gaussian: (sum of 4 uniforms - 2) * sqrt(3) (Irwin-Hall;
+    the sum is an exact integer sum, so the bits do not depend on how it is computed)."""
+    k = _bits24(seed, name, 4 * n).reshape(n, 4)
+    total = (k[:, 0] + k[:, 1] + k[:, 2] + k[:, 3]).astype(np.float64)  # < 2^26: exact
+    return ((total + 2.0) * 2.0**-24 - 2.0) * math.sqrt(3.0)
 
 
 def _set(t: torch.Tensor, values: np.ndarray) -> None:
@@ -231,8 +243,10 @@ def _on_grid(x: torch.Tensor, step: float) -> np.ndarray:
 
 @torch.no_grad()
 def _init_random_codebooks(model, seed: int) -> set[str]:
-    """Codebook k: random vectors (uniform, with the mean and spread per dimension of the residual left by
-    codebooks < k on the calibration signal, rounded to a grid); the encoder pass is float64 on one thread."""
+    """Codebook k: random vectors (near-Gaussian, with the mean and spread per dimension of the residual left
+    by codebooks < k on the calibration signal, rounded to a grid); the encoder pass is float64, one thread.
+    (Gaussian rather than uniform vectors: their wider spread of norms gives codes of lower entropy, as
+    trained codebooks do, which a small LM can learn.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # float32 -> float64 -> float32 is exact: the encoder's weights come back unchanged
@@ -245,8 +259,8 @@ def _init_random_codebooks(model, seed: int) -> set[str]:
             step = 2.0 ** (math.frexp(scale)[1] - 1) / GRID_STEPS_PER_SCALE  # 2^(e-1) <= scale < 2^e
             mean = _on_grid(residual.mean(0), step)
             spread = np.maximum(_on_grid(residual.std(0), step), step)
-            z = _symmetric(seed, f"codebook.{i}", book.embed.numel(), math.sqrt(3.0))  # unit variance
-            _set(book.embed, mean + spread * z.reshape(book.embed.shape))
+            z = _normal(seed, f"codebook.{i}", book.embed.numel()).reshape(book.embed.shape)
+            _set(book.embed, mean + spread * z)
             book.embed_avg.copy_(book.embed)
             book.cluster_size.fill_(1.0)
             book.inited.fill_(1.0)

@@ -16,7 +16,7 @@ from data_prep.codec import RANDOM_INIT, CodecUnavailable, load_codec, load_code
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The random codec of seed 0 (encodec 0.1.1), measured on x86 with AVX-512: the same bits on every machine
-SEED0_FINGERPRINT = "a1e10673d44f3d24"
+SEED0_FINGERPRINT = "69caac198e120ddd"
 # x86 kernels below AVX2 in ATen, oneDNN and MKL: the float math of an older or another CPU
 BASELINE_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
