@@ -62,8 +62,8 @@ def test_demo_end_to_end(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     t0 = time.time()
     # --seed 1, not the default 0: the demo works end to end for any seed
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "demo", "--minutes", "3", "--seed", "1", "--out",
-                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "training.cli", "demo", "--minutes", "3", "--seed", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]
     print(proc.stdout[-3000:])
