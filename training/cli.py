@@ -201,7 +201,8 @@ def find_command(argv: list[str]) -> Command | None:
 
 def default_torch_extensions_dir() -> str:
     """Where torch builds its JIT C++ ops (DeepSpeed's CPU comm op, ~25 s to build): one per-user cache,
-    independent of the checkout and the venv path, so every run on a machine reuses the same build."""
+    independent of the checkout and the venv path, so every command on a machine reuses the same build
+    (a venv at another path has other DeepSpeed source paths in the build command: ninja rebuilds it)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "torch_extensions")
 
