@@ -12,10 +12,18 @@ it removes the half-imported torchaudio modules and installs a placeholder modul
 every attribute raises `TorchaudioUnavailable` with the original error, then imports encodec.
 
 `--codec random` ("random"): the EnCodec 24 kHz architecture with random weights from a seed, NOT trained.
-An untrained EnCodec has all-zero codebooks (they are k-means initialised on the first training batch), so
-every frame would encode to code 0. We initialise each residual codebook with Gaussian vectors matching
-the statistics of the residual it quantizes on a deterministic calibration signal, and mark them
-initialised. The same seed gives the same codec in prep and in generation; info() says it is untrained.
+The same seed gives the bit-identical codec on every machine, thread count and process (the fingerprint
+prep records is checked again before decoding), because nothing thread- or CPU-dependent reaches a weight:
+- every weight is drawn from our own generator, SHAKE-256 of (seed, parameter name), with PyTorch's default
+  init ranges (torch's own init draws differ between CPU instruction sets); a weight-normed conv's gain is
+  the expected norm of its direction, so no float reduction is involved;
+- an untrained EnCodec has all-zero codebooks (k-means on the first training batch), so every frame would
+  encode to code 0: each residual codebook gets random vectors around the mean and spread of the residual
+  it quantizes on a calibration signal. That encoder pass runs in float64 on one thread, and the statistics
+  are rounded to a power-of-two grid of ~1/1000 of the layer's scale: the last-bit differences of float64
+  math between CPUs (~1e-14 of the scale) move a value across a grid line only with vanishing probability.
+`RANDOM_INIT` versions this construction (info()["random_init"]). Data prepared with the older,
+thread-dependent random codec has none, and is refused with a message to re-run prep (check_codec_info).
 """
 
 from __future__ import annotations
@@ -149,6 +157,7 @@ class Codec:
             "fingerprint": self.fingerprint(),
         }
         if not self.trained:
+            out["random_init"] = RANDOM_INIT
             out["label"] = (
                 f"UNTRAINED codec: EnCodec 24 kHz architecture, random weights (seed {self.seed}); "
                 "its codes carry no learned audio structure - for tests and the demo only"
@@ -156,41 +165,131 @@ class Codec:
         return out
 
 
-def _calibration_audio(seed: int, sample_rate: int, seconds: float = 4.0) -> torch.Tensor:
-    """A deterministic mix of tones, chirps and noise bursts [1, 1, S] used to set codebook statistics."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    x = np.zeros_like(t)
-    for _ in range(6):
-        f0, f1 = rng.uniform(60, 4000, size=2)
-        x += rng.uniform(0.05, 0.2) * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
-    env = (np.sin(2 * np.pi * rng.uniform(0.5, 3) * t) > 0).astype(float)
-    x += 0.1 * env * rng.standard_normal(len(t))
-    return torch.from_numpy(x.astype(np.float32)).view(1, 1, -1)
+RANDOM_INIT = 2  # construction of the random codec; 1 (before it was recorded) depended on the thread count
+CALIBRATION_SECONDS = 2.0
+GRID_STEPS_PER_SCALE = 512  # calibration statistics: multiples of a power of two, 1/1024..1/512 of the scale
+
+
+def _bits24(seed: int, name: str, n: int) -> np.ndarray:
+    """n random 24-bit integers (uint32) from SHAKE-256 of (seed, name): the same on every machine."""
+    raw = hashlib.shake_256(f"unimoe-random-codec/{seed}/{name}".encode()).digest(4 * n)
+    return np.frombuffer(raw, dtype="<u4") >> 8
+
+
+def _uniform(seed: int, name: str, n: int) -> np.ndarray:
+    """n float64 values in (0, 1): exact conversions of `_bits24`, no rounding anywhere."""
+    return (_bits24(seed, name, n) + 0.5) * 2.0**-24
+
+
+def _symmetric(seed: int, name: str, n: int, bound: float) -> np.ndarray:
+    """Uniform in (-bound, bound), float64; each value is one correctly rounded product."""
+    return bound * (2.0 * _uniform(seed, name, n) - 1.0)
+
+
+def _normal(seed: int, name: str, n: int) -> np.ndarray:
+    """n values with mean 0 and variance 1, close to Gaussian: (sum of 4 uniforms - 2) * sqrt(3) (Irwin-Hall;
+    the sum is an exact integer sum, so the bits do not depend on how it is computed)."""
+    k = _bits24(seed, name, 4 * n).reshape(n, 4)
+    total = (k[:, 0] + k[:, 1] + k[:, 2] + k[:, 3]).astype(np.float64)  # < 2^26: exact
+    return ((total + 2.0) * 2.0**-24 - 2.0) * math.sqrt(3.0)
+
+
+def _set(t: torch.Tensor, values: np.ndarray) -> None:
+    t.copy_(torch.from_numpy(values.astype(np.float32)).view_as(t))
 
 
 @torch.no_grad()
-def _init_random_codebooks(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed + 1)
-    emb = model.encoder(_calibration_audio(seed, int(model.sample_rate)))  # [1, D, T]
-    residual = emb[0].transpose(0, 1)  # [T, D]
-    for layer in model.quantizer.vq.layers:
-        book = layer._codebook
-        mean, std = residual.mean(0), residual.std(0).clamp_min(1e-5)
-        embed = mean + std * torch.randn(book.embed.shape, generator=gen)
-        book.embed.copy_(embed)
-        book.embed_avg.copy_(embed)
-        book.cluster_size.fill_(1.0)
-        book.inited.fill_(1.0)
-        residual = residual - book.decode(book.encode(residual))
+def _init_random_weights(model, seed: int) -> set[str]:
+    """Every conv and LSTM parameter from `_symmetric` with PyTorch's default ranges; -> the names set."""
+    done = set()
+    for mname, mod in model.named_modules():
+        params = dict(mod.named_parameters(recurse=False))
+        if isinstance(mod, torch.nn.LSTM):
+            bound = 1.0 / math.sqrt(mod.hidden_size)
+            for pname, p in params.items():
+                _set(p, _symmetric(seed, f"{mname}.{pname}", p.numel(), bound))
+                done.add(f"{mname}.{pname}")
+        elif isinstance(mod, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            direction = params.get("weight_v", params.get("weight"))  # weight-normed: weight = g * v / |v|
+            if direction is None:  # another weight-norm implementation: reported as missing below
+                continue
+            fan_in = direction[0].numel()  # torch's fan_in: size(1) * kernel size, for both conv kinds
+            bound = 1.0 / math.sqrt(fan_in)
+            for pname, p in params.items():
+                if pname == "weight_g":  # the expected norm of a weight_v row: bound * sqrt(fan_in / 3)
+                    p.fill_(bound * math.sqrt(fan_in / 3.0))
+                else:
+                    _set(p, _symmetric(seed, f"{mname}.{pname}", p.numel(), bound))
+                done.add(f"{mname}.{pname}")
+    return done
+
+
+def _calibration_audio(seed: int, sample_rate: int, seconds: float = CALIBRATION_SECONDS) -> torch.Tensor:
+    """[1, 1, S] float64: six chirps plus gated noise, parameters from the codec's generator."""
+    u = _uniform(seed, "calibration", 20)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    x = np.zeros_like(t)
+    for i in range(6):
+        f0, f1, amp = 60.0 + 3940.0 * u[3 * i], 60.0 + 3940.0 * u[3 * i + 1], 0.05 + 0.15 * u[3 * i + 2]
+        x += amp * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    gate = np.sin(2 * np.pi * (0.5 + 2.5 * u[18]) * t) > 0
+    x += 0.1 * gate * _symmetric(seed, "calibration-noise", len(t), math.sqrt(3.0))
+    return torch.from_numpy(x).view(1, 1, -1)
+
+
+def _on_grid(x: torch.Tensor, step: float) -> np.ndarray:
+    return (torch.round(x / step) * step).numpy()  # step is a power of two: exact scaling
+
+
+@torch.no_grad()
+def _init_random_codebooks(model, seed: int) -> set[str]:
+    """Codebook k: random vectors (near-Gaussian, with the mean and spread per dimension of the residual left
+    by codebooks < k on the calibration signal, rounded to a grid); the encoder pass is float64, one thread.
+    (Gaussian rather than uniform vectors: their wider spread of norms gives codes of lower entropy, as
+    trained codebooks do, which a small LM can learn.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # float32 -> float64 -> float32 is exact: the encoder's weights come back unchanged
+        audio = _calibration_audio(seed, int(model.sample_rate))
+        residual = model.encoder.double()(audio)[0].transpose(0, 1)  # [T, D]
+        done = set()
+        for i, layer in enumerate(model.quantizer.vq.layers):
+            book = layer._codebook
+            scale = residual.pow(2).mean().sqrt().item()
+            step = 2.0 ** (math.frexp(scale)[1] - 1) / GRID_STEPS_PER_SCALE  # 2^(e-1) <= scale < 2^e
+            mean = _on_grid(residual.mean(0), step)
+            spread = np.maximum(_on_grid(residual.std(0), step), step)
+            z = _normal(seed, f"codebook.{i}", book.embed.numel()).reshape(book.embed.shape)
+            _set(book.embed, mean + spread * z)
+            book.embed_avg.copy_(book.embed)
+            book.cluster_size.fill_(1.0)
+            book.inited.fill_(1.0)
+            done.update(f"quantizer.vq.layers.{i}._codebook.{b}" for b in dict(book.named_buffers()))
+            embed = book.embed.double()
+            dist = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t()
+                    + embed.pow(2).sum(1)[None])
+            residual = residual - embed[dist.argmin(1)]
+    finally:
+        model.encoder.float()
+        torch.set_num_threads(threads)
+    return done
+
+
+def _random_model(encodec, seed: int):
+    with torch.device("meta"):  # the architecture only: no torch init, no draw from the global RNG
+        model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+    model = model.to_empty(device="cpu")
+    done = _init_random_weights(model, seed) | _init_random_codebooks(model, seed)
+    missing = sorted(set(model.state_dict()) - done)
+    if missing:  # a newer encodec with other modules: they would hold uninitialised memory
+        raise CodecUnavailable(f"random codec: no deterministic init for {', '.join(missing[:5])} (this "
+                               f"encodec version has modules the random codec does not know)")
+    return model
 
 
 def _build(encodec, name: str, checkpoint: str | None, seed: int):
     if name == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
-        _init_random_codebooks(model, seed)
+        model = _random_model(encodec, seed)
     else:
         model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
         if checkpoint is not None:
@@ -245,10 +344,24 @@ def load_codec(
     )
 
 
+def check_codec_info(info: dict, where: str) -> None:
+    """Refuse codes made by the older random codec, whose weights depended on the CPU thread count: it
+    cannot be rebuilt reliably, so its data (and models trained on it) cannot be decoded. One line says
+    what to do."""
+    if info.get("name") == "random" and info.get("random_init") != RANDOM_INIT:
+        raise CodecUnavailable(
+            f"{where} was made with an older random codec (random_init {info.get('random_init', 1)}, now "
+            f"{RANDOM_INIT}) whose weights depended on the CPU thread count, so it cannot be rebuilt to "
+            "decode these codes: re-run `unimoe data prep --codec random` (then `unimoe data mix`, and train "
+            "again); the demo rebuilds its own corpus"
+        )
+
+
 def load_codec_from_info(
-    info: dict, checkpoint: str | None = None, device: str | torch.device = "cpu"
+    info: dict, checkpoint: str | None = None, device: str | torch.device = "cpu", where: str = "the data"
 ) -> Codec:
     """Rebuild the codec recorded by prep (shards.json / mix.json "codec"); checks the fingerprint."""
+    check_codec_info(info, where)
     codec = load_codec(
         info["name"],
         info["bandwidth"],

@@ -24,7 +24,7 @@ from data_prep.shards import write_json_atomic
 from data_prep.synth import synth
 from data_prep.text import train_tokenizer
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # v2: the deterministic random codec (random_init 2); v1 caches are not read
 SPEECH_ITEMS, MUSIC_ITEMS, VALID_FRACTION = 56, 56, 1 / 7  # 48 train + 8 valid per task
 VOCAB_SIZE = 512
 SEED_SET_ITEMS = 16  # per task, for curriculum stage 2

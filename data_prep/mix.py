@@ -123,6 +123,9 @@ class MixtureReader:
         self.path = os.path.abspath(mix_json)
         self.seed = int(self.mix["seed"])
         self.codec_info = self.mix["codec"]
+        from data_prep.codec import check_codec_info  # torch: only where a reader is built
+
+        check_codec_info(self.codec_info, mix_json)
         self.tokenizer_path = self.mix["tokenizer"]
         self.tasks = sorted(self.mix["counts"])
         self.weights = self.mix["weights"]

@@ -39,4 +39,4 @@ fi
 
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+# TORCH_EXTENSIONS_DIR: the `unimoe` CLI sets its default (training/cli.py), for every entry point

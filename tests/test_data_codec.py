@@ -3,6 +3,8 @@
 Run: .venv/bin/pytest tests/test_data_codec.py
 """
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +12,14 @@ import pytest
 import torch
 
 from data_prep.audio import resample
-from data_prep.codec import CodecUnavailable, load_codec, load_codec_from_info
+from data_prep.codec import RANDOM_INIT, CodecUnavailable, load_codec, load_codec_from_info
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The random codec of seed 0 (encodec 0.1.1), measured on x86 with AVX-512: the same bits on every machine
+SEED0_FINGERPRINT = "69caac198e120ddd"
+# x86 kernels below AVX2 in ATen, oneDNN and MKL: the float math of an older or another CPU
+BASELINE_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +55,38 @@ def test_random_codec_is_deterministic_from_seed(codec):
     assert torch.equal(same.encode(wav), codec.encode(wav))
     assert load_codec("random", seed=1).fingerprint() != codec.fingerprint()
     assert load_codec("random", bandwidth=1.5).num_codebooks == 2
+
+
+def _fingerprint_with_threads(n: int) -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return load_codec("random", seed=0).fingerprint()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_random_codec_is_bit_identical_across_threads_processes_and_cpus():
+    """Weights depend on the seed only: 1 or 2 threads, new processes, baseline x86 kernels."""
+    script = "from data_prep.codec import load_codec; print(load_codec('random', seed=0).fingerprint())"
+    envs = [{"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "2", **BASELINE_CPU}]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO,
+                              **e}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for e in envs]
+    here = {_fingerprint_with_threads(1), _fingerprint_with_threads(2)}
+    others = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        others.append(out.split()[-1])
+    assert here | set(others) == {SEED0_FINGERPRINT}, (here, others)
+
+
+def test_codes_of_the_old_thread_dependent_random_codec_say_rerun_prep(codec):
+    assert codec.info()["random_init"] == RANDOM_INIT
+    old = {k: v for k, v in codec.info().items() if k != "random_init"}  # what prep recorded before
+    with pytest.raises(CodecUnavailable, match=r"shards.json was made with an older random codec .* "
+                                               r"re-run `unimoe data prep --codec random`"):
+        load_codec_from_info(old, where="shards.json")
 
 
 def test_batch_padding_keeps_each_items_codes(codec):

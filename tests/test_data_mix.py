@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_prep.codec import load_codec
+from data_prep.codec import CodecUnavailable, load_codec
 from data_prep.fixtures import write_corpus
 from data_prep.mix import MixtureReader, build_mix
 from data_prep.prep import PrepConfig, prep
@@ -156,3 +156,13 @@ def test_tokenizer_special_ids_and_clamp(prepped, tmp_path):
     logs = []
     info = train_tokenizer(["tiny corpus", "of two lines"], str(tmp_path / "s.model"), 5000, log=logs.append)
     assert info["vocab_size"] < 5000 and "largest reachable size" in logs[0]
+
+
+def test_data_of_the_old_random_codec_is_refused_with_rerun_prep(prepped, tmp_path):
+    _, out, _ = prepped
+    path = tmp_path / "mix.json"
+    mix = build_mix([("speech", out), ("music", out)], str(path), ratio={"speech": 1, "music": 1})
+    del mix["codec"]["random_init"]  # a mix of shards prepared before the codec became deterministic
+    path.write_text(json.dumps(mix))
+    with pytest.raises(CodecUnavailable, match="mix.json was made with an older random codec .* re-run"):
+        MixtureReader(str(path))

@@ -1,12 +1,14 @@
 """`unimoe generate` from a tiny trained checkpoint: valid WAVs within the length bounds for both tasks,
 the same seed gives the same audio, run dir and exported model.pt agree, clear errors for bad checkpoints;
-`unimoe eval` on the same checkpoint.
+`unimoe eval` on the same checkpoint; generation in new processes with other thread counts than prep's; the
+`--max-steps` cap line of the training command.
 
     .venv/bin/pytest tests/test_generate_cli.py      (trains a tiny MoE model for 2 steps first, ~40 s)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,15 +26,21 @@ MIN_S, MAX_S = 0.2, 0.6
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The tiny joint MoE model (EP=2, ZeRO 2, 2 gloo processes) trained for 2 steps on the demo corpus."""
+def trained(tmp_path_factory):
+    """The tiny joint MoE model (EP=2, ZeRO 2, 2 gloo processes) trained for 2 steps on the demo corpus
+    (config max_steps=2; the larger --max-steps 5 is capped) -> (run dir, the command's stdout)."""
     run = tmp_path_factory.mktemp("generate") / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--config",
-                           "training/configs/tiny/joint.yaml", "--nproc", "2", "--max-steps", "2",
-                           "--out", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "training.cli", "train", "--config", "training/configs/tiny/joint.yaml",
+           "--nproc", "2", "--max-steps", "5", "--out", str(run), "max_steps=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return str(run)
+    return str(run), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    return trained[0]
 
 
 def _generate(ckpt, task, text, out, seed, num=2, extra=()):
@@ -62,6 +70,31 @@ def test_wavs_within_bounds_and_seed_reproducible(run_dir, tmp_path, task, text)
     c, _ = _read(other.replace(".wav", "_0.wav"))
     a, _ = _read(first.replace(".wav", "_0.wav"))
     assert len(a) != len(c) or not np.array_equal(a, c)  # another seed, other audio
+
+
+def test_max_steps_above_the_config_is_capped_with_one_line(trained):
+    run, stdout = trained
+    assert stdout.count("--max-steps 5 is capped at the config's max_steps=2") == 1, stdout[-3000:]
+    assert "to train longer, override max_steps=5" in stdout
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f if line.strip()] == [1, 2]
+
+
+def test_generate_in_new_processes_with_other_thread_counts_writes_wavs(run_dir, tmp_path):
+    """The codec is rebuilt in a new process: with 1 and with 2 threads, so at least one differs from the
+    thread count the demo corpus was prepared with; the fingerprint check passes and the WAV is written."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    outs = {n: str(tmp_path / f"threads{n}.wav") for n in (1, 2)}
+    cmd = [sys.executable, "-m", "training.cli", "generate", "--ckpt", run_dir, "--task", "music", "--text",
+           "a calm piano melody", "--max-seconds", "0.3", "--out"]
+    procs = {n: subprocess.Popen(cmd + [out], cwd=REPO, env={**env, "OMP_NUM_THREADS": str(n)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, out in outs.items()}
+    for n, p in procs.items():
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, f"OMP_NUM_THREADS={n}: {log[-3000:]}"
+        audio, sr = _read(outs[n])
+        assert sr == 24000 and len(audio) > 0
 
 
 def test_exported_model_gives_the_same_audio(run_dir, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -198,7 +199,22 @@ def find_command(argv: list[str]) -> Command | None:
     return None
 
 
+def default_torch_extensions_dir() -> str:
+    """Where torch builds its JIT C++ ops (DeepSpeed's CPU comm op, ~25 s to build): one per-user cache,
+    independent of the checkout and the venv path, so every command on a machine reuses the same build
+    (a venv at another path has other DeepSpeed source paths in the build command: ninja rebuilds it)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "torch_extensions")
+
+
+def set_environment_defaults() -> None:
+    """Defaults for every entry point (`unimoe`, `python -m training.cli`, --nproc children and SLURM ranks
+    inherit or re-run them, tests/conftest.py calls this); a value the user set wins."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
+
+
 def main(argv: list[str] | None = None) -> int:
+    set_environment_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = find_command(argv)
     if cmd is None:

@@ -100,7 +100,8 @@ def _run(args) -> int:
         cfg.validate(world_size=args.nproc)
         check_init_from(cfg, out, args.resume)
         argv = ["train", "--config", args.config, "--out", out]
-        for flag, value in (("--max-steps", args.max_steps), ("--save-every", args.save_every),
+        max_steps = cap_max_steps(args.max_steps, cfg, say=True)  # the children get the capped value
+        for flag, value in (("--max-steps", max_steps), ("--save-every", args.save_every),
                             ("--resume", args.resume)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -109,7 +110,20 @@ def _run(args) -> int:
     env = dist_env()
     cfg.validate(world_size=env.world_size)
     check_init_from(cfg, out, args.resume)
-    return train(cfg, out, max_steps=args.max_steps, resume=args.resume, env=env)
+    max_steps = cap_max_steps(args.max_steps, cfg, say=env.rank == 0)
+    return train(cfg, out, max_steps=max_steps, resume=args.resume, env=env)
+
+
+def cap_max_steps(max_steps: int | None, cfg, say: bool) -> int | None:
+    """`--max-steps` only stops earlier than the config's max_steps; a larger value is capped, with one line
+    that says how to train longer."""
+    if max_steps is None or max_steps <= cfg.max_steps:
+        return max_steps
+    if say:
+        print(f"[unimoe train] --max-steps {max_steps} is capped at the config's max_steps={cfg.max_steps} "
+              f"(--max-steps only stops earlier); to train longer, override max_steps={max_steps}",
+              flush=True)
+    return cfg.max_steps
 
 
 def check_init_from(cfg, out: str, resume: str | None) -> None:

@@ -56,10 +56,11 @@ def load_everything(ckpt: str, codec_checkpoint: str | None = None):
         raise GenerateError(f"{ckpt}: the model predicts {model.cfg.num_codebooks} codebooks but its codec "
                             f"has {info['num_codebooks']}: incompatible checkpoint")
     try:
-        codec = load_codec_from_info(info, checkpoint=codec_checkpoint)
+        codec = load_codec_from_info(info, checkpoint=codec_checkpoint, where=f"{ckpt} (its training data)")
     except (CodecUnavailable, ValueError) as e:
-        raise GenerateError(f"codec: {e} (--codec-checkpoint PATH: the weights the data was prepared "
-                            f"with)") from None
+        hint = ("" if info.get("name") == "random"
+                else " (--codec-checkpoint PATH: the weights the data was prepared with)")
+        raise GenerateError(f"codec: {e}{hint}") from None
     tok_path = meta.get("tokenizer_path")
     if not tok_path or not os.path.exists(tok_path):
         raise GenerateError(f"{ckpt}: the tokenizer it was trained with ({tok_path}) is missing; "
