@@ -118,6 +118,17 @@ def test_activation_memory_within_25_percent_of_measured_at_two_sequence_lengths
         assert r["measured"]["layers"] > 0.15 * r["measured"]["kept"]  # the layers are a real share
 
 
+@pytest.mark.gpu
+def test_activation_peak_of_a_real_gpu_step_within_25_percent():
+    """bf16 on CUDA: max_memory_allocated over forward + backward minus what was allocated before, against
+    the planner's kept activations + backward transient."""
+    from benchmarks.bench_plan import gpu_activation_check
+
+    for frames in (512, 2048):
+        r = gpu_activation_check(frames)
+        assert 0.75 <= r["activation_predicted_over_measured"] <= 1.25, r
+
+
 def test_sequence_parallel_recompute_and_ep_change_activations_as_modelled(tmp_path):
     _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=1024"])
     w = workload_from_config(cfg)

@@ -134,8 +134,9 @@ def max_routed_per_token(m) -> int:
     return routed_experts_per_token(m)[1] if m.is_moe else 0
 
 
-def activation_terms(w: Workload, tp: int, ep: int) -> dict:
-    """Bytes per token of one micro-batch (see the module docstring), by part, on one GPU."""
+def activation_terms(w: Workload, tp: int, ep: int, experts_per_token: float | None = None) -> dict:
+    """Bytes per token of one micro-batch (see the module docstring), by part, on one GPU; routed pairs per
+    token: Top-P's maximum unless `experts_per_token` is given."""
     m, b = w.model, w.act_bytes
     D, hq, F = m.hidden_size, m.num_heads * m.head_dim, m.ffn_hidden_size
     sp = tp if w.sequence_parallel else 1  # what SP divides: norms, layer inputs, the MoE layer
@@ -149,7 +150,8 @@ def activation_terms(w: Workload, tp: int, ep: int) -> dict:
         moe = norm + (b * (D + 2 * s["shared_total"] + s["shared"]) + 8 * D
                       + 4 * (10 * s["dynamic"] + 2 * s["gates"] + 10) + s["dynamic"] + s["gates"]) / sp
         per_pair = 2 * s["routed_ffn"] * b + b + 24 + ((D * b + 8) if ep > 1 else 0)
-        moe_pairs = max_routed_per_token(m) * per_pair / sp
+        k = max_routed_per_token(m) if experts_per_token is None else experts_per_token
+        moe_pairs = k * per_pair / sp
         moe += moe_pairs
     K, V = m.num_codebooks, m.padded_audio_vocab_size
     head = norm + b * D / sp + (4 + b) * K * V / tp + 20 * K + 8 + 4 * m.head_dim
@@ -169,10 +171,10 @@ def moe_constants(w: Workload) -> float:
         4 * s["gates"] * m.hidden_size if b != 4 else 0)
 
 
-def activations(w: Workload, tp: int, ep: int, micro: int) -> dict:
+def activations(w: Workload, tp: int, ep: int, micro: int, experts_per_token: float | None = None) -> dict:
     """Bytes of one micro-batch on one GPU: kept (saved for backward + the output's logits), the backward
     transient, the EP all-to-all buffers; with `model.recompute`."""
-    t = activation_terms(w, tp, ep)
+    t = activation_terms(w, tp, ep, experts_per_token)
     m = w.model
     tokens = micro * w.seq_len
     n_moe = len(m.moe_layer_ids)

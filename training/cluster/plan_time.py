@@ -10,7 +10,8 @@ Per micro-batch on one GPU (T = micro-batch x sequence tokens of its data-parall
     adds one forward of the recomputed part. Time = FLOPs / (peak x matmul_efficiency); fp32 runs use
     half the bf16 peak (TF32).
   - elementwise work (norms, activations, router, permutation): `elementwise_passes` x the activation
-    bytes the micro-batch keeps (write in forward, read + gradient in backward) at HBM bandwidth.
+    bytes the micro-batch keeps with the mean routed experts per token (write in forward, read +
+    gradient in backward) at HBM bandwidth.
   - TP: per layer one all-reduce of [T, D] after attention and one for its input gradient (two more for a
     dense FFN), plus the vocab-parallel embedding and heads; ring all-reduce 2 (n-1)/n x bytes / bandwidth
     (with sequence parallelism the same bytes move as all-gather + reduce-scatter).
@@ -157,7 +158,7 @@ def step_time(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
     peak = hw.bf16_tflops * 1e12 * (1.0 if bf16 else 0.5)
     flops = matmul_flops(w, lay, k, micro)
     compute = flops["total"] / (peak * a.matmul_efficiency)
-    act = activations(w, lay.tp, lay.ep, micro)
+    act = activations(w, lay.tp, lay.ep, micro, experts_per_token=k)
     elementwise = a.elementwise_passes * act["kept"] / lay.pp / (hw.hbm_tbps * 1e12 * a.hbm_efficiency)
 
     n_moe = len(m.moe_layer_ids)
