@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from training.cluster.ports import job_port
+from training.cluster.ports import PORT_RANGE, job_port
 from training.cluster.slurm import REPO_ROOT
 
 pytestmark = pytest.mark.slurm
@@ -138,13 +138,14 @@ def test_launch_sh_maps_srun_tasks_to_torch_ranks(two_nodes, tmp_path, nodes, pe
     ranks = [json.load(open(tmp_path / f"rank{r}")) for r in range(2)]
     first = hostnames(info["NodeList"])[0]
     assert len(hostnames(info["NodeList"])) == nodes
+    # the job's port of training.cluster.ports (15000-29999, below the ephemeral ports), or the next free one
+    port = int(ranks[0]["MASTER_PORT"])
+    assert job_port(job) <= port < job_port(job) + 50 and port < PORT_RANGE[1]
     for r, env in enumerate(ranks):
         local, node = (r, 0) if nodes == 1 else (0, r)
-        # the job's port of training.cluster.ports (15000-29999, below the ephemeral ports), free here
         assert env == {"RANK": str(r), "LOCAL_RANK": str(local), "WORLD_SIZE": "2",
-                       "LOCAL_WORLD_SIZE": str(per_node), "MASTER_ADDR": first,
-                       "MASTER_PORT": str(job_port(job)), "SLURM_NODEID": str(node),
-                       "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+                       "LOCAL_WORLD_SIZE": str(per_node), "MASTER_ADDR": first, "MASTER_PORT": str(port),
+                       "SLURM_NODEID": str(node), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 def test_failed_stage_retries_a_bounded_number_of_times(slurm, tmp_path):

@@ -158,7 +158,9 @@ def init_parallel(pcfg, env: DistEnv | None = None, timeout_s: float = 1800) -> 
     env = env or dist_env()
     export_env(env)
     if torch.cuda.is_available():
-        torch.cuda.set_device(cuda_device_index(env.local_rank, torch.cuda.device_count()))
+        device = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        os.environ["LOCAL_RANK"] = str(device)  # DeepSpeed's engine puts itself on cuda:LOCAL_RANK
     nccl_error_handling_env()
     backend = pcfg.backend or default_backend()
     if not dist.is_initialized():

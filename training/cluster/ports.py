@@ -45,19 +45,19 @@ def port_is_free(port: int, host: str = "") -> bool:
 
 
 def rendezvous_port(job_id: int, is_free=port_is_free) -> int:
-    """The job's port, or the next one of PORT_RANGE (wrapping around) that is free on this host and outside
-    its ephemeral range. Raises RuntimeError when the whole range is taken."""
+    """The job's port, or the next one of PORT_RANGE (wrapping around) that is free on this host, outside
+    its ephemeral range if it can be (a host whose ephemeral range covers all of PORT_RANGE gets any free
+    port of it). Raises RuntimeError when the whole range is taken."""
     lo, hi = PORT_RANGE
     eph_lo, eph_hi = ephemeral_range()
     start = job_port(job_id)
-    for i in range(hi - lo):
-        port = lo + (start - lo + i) % (hi - lo)
-        if eph_lo <= port <= eph_hi:
-            continue
+    order = [lo + (start - lo + i) % (hi - lo) for i in range(hi - lo)]
+    outside = [p for p in order if not eph_lo <= p <= eph_hi]
+    for port in outside or order:
         if is_free(port):
             return port
-    raise RuntimeError(f"no free rendezvous port in {lo}-{hi - 1} outside the ephemeral range "
-                       f"{eph_lo}-{eph_hi}; set MASTER_PORT")
+    raise RuntimeError(f"no free rendezvous port in {lo}-{hi - 1} (ephemeral range of this host: "
+                       f"{eph_lo}-{eph_hi}); set MASTER_PORT")
 
 
 def main(argv: list[str]) -> int:
