@@ -128,15 +128,16 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
     lengths = (48, 240) if quick else (96, 480)
     checks = [activation_check(f, p) for p in ("fp32", "bf16") for f in lengths]
-    res = {"activation": checks,
-           "activation_predicted_over_measured": [round(c["activation_predicted_over_measured"], 4)
-                                                  for c in checks],
-           "layers_predicted_over_measured": [round(c["layers_predicted_over_measured"], 4) for c in checks]}
+    ratio = {f"cpu_{p}": [round(c["activation_predicted_over_measured"], 4) for c in checks
+                          if c["precision"] == p] for p in ("fp32", "bf16")}
+    res = {"activation": checks, "activation_predicted_over_measured": ratio,
+           "layers_predicted_over_measured": {f"cpu_{p}": [round(c["layers_predicted_over_measured"], 4)
+                                                           for c in checks if c["precision"] == p]
+                                              for p in ("fp32", "bf16")}}
     if device.startswith("cuda") and torch.cuda.is_available():
         gpu = [gpu_activation_check(f) for f in (lengths[0] * 8, lengths[1] * 8)]
         res["gpu_activation"] = gpu
-        res["gpu_activation_predicted_over_measured"] = [round(g["activation_predicted_over_measured"], 4)
-                                                         for g in gpu]
+        ratio["gpu_bf16"] = [round(g["activation_predicted_over_measured"], 4) for g in gpu]
     ref = mixtral_reference()
     res["mixtral_8x7b_h100"] = ref
     return res
