@@ -179,7 +179,7 @@ do_start() {
             return 0
         fi
         prune_leases
-        others=$(ls "$DIR/leases" | grep -vx "$owner" | tr '\n' ' ' || true)
+        others=$(ls "$DIR/leases" | grep -vx "$owner" | xargs || true)
         [ -z "$others" ] || die "a $(running_nodes)-node SLURM runs in $DIR for pid(s) $others; stop it first" \
             "or use another UNIMOE_SLURM_DIR and UNIMOE_SLURM_PORT for $NODES node(s)"
         log "restarting the $(running_nodes)-node SLURM in $DIR with $NODES node(s)"
