@@ -9,7 +9,7 @@ ROOT=$(pwd)
 source scripts/setup_env.sh
 
 if [ -x scripts/local_slurm.sh ] && command -v slurmctld >/dev/null 2>&1; then
-    if SLURM_ENV=$(scripts/local_slurm.sh start); then
+    if SLURM_ENV=$(scripts/local_slurm.sh start --nodes 2); then  # two nodes: the multi-node tests
         eval "$SLURM_ENV"
         trap 'scripts/local_slurm.sh stop >/dev/null 2>&1 || true' EXIT
     else

@@ -4,6 +4,7 @@
 #
 #   source "${UNIMOE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
 #   unimoe_train            # srun: one task per GPU, `unimoe train --config $CONFIG --out $RUN_DIR --resume auto`
+#   unimoe_stage CMD...     # (what unimoe_train uses) srun CMD, requeue on preemption, bounded retry on failure
 #
 # Inputs (environment; the templates set defaults, `sbatch --export=ALL,NAME=value` overrides them):
 #   UNIMOE_ROOT   repository checkout (default: the directory sbatch was called from)
@@ -12,8 +13,12 @@
 #   RUN_DIR       run directory (checkpoints, metrics.jsonl, tb/)
 #   TRAIN_ARGS    extra `unimoe train` flags, e.g. "--max-steps 100 --save-every 20"
 #   OVERRIDES     config overrides, space separated key=value, e.g. "optim.lr=3e-5 parallel.ep=4"
-#   MASTER_PORT   rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
+#   MASTER_PORT   rendezvous port (default: 15000 + job id mod 15000, below Linux's ephemeral ports 32768-60999,
+#                 so jobs sharing a node differ; moved to the next free port of 15000-29999 when taken on the
+#                 first node: training/cluster/ports.py)
 #   SRUN_WAIT     seconds the other tasks get after the first one exits (default 120), then srun kills them
+#   UNIMOE_RETRIES  how often a failed (not preempted) job requeues itself (default 1; curriculum `retries`)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING  default 1: a failed NCCL collective tears the job down, never hangs
 #
 # Ranks: srun starts SLURM_NTASKS tasks (one per GPU: --ntasks-per-node = --gpus-per-node); each gets
 # RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS and MASTER_ADDR = the first host
@@ -26,6 +31,11 @@
 # requeues itself (`scontrol requeue`) and the next run resumes from that checkpoint (--resume auto).
 # On TERM alone (scancel, `scontrol requeue`, PreemptMode=REQUEUE) SLURM itself decides what happens to
 # the job, so no second requeue is issued.
+#
+# Failure (any other non-zero exit: a crash, a task killed, a lost node): the job requeues itself at most
+# UNIMOE_RETRIES times (counted in $RUN_DIR/slurm-<job id>.failures; preemptions do not count) and the
+# next run resumes from the newest complete checkpoint; after that it fails, and `afterok` dependents are
+# cancelled.
 
 PREEMPTED_EXIT_CODE=75
 
@@ -47,6 +57,8 @@ unimoe_env() {
     export UNIMOE_ROOT
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export PYTHONUNBUFFERED=1
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-${NCCL_ASYNC_ERROR_HANDLING:-1}}
+    unset NCCL_ASYNC_ERROR_HANDLING  # the deprecated name
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
     fi
@@ -55,7 +67,9 @@ unimoe_env() {
 unimoe_master() {
     local nodelist=${SLURM_JOB_NODELIST:-$(hostname -s)}
     MASTER_ADDR=$(scontrol show hostnames "$nodelist" | head -n 1)
-    MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    # this shell runs on the first node (= MASTER_ADDR): the collision check can only be made here
+    [ -n "${MASTER_PORT:-}" ] || MASTER_PORT=$(python -m training.cluster.ports "${SLURM_JOB_ID:-0}") \
+        || MASTER_PORT=$((15000 + ${SLURM_JOB_ID:-0} % 15000))
     export MASTER_ADDR MASTER_PORT
 }
 
@@ -88,7 +102,7 @@ unimoe_srun() {
     return "$rc"
 }
 
-# The training step of a stage template: srun `unimoe train`, requeue on preemption.
+# The training step of a stage template: srun `unimoe train`, requeue on preemption, retry on failure.
 unimoe_train() {
     unimoe_env || return 1
     unimoe_master
@@ -96,13 +110,36 @@ unimoe_train() {
     : "${RUN_DIR:?set RUN_DIR (the run directory) in the template or with --export}"
     mkdir -p "$RUN_DIR"
     _unimoe_log "restart count ${SLURM_RESTART_COUNT:-0}; config $CONFIG; run dir $RUN_DIR"
-    local rc train_args overrides
+    local train_args overrides
     # word lists, split on blanks without glob expansion (overrides may hold [a,b])
     read -r -a train_args <<< "${TRAIN_ARGS:-}"
     read -r -a overrides <<< "${OVERRIDES:-}"
-    unimoe_srun unimoe train --config "$CONFIG" --out "$RUN_DIR" --resume auto "${train_args[@]}" "${overrides[@]}"
+    unimoe_stage unimoe train --config "$CONFIG" --out "$RUN_DIR" --resume auto "${train_args[@]}" "${overrides[@]}"
+}
+
+# srun "$@" (a command that resumes from $RUN_DIR's newest checkpoint), then: requeue after a preemption
+# (exit 75), requeue after a failure while at most UNIMOE_RETRIES failures were counted, else its exit code.
+# Not after TERM: then SLURM is ending the job (scancel, time limit) and decides about it.
+unimoe_stage() {
+    : "${RUN_DIR:?set RUN_DIR (the run directory)}"
+    local rc failures retries=${UNIMOE_RETRIES:-1}
+    local count_file="$RUN_DIR/slurm-${SLURM_JOB_ID:-0}.failures"
+    unimoe_srun "$@"
     rc=$?
     _unimoe_log "training exited with $rc"
+    if [ "$rc" != 0 ] && [ "$rc" != "$PREEMPTED_EXIT_CODE" ] && [ -z "$_unimoe_term" ]; then
+        failures=$(( $(cat "$count_file" 2>/dev/null || echo 0) + 1 ))
+        echo "$failures" > "$count_file"
+        if [ "$failures" -le "$retries" ]; then
+            _unimoe_log "stage failed (exit $rc): retry $failures of $retries, requeueing job $SLURM_JOB_ID to" \
+                "resume from the newest complete checkpoint"
+            scontrol requeue "$SLURM_JOB_ID" && return 0  # SLURM ends this run right after
+            _unimoe_log "error: scontrol requeue failed (was the job submitted with --requeue?)"
+        else
+            _unimoe_log "stage failed (exit $rc), failure $failures with UNIMOE_RETRIES=$retries: giving up"
+        fi
+        return "$rc"
+    fi
     if [ "$rc" = "$PREEMPTED_EXIT_CODE" ]; then
         # USR1 (the warning before the time limit) always requeues, even when the limit's TERM followed
         if [ -n "$_unimoe_term" ] && [ -z "$_unimoe_usr1" ]; then

@@ -63,7 +63,7 @@ def test_dist_env_from_torchrun_slurm_or_nothing(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "node07")
     e = dist_env()
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 8, 1, "node07", "slurm")
-    assert e.master_port == 20000 + 1234
+    assert e.master_port == 15000 + 1234  # training.cluster.ports.PORT_RANGE
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")

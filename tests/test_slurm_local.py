@@ -1,23 +1,26 @@
-"""The SLURM templates on a real (local, single-node) SLURM: CPU, 2 tasks, tiny configs.
+"""The SLURM templates on a real local SLURM of two nodes on this host: CPU, tiny configs.
 
-    bash scripts/test.sh tests/test_slurm_local.py        # starts the local SLURM first
+    bash scripts/test.sh tests/test_slurm_local.py        # starts the local 2-node SLURM first
     .venv/bin/pytest tests/test_slurm_local.py             # starts it here when SLURM_CONF is not set
 
 Skipped, with the reason, only when SLURM cannot start (packages missing, not root, daemons fail).
-The node has 2 CPUs, so one 2-task job runs at a time; the chain runs in about 2 minutes.
+The nodes n1, n2 (scripts/local_slurm.sh start --nodes 2) each have the host's 2 CPUs. Multi-node: a
+stage on 2 nodes x 1 task (EP=2 across the nodes) preempted with USR1, requeued and resumed exactly; a
+task killed on one node failing the job, which the stage's bounded retry resumes from its newest checkpoint.
 """
 
 import json
 import os
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from training.cluster.ports import PORT_RANGE, job_port
 from training.cluster.slurm import REPO_ROOT
 
 pytestmark = pytest.mark.slurm
@@ -48,7 +51,7 @@ def slurm():
         pytest.skip("SLURM is not installed: apt-get install slurm-wlm munge (scripts/test.sh does it "
                     "as root)")
     env = {**os.environ, "UNIMOE_SLURM_OWNER": str(os.getpid())}
-    proc = _run([SCRIPT, "start"], env=env)
+    proc = _run([SCRIPT, "start", "--nodes", "2"], env=env)
     if proc.returncode != 0:
         pytest.skip(f"the local SLURM could not start (scripts/local_slurm.sh start): {proc.stderr[-800:]}")
     exports = dict(re.findall(r"^export (\w+)=(.*)$", proc.stdout, re.M))
@@ -63,6 +66,19 @@ def slurm():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def two_nodes(slurm):
+    nodes = set(_run(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split())
+    if len(nodes) < 2:
+        pytest.fail(f"the running SLURM has {len(nodes)} node(s) {sorted(nodes)}; the multi-node tests need "
+                    "two: scripts/local_slurm.sh stop; scripts/local_slurm.sh start --nodes 2")
+    return sorted(nodes)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    return _run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
 
 
 def job_info(job_id: str) -> dict:
@@ -106,21 +122,47 @@ def final_loss(run_dir: str) -> tuple[int, float]:
     return last["step"], last["loss"]
 
 
-def test_launch_sh_maps_srun_tasks_to_torch_ranks(slurm, tmp_path):
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+@pytest.mark.parametrize("nodes, per_node", [(1, 2), (2, 1)])
+def test_launch_sh_maps_srun_tasks_to_torch_ranks(two_nodes, tmp_path, nodes, per_node):
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "SLURM_NODEID", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
     (tmp_path / "probe.py").write_text(f"import json, os\nenv = {{k: os.environ.get(k) for k in {keys}}}\n"
                                        f"json.dump(env, open('{tmp_path}/rank' + env['RANK'], 'w'))\n")
     (tmp_path / "job.sh").write_text(
         f"#!/bin/bash\nsource {REPO_ROOT}/slurm/launch.sh && unimoe_env && unimoe_master || exit 1\n"
         f"unimoe_srun python {tmp_path}/probe.py\n")
-    job = sbatch([*CPU_JOB, f"--output={tmp_path}/out", str(tmp_path / "job.sh")])
+    shape = [f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--cpus-per-task=1", "--gpus-per-node=0"]
+    job = sbatch([*shape, f"--output={tmp_path}/out", str(tmp_path / "job.sh")])
     info = wait_jobs([job], 60, [tmp_path / "out"])[job]
     assert info["JobState"] == "COMPLETED", _logs([tmp_path / "out"])
     ranks = [json.load(open(tmp_path / f"rank{r}")) for r in range(2)]
-    port = str(20000 + int(job) % 20000)
+    first = hostnames(info["NodeList"])[0]
+    assert len(hostnames(info["NodeList"])) == nodes
+    # the job's port of training.cluster.ports (15000-29999, below the ephemeral ports), or the next free one
+    port = int(ranks[0]["MASTER_PORT"])
+    assert job_port(job) <= port < job_port(job) + 50 and port < PORT_RANGE[1]
     for r, env in enumerate(ranks):
-        assert env == {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                       "MASTER_ADDR": socket.gethostname().split(".")[0], "MASTER_PORT": port}
+        local, node = (r, 0) if nodes == 1 else (0, r)
+        assert env == {"RANK": str(r), "LOCAL_RANK": str(local), "WORLD_SIZE": "2",
+                       "LOCAL_WORLD_SIZE": str(per_node), "MASTER_ADDR": first, "MASTER_PORT": str(port),
+                       "SLURM_NODEID": str(node), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def test_failed_stage_retries_a_bounded_number_of_times(slurm, tmp_path):
+    """A stage command that keeps failing (not preempted): the job requeues itself UNIMOE_RETRIES=1 time,
+    then fails with the command's exit code (so `afterok` dependents are cancelled)."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "job.sh").write_text(
+        f"#!/bin/bash\nsource {REPO_ROOT}/slurm/launch.sh && unimoe_env && unimoe_master || exit 1\n"
+        f"RUN_DIR={run_dir}; mkdir -p $RUN_DIR\nunimoe_stage bash -c 'echo attempt; exit 3'\n")
+    job = sbatch(["--nodes=1", "--ntasks=1", "--requeue", "--open-mode=append", f"--output={tmp_path}/out",
+                  str(tmp_path / "job.sh")], env={"UNIMOE_RETRIES": "1"})
+    info = wait_jobs([job], 120, [tmp_path / "out"])[job]
+    text = _logs([tmp_path / "out"])
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", text
+    assert int(info["Restarts"]) == 1 and text.splitlines().count("attempt") == 2, text
+    assert "retry 1 of 1" in text and "giving up" in text, text
+    assert (run_dir / f"slurm-{job}.failures").read_text().strip() == "2"
 
 
 @pytest.fixture(scope="module")
@@ -158,32 +200,94 @@ def test_tiny_curriculum_chain_completes_with_afterok(curriculum):
         assert "stage1_speech" in f.read()  # stage 2 was upcycled from the specialists' run dirs
 
 
-def test_preempted_stage_requeues_and_resumes_to_the_same_loss(curriculum, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@T sends before the time limit): launch.sh forwards
-    it to the srun tasks, training saves and exits 75, the job requeues itself and resumes."""
-    run_dir = str(tmp_path / "stage1_speech")
-    os.makedirs(run_dir)
+def stage3_on_two_nodes(curriculum, run_dir: str, overrides: str = "", env: dict | None = None):
+    """The tiny stage 3 (EP=2) from the curriculum's stage-2 run, as 2 nodes x 1 task: (job id, log)."""
+    os.makedirs(run_dir, exist_ok=True)
     out = os.path.join(run_dir, "slurm-%j.out")
-    job = sbatch([*CPU_JOB, f"--output={out}", "--export=ALL", "slurm/stage1.sbatch"],
-                 env={"UNIMOE_ROOT": REPO_ROOT, "SPECIALIST": "speech", "RUN_DIR": run_dir,
-                      "CONFIG": "training/configs/tiny/stage1_speech.yaml"})
-    log = out.replace("%j", job)
-    # RUN/config.yaml is written once the process group is up, when the signal handlers are installed
-    # and step 1 is seconds away: the signal lands inside the training loop
-    started = os.path.join(run_dir, "config.yaml")
-    end = time.time() + 300
-    while not os.path.exists(started):
+    init = f"stage.init_from=[{os.path.join(curriculum['runs'], 'stage2')}]"
+    job = sbatch(["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                  f"--output={out}", "--export=ALL", "slurm/stage3.sbatch"],
+                 env={"UNIMOE_ROOT": REPO_ROOT, "RUN_DIR": run_dir,
+                      "CONFIG": "training/configs/tiny/stage3.yaml",
+                      "OVERRIDES": f"{init} {overrides}".strip(), **(env or {})})
+    return job, out.replace("%j", job)
+
+
+def wait_for(path: str, job: str, log: str, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not os.path.exists(path):
         if time.time() > end or job_info(job).get("JobState") in DONE:
             _run(["scancel", job])
-            pytest.fail(f"the training never started\n{_logs([log])}")
-        time.sleep(0.2)
+            pytest.fail(f"{path} never appeared\n{_logs([log])}")
+        time.sleep(0.1)
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, filter(str.strip, f))}
+
+
+def test_two_node_stage_with_ep2_preempted_requeues_and_resumes_to_the_same_loss(two_nodes, curriculum,
+                                                                                 tmp_path):
+    """Stage 3 (EP=2) with one rank per node. USR1 to the batch shell (what --signal=B:USR1@T sends before
+    the time limit): launch.sh forwards it to the srun tasks on both nodes, training saves and exits 75, the
+    job requeues itself and resumes; the losses equal the curriculum's 1-node x 2-task stage 3."""
+    run_dir = str(tmp_path / "stage3")
+    job, log = stage3_on_two_nodes(curriculum, run_dir)
+    # RUN/config.yaml is written once the process group is up, when the signal handlers are installed
+    # and step 1 is seconds away: the signal lands inside the training loop
+    wait_for(os.path.join(run_dir, "config.yaml"), job, log)
     assert _run(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
     info = wait_jobs([job], 400, [log])[job]
     text = _logs([log])
     assert info["JobState"] == "COMPLETED", text
+    assert hostnames(info["NodeList"]) == two_nodes and "2 tasks on 2 node(s)" in text, text
+    assert "world 2 (tp 1, ep 2, dp 2" in text, text  # the experts split over the two nodes
     assert int(info["Restarts"]) == 1, f"the job was not requeued (did it finish before the signal?)\n{text}"
     assert "requeueing job" in text and re.search(r"resumed .* at step [1-5]\b", text), text
-    assert final_loss(run_dir) == final_loss(os.path.join(curriculum["runs"], "stage1_speech"))
+    reference = os.path.join(curriculum["runs"], "stage3")
+    assert final_loss(run_dir) == final_loss(reference)
+    assert losses(run_dir) == losses(reference)
+
+
+def _task_pid(job: str, rank: int) -> int | None:
+    """The training process of `rank` of the job (both nodes run on this host)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if (env.get(b"SLURM_JOB_ID") == job.encode() and env.get(b"SLURM_PROCID") == str(rank).encode()
+                and env.get(b"SLURM_STEP_ID", b"batch") != b"batch" and b"train" in cmd):
+            return int(pid)
+    return None
+
+
+def test_task_killed_on_one_node_fails_the_job_and_the_retry_resumes_from_a_checkpoint(two_nodes, curriculum,
+                                                                                       tmp_path):
+    """SIGKILL to rank 1 (on n2) after the first complete checkpoint: rank 0 fails too, srun exits non-zero,
+    launch.sh counts one failure and requeues the job (retries: 1), which resumes from the newest complete
+    checkpoint and finishes. Steps 1-6 follow the same LR schedule as the curriculum's stage 3 (schedule_steps
+    6), so their losses must equal it, the redone ones included."""
+    run_dir = str(tmp_path / "stage3_killed")
+    job, log = stage3_on_two_nodes(curriculum, run_dir, "max_steps=12 optim.schedule_steps=6",
+                                   env={"UNIMOE_RETRIES": "1", "SRUN_WAIT": "30"})
+    wait_for(os.path.join(run_dir, "checkpoints", "step_00000003", "COMPLETE"), job, log)
+    pid = _task_pid(job, 1)
+    assert pid is not None, f"no rank-1 training process of job {job}\n{_logs([log])}"
+    os.kill(pid, signal.SIGKILL)
+    info = wait_jobs([job], 400, [log])[job]
+    text = _logs([log])
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text
+    assert re.search(r"stage failed \(exit \d+\): retry 1 of 1", text), text
+    resumed = re.search(r"resumed .* at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) in (3, 6, 9), text
+    got, reference = losses(run_dir), losses(os.path.join(curriculum["runs"], "stage3"))
+    assert sorted(got) == list(range(1, 13))
+    assert {s: got[s] for s in range(1, 7)} == reference
 
 
 def test_prep_array_with_2_tasks_equals_single_process_prep(slurm, tmp_path):

@@ -11,7 +11,15 @@ import re
 import pytest
 import yaml
 
-from training.cluster.slurm import REPO_ROOT, CurriculumError, load_curriculum, run_cli, sbatch_command
+from training.cluster.slurm import (
+    REPO_ROOT,
+    CurriculumError,
+    job_env,
+    load_curriculum,
+    resolve_gpus,
+    run_cli,
+    sbatch_command,
+)
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "slurm_submit_dry_run_4x8.txt")
 CURRICULUM = os.path.join("training", "configs", "curriculum.yaml")
@@ -23,7 +31,8 @@ def _dry_run(capsys, curriculum, runs=None):
     return code, captured.out.replace(REPO_ROOT, "<ROOT>"), captured.err
 
 
-def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys):
+def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys, monkeypatch):
+    monkeypatch.delenv("SCRATCH", raising=False)  # run dirs under runs/ in the checkout
     code, out, _ = _dry_run(capsys, CURRICULUM)
     assert code == 0
     if os.environ.get("UPDATE_SNAPSHOTS"):
@@ -37,6 +46,9 @@ def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys):
     assert out.count("--nodes=2 --ntasks-per-node=8 --gpus-per-node=8") == 2
     assert "--dependency=afterok:$STAGE1_SPEECH_JOB:$STAGE1_MUSIC_JOB" in out
     assert "--dependency=afterok:$STAGE2_JOB" in out
+    # the name torch reads (NCCL_ASYNC_ERROR_HANDLING is deprecated) and the bounded retry of a failed stage
+    assert out.count("TORCH_NCCL_ASYNC_ERROR_HANDLING=1") == 4 and " NCCL_ASYNC" not in out
+    assert out.count("UNIMOE_RETRIES=1") == 4
 
 
 def test_tiny_curriculum_is_cpu_2_tasks(capsys):
@@ -88,3 +100,39 @@ def test_submit_refuses_a_layout_the_stage_config_cannot_run(tmp_path, capsys):
     assert code == 0 and re.search(r"warning: stage 's2' \(1 node\(s\) x 1 tasks\).*parallel.ep=2", err)
     assert run_cli(argparse.Namespace(curriculum=path, dry_run=False, runs=None)) == 2
     assert "parallel.ep=2" in capsys.readouterr().err
+
+
+def test_runs_root_from_flag_file_or_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    assert load_curriculum(CURRICULUM)[3].run_dir == "/scratch/me/unimoe/runs/stage3"  # off the checkout
+    assert load_curriculum(CURRICULUM, runs="/r")[3].run_dir == "/r/stage3"
+    monkeypatch.delenv("SCRATCH")
+    assert load_curriculum(CURRICULUM)[3].run_dir == "runs/stage3"
+    monkeypatch.setenv("PROJ", "/proj/x")
+    path = _write(tmp_path, {"runs": "$PROJ/runs", "stages": [STAGE]})
+    assert load_curriculum(path)[0].run_dir == "/proj/x/runs/a"
+    monkeypatch.delenv("PROJ")
+    with pytest.raises(CurriculumError, match=r"uses \$PROJ, which is not set"):
+        load_curriculum(path)
+
+
+def test_stage_without_gpus_on_a_gpu_cluster_is_an_error(tmp_path):
+    cpu = {**STAGE, "name": "b", "gpus_per_node": 0}
+    stages = load_curriculum(_write(tmp_path, {"stages": [STAGE, cpu]}))
+    assert stages[0].gpus_per_node is None and stages[1].gpus_per_node == 0
+    with pytest.raises(CurriculumError, match="'a': gpus_per_node is not set and partition .* has GPUs"):
+        resolve_gpus(stages, gpus_of=lambda partition: "gpu:h100:8")
+    assert resolve_gpus(stages, gpus_of=lambda partition: "") == [] and stages[0].gpus_per_node == 0
+    stages = load_curriculum(_write(tmp_path, {"stages": [STAGE]}))
+    warnings = resolve_gpus(stages, gpus_of=lambda partition: None)  # no sinfo: say so, submit as CPU
+    assert "sinfo cannot tell" in warnings[0] and "--gpus-per-node=0" in sbatch_command(stages[0], [])
+
+
+def test_retries_is_a_bounded_stage_key_exported_to_the_job(tmp_path):
+    doc = {"defaults": {"retries": 2}, "stages": [STAGE, {**STAGE, "name": "b", "retries": 0}]}
+    stages = load_curriculum(_write(tmp_path, doc))
+    assert [job_env(s, "/root")["UNIMOE_RETRIES"] for s in stages] == ["2", "0"]
+    assert load_curriculum(_write(tmp_path, {"stages": [STAGE]}))[0].retries == 1
+    with pytest.raises(CurriculumError, match="retries must be an integer >= 0"):
+        load_curriculum(_write(tmp_path, {"stages": [{**STAGE, "retries": -1}]}))
+

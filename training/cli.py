@@ -40,9 +40,21 @@ def _train_args(p):
 def _plan_args(p):
     p.add_argument("--config", required=True)
     p.add_argument("--gpus", type=int, required=True, help="total GPUs of the job")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample for the activation estimate "
-                   "(default: model.max_seq_len)")
+    p.add_argument("--gpu", default="H100-80G", help="GPU preset: A100-80G, H100-80G (default), H200")
+    p.add_argument("--json", action="store_true", help="the whole plan as one JSON object")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the preset's)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default 8")
+    p.add_argument("--inter-node-gbps", type=float, default=None,
+                   help="inter-node bandwidth per GPU, Gbit/s (default: the preset's NIC, 200 or 400)")
+    p.add_argument("--intra-node-gbps", type=float, default=None,
+                   help="NVLink bandwidth per GPU per direction, Gbit/s (default: the preset's)")
+    p.add_argument("--matmul-efficiency", type=float, default=None,
+                   help="fraction of the bf16 peak the matmuls reach (default 0.6)")
+    p.add_argument("--overhead-gib", type=float, default=None,
+                   help="fixed memory per GPU: CUDA context, NCCL, allocator reserve (default 3)")
+    p.add_argument("--calibrate", default=None, metavar="RUN",
+                   help="a run dir: rescale step times to its measured tokens/s (metrics.jsonl)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: model.max_seq_len)")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value")
 
 
@@ -156,8 +168,8 @@ def _bench_prep_args(p):
 
 COMMANDS = [
     Command(("train",), "training.train:run_cli", "train one curriculum stage", _train_args),
-    Command(("plan",), "training.cluster.plan:run_cli", "parameter counts, memory and valid TPxEPxDP layouts",
-            _plan_args),
+    Command(("plan",), "training.cluster.plan:run_cli",
+            "memory per GPU and step time of every TPxEPxDP layout, fastest first", _plan_args),
     Command(("generate",), "training.eval.generate_cli:run_cli", "sample speech or music to WAV",
             _generate_args),
     Command(("eval",), "training.eval.evaluate:run_cli", "validation loss and the routing report",
@@ -183,6 +195,8 @@ COMMANDS = [
             _bench_prep_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
             _bench_args),
+    Command(("bench", "plan"), "benchmarks.bench_plan:run_cli", "the planner's memory and time models vs "
+            "measurement", _bench_args),
 ]
 
 

@@ -3,6 +3,7 @@
 metrics.jsonl keys: step, loss, loss_<task> (per task present), lr, grad_norm, tokens_per_s, skipped
 (cumulative count of skipped non-finite steps), plus aux-loss terms. On resume from step S the lines after
 S (written by the interrupted run, about to be redone) are dropped, so the file has one line per step.
+MoE models add experts_per_token (routed, on steps with routing stats) for `unimoe plan --calibrate`.
 """
 
 from __future__ import annotations

@@ -281,6 +281,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             tokens = _global_tokens(batches, pg)
             record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens / dt, "skipped": skipped}
+            if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
+                record["experts_per_token"] = routing["routing/experts_per_token"]
             est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]),
                       routing.get("routing/experts_per_token"))
             if est is not None:

@@ -53,16 +53,46 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """This rank's RNG states. CUDA: only the device this rank uses ({"device", "count", "state"}), so a
+    node with another number of GPUs (or per-task GPU binding) restores it onto the device the rank uses
+    there."""
+    cuda = None
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+        cuda = {"device": dev, "count": torch.cuda.device_count(), "state": torch.cuda.get_rng_state(dev)}
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores what rng_state saved; the CUDA state goes to the device this rank uses now. A warning (and
+    the CUDA generator left as seeded) when that cannot be exact: saved with GPUs and resumed without, or an
+    older checkpoint holding every device's state from a node with another GPU count."""
+    import warnings
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    saved = list(cuda) if isinstance(cuda, (list, tuple)) else [cuda["state"]]
+    if not torch.cuda.is_available():
+        warnings.warn(f"checkpoint holds the CUDA RNG state of {len(saved)} GPU(s) but no GPU is visible: "
+                      "not restored (CUDA random draws differ from an uninterrupted run)", RuntimeWarning,
+                      stacklevel=2)
+        return
+    dev = torch.cuda.current_device()
+    if isinstance(cuda, dict):  # this rank's own device state
+        torch.cuda.set_rng_state(cuda["state"], dev)
+    elif len(saved) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved)
+    else:  # every visible device of the saving node, which had another GPU count
+        src = min(dev, len(saved) - 1)
+        torch.cuda.set_rng_state(saved[src], dev)
+        warnings.warn(f"checkpoint holds the CUDA RNG states of {len(saved)} GPU(s), this node has "
+                      f"{torch.cuda.device_count()}: device {dev} got saved state {src}; not exact",
+                      RuntimeWarning, stacklevel=2)
 
 
 def complete_tags(ckpt_dir: str) -> list[str]:

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from training.cluster.ports import rendezvous_port
 from training.config import REPO_ROOT
 
 FAIL_GRACE_S = 30.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_local(argv: list[str], nproc: int) -> int:
-    port = free_port()
+    port = rendezvous_port(os.getpid())  # the range of training.cluster.ports, free on this host
     env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
                 "LOCAL_WORLD_SIZE": str(nproc)}
     env_base.setdefault("OMP_NUM_THREADS", "1")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.cluster.ports import job_port
+
 
 @dataclass
 class DistEnv:
@@ -56,7 +58,7 @@ def dist_env() -> DistEnv:
         job = int(e.get("SLURM_JOB_ID", "0") or 0)
         return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
                        e.get("MASTER_ADDR") or _slurm_master_addr(),
-                       int(e.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
+                       int(e.get("MASTER_PORT") or job_port(job)), "slurm")
     return DistEnv(0, 1, 0, e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "single")
 
 
@@ -128,6 +130,22 @@ class ParallelGroups:
         return self.env.rank == 0
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU a task uses among the `visible` ones it sees: LOCAL_RANK mod visible. One task per node
+    seeing all GPUs: its local rank; per-task binding (`--gpus-per-task=1`, `--gpu-bind`, CUDA_VISIBLE_DEVICES
+    of one device): device 0 whatever its local rank."""
+    if visible < 1:
+        raise ValueError("cuda_device_index: no visible GPU")
+    return local_rank % visible
+
+
+def nccl_error_handling_env() -> None:
+    """Tear the process group down on a collective error or timeout (torch's name since 2.2; the old
+    NCCL_ASYNC_ERROR_HANDLING is deprecated): one failed rank must end the job, not hang it."""
+    old = os.environ.pop("NCCL_ASYNC_ERROR_HANDLING", None)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", old or "1")
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -140,7 +158,10 @@ def init_parallel(pcfg, env: DistEnv | None = None, timeout_s: float = 1800) -> 
     env = env or dist_env()
     export_env(env)
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+        device = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        os.environ["LOCAL_RANK"] = str(device)  # DeepSpeed's engine puts itself on cuda:LOCAL_RANK
+    nccl_error_handling_env()
     backend = pcfg.backend or default_backend()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),

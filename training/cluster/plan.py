@@ -1,41 +1,41 @@
-"""`unimoe plan --config C --gpus N [--gpu-mem GiB]`: what a job needs before it is submitted.
+"""`unimoe plan --config C --gpus N [--gpu TYPE] [--json]`: which layout to submit, before submitting it.
 
-Prints the parameter count (total; active per token min/mean/max under Top-P routing), the memory per
-GPU of the config's layout (weights, gradients, Adam states, activations) for its ZeRO stage, and the
-valid TP x EP x DP layouts for N GPUs, each with its memory per GPU. Exits 2 with the reasons when the
-config's layout is impossible on N GPUs.
-
-Memory model (per GPU, rough; framework overhead, fragmentation and communication buffers come on top):
-  - parameters outside the MoE FFNs are split by TP; the MoE layer runs replicated on every TP rank, so
-    gates and shared experts are replicated, routed experts are split by EP (each rank holds
-    num_routed_experts / EP of them);
-  - bytes per parameter: weights and gradients 2 (bf16) or 4 (fp32); Adam m and v 4 + 4, plus an fp32
-    master copy of the weights 4 under bf16;
-  - ZeRO shards over the data-parallel group (dense parameters: DP = N / TP; expert parameters: the
-    expert-data-parallel group DP / EP): stage 1 the optimizer states, stage 2 also the gradients,
-    stage 3 also the weights;
-  - activations of one micro-batch without activation checkpointing, after Korthikanti et al. 2022
-    with fused attention: per layer s*b*D*(10 + 24/TP) bytes at 16 bit (x2 at fp32), plus the fp32
-    logits of the K codebook heads and their gradient, split by TP (vocab-parallel).
+Prints the parameter count (total; active per token under Top-P routing), the assumptions, and every valid
+TP x EP x DP layout for N GPUs with its memory per GPU (weights, gradients, optimizer states, activations
+with `model.recompute`, all-to-all buffers, a fixed overhead; training/cluster/plan_memory.py) and its
+step time, tokens/s and MFU from a roofline model (training/cluster/plan_time.py), fastest first among the
+layouts that fit. `--calibrate RUN` rescales the step times so that the model reproduces a real run's
+tokens/s (RUN/metrics.jsonl) at its layout, and uses the run's measured routed experts per token.
+Exits 2 with the reasons when the config's own layout is impossible on N GPUs or does not fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import statistics
 import sys
 from dataclasses import dataclass
 
+from training.cluster.plan_memory import (
+    MEMORY_PARTS,
+    GiB,
+    Workload,
+    max_routed_per_token,
+    memory_per_gpu,
+    parameter_split,
+    planner_model_config,
+    workload_from_config,
+)
+from training.cluster.plan_time import GPUS, Assumptions, Hardware, Layout, mean_experts_per_token, step_time
 from training.config import ConfigError, TrainConfig, divisors, load_config
-
-GiB = 1024**3
-_COLUMNS = ("weights", "grads", "optim", "activ", "total")
 
 
 @dataclass
-class Layout:
-    tp: int
-    ep: int
-    dp: int
+class Candidate:
+    layout: Layout
     problems: list[str]
 
     @property
@@ -49,7 +49,7 @@ def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]
     if world % tp:
         return [f"tp={tp} does not divide {world} GPUs"]
     dp = world // tp
-    mcfg = cfg.model_config()
+    mcfg = planner_model_config(cfg)
     if mcfg.num_heads % tp:
         problems.append(f"tp={tp} does not divide model.num_heads={mcfg.num_heads}")
     if mcfg.num_kv_heads % tp:
@@ -71,69 +71,69 @@ def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]
     return problems
 
 
-def all_layouts(cfg: TrainConfig, world: int) -> list[Layout]:
+def all_layouts(cfg: TrainConfig, world: int) -> list[Candidate]:
     """Every tp | world and ep | dp (ep = 1 only for a dense model), with why each one fails."""
     out = []
-    moe = cfg.model_config().is_moe
+    moe = planner_model_config(cfg).is_moe
     for tp in divisors(world):
         dp = world // tp
         for ep in divisors(dp) if moe else [1]:
-            out.append(Layout(tp, ep, dp, layout_problems(cfg, world, tp, ep)))
+            out.append(Candidate(Layout(tp, ep, dp), layout_problems(cfg, world, tp, ep)))
     return out
 
 
-def parameter_split(cfg: TrainConfig) -> dict:
-    """Parameter counts by how they are placed: split by TP, replicated (MoE gate + shared), experts."""
-    from training.model.params import parameter_counts
-
-    mcfg = cfg.model_config()
-    counts = parameter_counts(mcfg)
-    n_moe = len(mcfg.moe_layer_ids)
-    experts = replicated = 0
-    if n_moe:
-        kw = mcfg.moe_kwargs()
-        n_routed = int(kw.get("num_routed_experts", 8))
-        n_dyn = n_routed + int(kw.get("num_null_experts", 1))
-        n_shared = int(kw.get("num_shared_experts", 2))
-        D = mcfg.hidden_size
-        experts = n_moe * n_routed * counts["routed_expert"]
-        replicated = n_moe * ((n_dyn + n_shared) * D + n_shared * 3 * D * int(kw["shared_ffn_size"]))
-    return {**counts, "experts": experts, "moe_replicated": replicated,
-            "tp_split": counts["total"] - experts - replicated}
+def evaluate(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
+    mem = memory_per_gpu(w, lay.world, lay.tp, lay.ep, a.overhead_gib)
+    return {"tp": lay.tp, "ep": lay.ep, "dp": lay.dp, "memory": mem, "time": step_time(w, lay, hw, a),
+            "fits": mem["total"] <= hw.memory_gib * GiB}
 
 
-def memory_per_gpu(cfg: TrainConfig, world: int, tp: int, ep: int, seq_len: int | None = None) -> dict:
-    """Bytes per GPU: weights, grads, optimizer, activations, total (see the module docstring)."""
-    split = parameter_split(cfg)
-    mcfg = cfg.model_config()
-    dp = world // tp
-    edp = max(dp // ep, 1)
-    stage = cfg.parallel.zero_stage
-    bf16 = cfg.parallel.precision == "bf16"
-    w_bytes = 2 if bf16 else 4
-    opt_bytes = 8 + (4 if bf16 else 0)
-
-    dense = split["tp_split"] / tp + split["moe_replicated"]
-    experts = split["experts"] / ep
-
-    def sharded(n_bytes: float, zero_from: int) -> float:
-        if stage >= zero_from:
-            return n_bytes * (dense / dp + experts / edp)
-        return n_bytes * (dense + experts)
-
-    seq_len = seq_len or mcfg.max_seq_len
-    micro = cfg.micro_batch_size(dp)
-    act_scale = 1 if bf16 else 2
-    tokens = micro * seq_len
-    layers = tokens * mcfg.hidden_size * (10 + 24 / tp) * act_scale * mcfg.num_layers
-    logits = 2 * tokens * mcfg.num_codebooks * mcfg.padded_audio_vocab_size * 4 / tp
-    mem = {"weights": sharded(w_bytes, 3), "grads": sharded(w_bytes, 2), "optimizer": sharded(opt_bytes, 1),
-           "activations": layers + logits, "micro_batch": micro, "seq_len": seq_len,
-           "params_per_gpu": dense + experts}
-    mem["total"] = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["activations"]
-    return mem
+# ---------------------------------------------------------------------------------------------- calibrate
+def _run_layout(run_dir: str) -> dict:
+    from training.checkpoint.save import find_checkpoint, read_meta
+    tag = find_checkpoint(run_dir)
+    if tag is None:
+        raise ConfigError(f"--calibrate {run_dir}: no complete checkpoint there, so the run's layout (GPUs, "
+                          "tp, ep) is unknown; calibrate with a run that saved at least once")
+    return read_meta(tag)["layout"]
 
 
+def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None) -> tuple[Assumptions, dict]:
+    """Assumptions whose step times reproduce the run's median tokens/s at its own layout (the first fifth of
+    the steps, warm-up, left out), with the run's median routed experts per token."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"--calibrate {run_dir}: no metrics.jsonl (is it a `unimoe train` run dir?)")
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    steady = records[len(records) // 5:]
+    tps = [r["tokens_per_s"] for r in steady if isinstance(r.get("tokens_per_s"), (int, float))
+           and math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0]
+    if not tps:
+        raise ConfigError(f"--calibrate {path}: no tokens_per_s in its records")
+    ks = [r["experts_per_token"] for r in records if isinstance(r.get("experts_per_token"), (int, float))]
+    run_cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    lay_d = _run_layout(run_dir)
+    lay = Layout(int(lay_d["tp"]), int(lay_d["ep"]), int(lay_d["world_size"]) // int(lay_d["tp"]))
+    measured = statistics.median(tps)
+    k = statistics.median(ks) if ks else None
+    run_a = dataclasses.replace(a, experts_per_token=k, time_scale=1.0)
+    predicted = step_time(workload_from_config(run_cfg, seq_len), lay, hw, run_a)["tokens_per_s"]
+    scale = predicted / measured
+    source = f"measured in {run_dir}" if k is not None else a.experts_source
+    out = dataclasses.replace(a, time_scale=scale, experts_source=source,
+                              experts_per_token=k if k is not None else a.experts_per_token)
+    info = {"run": run_dir, "layout": vars(lay), "steps": len(tps), "measured_tokens_per_s": measured,
+            "model_tokens_per_s": predicted, "time_scale": scale, "experts_per_token": k}
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------- report
 def _fmt_params(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -141,84 +141,175 @@ def _fmt_params(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
+def _assumption_lines(w: Workload, hw: Hardware, a: Assumptions) -> list[str]:
+    rows = [
+        (f"GPU          {hw.name}: {hw.bf16_tflops:g} TFLOP/s bf16 dense, {hw.memory_gib:.1f} GiB, HBM "
+         f"{hw.hbm_tbps:g} TB/s, {hw.gpus_per_node} per node", "--gpu, --gpu-mem, --gpus-per-node"),
+        (f"matmuls      at {a.matmul_efficiency:g} of the peak (fp32 runs: TF32, half the bf16 peak)",
+         "--matmul-efficiency"),
+        (f"elementwise  {a.elementwise_passes:g} x the kept activation bytes at {a.hbm_efficiency:g} of HBM",
+         ""),
+        (f"links        NVLink {hw.intra_node_gbps:g} Gbit/s per GPU per direction, inter-node "
+         f"{hw.inter_node_gbps:g} Gbit/s per GPU; collectives at {a.link_efficiency:g} of line rate",
+         "--intra-node-gbps, --inter-node-gbps"),
+        (f"overhead     {a.overhead_gib:g} GiB per GPU (CUDA context, NCCL buffers, allocator reserve)",
+         "--overhead-gib"),
+    ]
+    if w.model.is_moe:
+        rows.append((f"experts      routed per token: memory {max_routed_per_token(w.model)} (Top-P's max, "
+                     f"balanced over EP ranks), time {mean_experts_per_token(w, a):.2f} ({a.experts_source})",
+                     "--calibrate RUN"))
+    overlap = ("overlapped with backward" if w.overlap_comm
+               else "not overlapped (ds_config overlap_comm: false)")
+    rows.append((f"ZeRO         gradient reduction {overlap}; parameter all-gather "
+                 f"{'overlapped' if a.overlap_param_gather else 'not overlapped'}", ""))
+    if a.time_scale != 1.0:
+        rows.append((f"calibration  step times x {a.time_scale:.3f} (see below)", "--calibrate RUN"))
+    return [f"  {text}" + (f"   [{flags}]" if flags else "") for text, flags in rows]
 
 
-def report(cfg: TrainConfig, world: int, gpu_mem: float, seq_len: int | None, name: str) -> tuple[str, bool]:
-    """The plan as text, and whether the config's own layout is possible (and fits)."""
-    split = parameter_split(cfg)
-    mcfg = cfg.model_config()
+def _table_row(r: dict, mark: str) -> str:
+    mem, t = r["memory"], r["time"]
+    gib = " ".join(f"{mem[k] / GiB:>7.2f}" for k in MEMORY_PARTS) + f" {mem['total'] / GiB:>7.2f}"
+    where = t["placement"]
+    places = " ".join(f"{where[g]:>5}" for g in ("tp", "ep", "dp"))
+    return (f"{mark} {r['tp']:>3} {r['ep']:>3} {r['dp']:>4} | {gib} | {t['step_s']:>8.3f} "
+            f"{t['tokens_per_s']:>10.0f} {t['mfu']:>5.3f} | {places}")
+
+
+def build_plan(cfg: TrainConfig, world: int, hw: Hardware, a: Assumptions, seq_len: int | None,
+               name: str, calibration: dict | None = None) -> dict:
+    """Everything `unimoe plan` prints, as a dict (also the --json output)."""
+    w = workload_from_config(cfg, seq_len)
+    split = parameter_split(w.model)
     p = cfg.parallel
-    lines = [f"plan for {name} on {world} GPU(s) of {gpu_mem:g} GiB  (ZeRO {p.zero_stage}, {p.precision})",
+    candidates = all_layouts(cfg, world)
+    rows = [evaluate(w, c.layout, hw, a) for c in candidates if c.ok]
+    for r in rows:
+        r["config_layout"] = (r["tp"], r["ep"]) == (p.tp, p.ep)
+    rows.sort(key=lambda r: (not r["fits"], r["time"]["step_s"]))
+    chosen = layout_problems(cfg, world, p.tp, p.ep)
+    mine = next((r for r in rows if r["config_layout"]), None)
+    return {"config": name, "gpus": world, "gpu": dataclasses.asdict(hw),
+            "assumptions": {k: v for k, v in dataclasses.asdict(a).items() if k != "notes"},
+            "workload": {"precision": w.precision, "zero_stage": w.zero_stage, "recompute": w.recompute,
+                         "sequence_parallel": w.sequence_parallel, "seq_len": w.seq_len,
+                         "global_batch": w.global_batch, "micro_batch": w.micro_batch},
+            "parameters": split, "layouts": rows, "calibration": calibration,
+            "config_layout": {"tp": p.tp, "ep": p.ep, "problems": chosen,
+                              "fits": bool(mine and mine["fits"])},
+            "impossible": [{"tp": c.layout.tp, "ep": c.layout.ep, "problems": c.problems}
+                           for c in candidates if not c.ok]}
+
+
+def report(plan: dict, w: Workload, hw: Hardware, a: Assumptions) -> str:
+    split, world = plan["parameters"], plan["gpus"]
+    nodes = -(-world // hw.gpus_per_node)
+    wl = plan["workload"]
+    lines = [f"plan for {plan['config']} on {world} x {hw.name} ({nodes} node(s)): ZeRO {wl['zero_stage']}, "
+             f"{wl['precision']}, recompute {wl['recompute']}, sequence parallel "
+             f"{'on' if wl['sequence_parallel'] else 'off'}, {wl['seq_len']} tokens per sample, global batch "
+             f"{wl['global_batch']}" + (f", micro-batch {wl['micro_batch']}" if wl["micro_batch"] else ""),
              "", "parameters"]
 
     def row(label: str, n: float, note: str = "") -> None:
         lines.append(f"  {label:<20} {_fmt_params(n):>10}  {note}".rstrip())
 
     row("total", split["total"], f"({split['total']:,})")
-    if mcfg.is_moe:
+    if w.model.is_moe:
         lo, hi = split["routed_per_token_min"], split["routed_per_token_max"]
         row("active per token min", split["active_min"], f"({lo} routed expert(s))")
-        row("                mean", split["active_mean"],
-            f"({(lo + hi) / 2:g}, midpoint: the measured experts/token of a run is better)")
+        row("                mean", split["active_mean"], f"({(lo + hi) / 2:g}, the midpoint)")
         row("                max", split["active_max"], f"({hi} routed expert(s))")
-        row("routed experts", split["experts"], f"in {len(mcfg.moe_layer_ids)} MoE layer(s)")
+        row("routed experts", split["experts"], f"in {len(w.model.moe_layer_ids)} MoE layer(s), split by EP")
     else:
         row("active per token", split["active_max"], "(dense)")
-    row("embeddings + heads", split["embedding"] + split["heads"])
+    row("split by TP", split["tp_split"], "(attention, dense FFNs, text embedding, heads)")
+    row("replicated", split["replicated"], "(norms, codebook embeddings, MoE gates and shared experts)")
+    lines += ["", "assumptions (override with the flags in brackets)"] + _assumption_lines(w, hw, a)
+    cal = plan["calibration"]
+    if cal:
+        lines.append(f"  calibrated on {cal['run']}: {cal['measured_tokens_per_s']:.0f} tokens/s measured "
+                     f"over {cal['steps']} steps at tp={cal['layout']['tp']} ep={cal['layout']['ep']} "
+                     f"dp={cal['layout']['dp']}, the model said {cal['model_tokens_per_s']:.0f}")
+    columns = ("weights", "grads", "optim", "activ", "a2a", "overhd", "total")
+    header = (f"    {'tp':>3} {'ep':>3} {'dp':>4} | " + " ".join(f"{h:>7}" for h in columns)
+              + f" | {'step s':>8} {'tokens/s':>10} {'MFU':>5} | {'TP':>5} {'EP':>5} {'DP':>5}")
+    fit = [r for r in plan["layouts"] if r["fits"]]
+    lines += ["", f"layouts for {world} GPU(s) that fit in {hw.memory_gib:.1f} GiB, fastest first "
+              "(GiB per GPU; * = the config's; TP/EP/DP: inside a node or across nodes)", header]
+    lines += [_table_row(r, " *" if r["config_layout"] else "  ") for r in fit] or ["  none"]
+    over = [r for r in plan["layouts"] if not r["fits"]]
+    if over:
+        lines += ["", "layouts that do not fit", header]
+        lines += [_table_row(r, " *" if r["config_layout"] else "  ") for r in over]
+    if not plan["layouts"]:
+        lines.append("  no valid layout; what rules them out:")
+        lines += [f"    {pr}" for pr in sorted({pr for c in plan["impossible"] for pr in c["problems"]})]
+    cl = plan["config_layout"]
+    if cl["problems"]:
+        lines += ["", f"the config's layout tp={cl['tp']} ep={cl['ep']} is impossible on {world} GPU(s): "
+                  + "; ".join(cl["problems"])]
+    return "\n".join(lines)
 
-    layouts = all_layouts(cfg, world)
-    chosen = layout_problems(cfg, world, p.tp, p.ep)
-    ok = not chosen
-    lines += ["", f"memory per GPU for the config's layout tp={p.tp} ep={p.ep} (GiB)"]
-    if chosen:
-        lines.append("  impossible on %d GPU(s): %s" % (world, "; ".join(chosen)))
-    else:
-        m = memory_per_gpu(cfg, world, p.tp, p.ep, seq_len)
-        lines.append(f"  dp={world // p.tp}  micro-batch {m['micro_batch']} x {m['seq_len']} tokens, "
-                     f"{_fmt_params(m['params_per_gpu'])} parameters per GPU")
-        for key in ("weights", "grads", "optimizer", "activations", "total"):
-            lines.append(f"  {key:<12} {_gib(m[key]):>9}")
-        if m["total"] > gpu_mem * GiB:
-            ok = False
-            lines.append(f"  does NOT fit in {gpu_mem:g} GiB: raise zero_stage, tp or ep, lower "
-                         "data.micro_batch_size, or use more GPUs (layouts below)")
-    lines += ["", f"valid TP x EP x DP layouts for {world} GPU(s) (GiB per GPU; * = the config's)",
-              f"  {'tp':>3} {'ep':>3} {'dp':>4} " + " ".join(f"{h:>8}" for h in _COLUMNS)]
-    valid = [lay for lay in layouts if lay.ok]
-    for lay in valid:
-        m = memory_per_gpu(cfg, world, lay.tp, lay.ep, seq_len)
-        mark = "*" if (lay.tp, lay.ep) == (p.tp, p.ep) else " "
-        fits = "" if m["total"] <= gpu_mem * GiB else "  does not fit"
-        gib = " ".join(f"{_gib(m[k]):>8}" for k in ("weights", "grads", "optimizer", "activations", "total"))
-        lines.append(f"{mark} {lay.tp:>3} {lay.ep:>3} {lay.dp:>4} {gib}{fits}")
-    if not valid:
-        lines.append("  none; what rules them out:")
-        lines += [f"    {pr}" for pr in sorted({pr for lay in layouts for pr in lay.problems})]
-        ok = False
-    lines.append("  (TP is best kept inside a node: tp <= GPUs per node; EP may span nodes)")
-    return "\n".join(lines), ok
+
+def hardware_from_args(args) -> Hardware:
+    name = getattr(args, "gpu", None) or "H100-80G"
+    if name not in GPUS:
+        raise ConfigError(f"--gpu {name}: unknown; presets: {', '.join(GPUS)}")
+    hw = dataclasses.replace(GPUS[name])
+    for flag, field in (("gpu_mem", "memory_gib"), ("intra_node_gbps", "intra_node_gbps"),
+                        ("inter_node_gbps", "inter_node_gbps"), ("gpus_per_node", "gpus_per_node")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+            setattr(hw, field, type(getattr(hw, field))(value))
+    return hw
+
+
+def assumptions_from_args(args) -> Assumptions:
+    a = Assumptions()
+    eff = getattr(args, "matmul_efficiency", None)
+    if eff is not None:
+        if not 0 < eff <= 1:
+            raise ConfigError(f"--matmul-efficiency must be in (0, 1], got {eff}")
+        a.matmul_efficiency = eff
+    over = getattr(args, "overhead_gib", None)
+    if over is not None:
+        if not math.isfinite(over) or over < 0:
+            raise ConfigError(f"--overhead-gib must be >= 0, got {over}")
+        a.overhead_gib = over
+    return a
 
 
 def run_cli(args) -> int:
     if args.gpus < 1:
         print(f"unimoe plan: error: --gpus must be >= 1, got {args.gpus}", file=sys.stderr)
         return 2
-    if not math.isfinite(args.gpu_mem) or args.gpu_mem <= 0:
-        print(f"unimoe plan: error: --gpu-mem must be > 0 GiB, got {args.gpu_mem}", file=sys.stderr)
-        return 2
+    seq_len = getattr(args, "seq_len", None)
     try:
+        hw, a = hardware_from_args(args), assumptions_from_args(args)
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
-        text, ok = report(cfg, args.gpus, args.gpu_mem, getattr(args, "seq_len", None), args.config)
+        w = workload_from_config(cfg, seq_len)
+        calibration = None
+        if getattr(args, "calibrate", None):
+            a, calibration = calibrate(args.calibrate, hw, a, seq_len)
+        plan = build_plan(cfg, args.gpus, hw, a, seq_len, args.config, calibration)
     except (ConfigError, ValueError) as e:
         print(f"unimoe plan: error: {args.config}: {e}", file=sys.stderr)
         return 2
-    print(text)
-    if not ok:
-        p = cfg.parallel
-        print(f"unimoe plan: error: the layout tp={p.tp} ep={p.ep} of {args.config} does not work on "
-              f"{args.gpus} GPU(s) of {args.gpu_mem:g} GiB (see above); pick one of the valid layouts "
-              "(parallel.tp=.. parallel.ep=..)", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps(plan, default=str))
+    else:
+        print(report(plan, w, hw, a))
+    cl = plan["config_layout"]
+    if cl["problems"] or not cl["fits"]:
+        why = "does not work" if cl["problems"] else f"does not fit in {hw.memory_gib:.1f} GiB"
+        print(f"unimoe plan: error: the layout tp={cl['tp']} ep={cl['ep']} of {args.config} {why} on "
+              f"{args.gpus} GPU(s) (see above); pick one of the layouts that fit (parallel.tp=.. "
+              "parallel.ep=..), raise zero_stage, set model.recompute, lower data.micro_batch_size, or use "
+              "more GPUs", file=sys.stderr)
         return 2
     return 0
+

@@ -6,11 +6,12 @@ stages each one waits for (`after`); every stage is one `sbatch` of its template
 and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
 (--kill-on-invalid-dep). `--dry-run` prints the chain as a shell script instead of submitting it.
 
-    runs: runs                         # base of the run dirs: "{runs}" in the stage fields
+    runs: /scratch/me/unimoe/runs      # base of the run dirs: "{runs}" in the stage fields ($VARS expanded)
     defaults:                          # any stage field, for every stage
       nodes: 4
       tasks_per_node: 8                # one task per GPU
-      gpus_per_node: 8                 # 0 = CPU (the tiny curriculum)
+      gpus_per_node: 8                 # 0 = CPU (the tiny curriculum); required where the cluster has GPUs
+      retries: 1                       # a failed (not preempted) job requeues itself this often
       env: {NCCL_DEBUG: WARN}
     stages:
       - name: stage1_speech
@@ -22,9 +23,12 @@ and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
         overrides: ["stage.init_from=[{runs}/stage1_speech,{runs}/stage1_music]"]
         ...
 
-Paths are relative to the repository root (sbatch runs there). The stage variables (CONFIG, RUN_DIR,
-TRAIN_ARGS, OVERRIDES, env) reach the job through the environment of sbatch (--export=ALL), where
-values may hold commas, which `--export=NAME=value` lists cannot.
+Paths are relative to the repository root (sbatch runs there). The runs root is `--runs DIR`, else the
+file's `runs:`, else $SCRATCH/unimoe/runs where the cluster sets $SCRATCH (run dirs off the checkout's
+file system), else runs/ in the checkout. A stage that leaves `gpus_per_node` out is an error on a
+cluster whose partition has GPUs (sinfo's GRES): say 0 to train on CPU there. The stage variables
+(CONFIG, RUN_DIR, TRAIN_ARGS, OVERRIDES, UNIMOE_RETRIES, env) reach the job through the environment of
+sbatch (--export=ALL), where values may hold commas, which `--export=NAME=value` lists cannot.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class Stage:
     after: list[str] = field(default_factory=list)  # stages that must COMPLETE first (afterok)
     nodes: int = 1
     tasks_per_node: int = 1  # one task (rank) per GPU
-    gpus_per_node: int = 0  # 0 = CPU only
+    gpus_per_node: int | None = None  # 0 = CPU only; None (left out): 0 unless the cluster has GPUs (error)
     cpus_per_task: int = 1
     time: str | None = None  # e.g. "48:00:00"; None = the template's
     partition: str | None = None
@@ -64,6 +68,7 @@ class Stage:
     env: dict = field(default_factory=dict)  # exported to the job
     train_args: list[str] = field(default_factory=list)  # more `unimoe train` flags: ["--max-steps", "4"]
     overrides: list[str] = field(default_factory=list)  # config overrides key=value
+    retries: int = 1  # a failed (not preempted) job requeues itself this often, from its newest checkpoint
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
@@ -72,9 +77,12 @@ class Stage:
         for key in ("nodes", "tasks_per_node", "cpus_per_task"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise CurriculumError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
-        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+        gpus = self.gpus_per_node
+        if gpus is not None and (not isinstance(gpus, int) or gpus < 0):
             raise CurriculumError(f"{where}: gpus_per_node must be an integer >= 0, "
                                   f"got {self.gpus_per_node!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise CurriculumError(f"{where}: retries must be an integer >= 0, got {self.retries!r}")
         if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
             raise CurriculumError(f"{where}: one task per GPU: tasks_per_node ({self.tasks_per_node}) "
                                   f"must equal gpus_per_node ({self.gpus_per_node}); "
@@ -103,8 +111,22 @@ _FIELDS = {f.name for f in dataclasses.fields(Stage)}
 _REQUIRED = {"name", "template", "config", "run_dir"}
 
 
+def runs_root(file_value, path: str) -> str:
+    """The file's `runs:` ($VARS and ~ expanded), else $SCRATCH/unimoe/runs, else runs/ in the checkout."""
+    if file_value:
+        value = os.path.expanduser(str(file_value))
+        missing = [v for v in re.findall(r"\$\{?(\w+)", value) if v not in os.environ]
+        if missing:
+            raise CurriculumError(f"{path}: runs: {file_value!r} uses ${missing[0]}, which is not set here; "
+                                  "set it or pass --runs DIR")
+        return os.path.expandvars(value)
+    if os.environ.get("SCRATCH"):
+        return os.path.join(os.environ["SCRATCH"], "unimoe", "runs")
+    return "runs"
+
+
 def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
-    """Stages in submission order; `runs` replaces the file's runs dir."""
+    """Stages in submission order; `runs` (--runs) replaces the file's runs root (see runs_root)."""
     if not os.path.exists(path):
         raise CurriculumError(f"curriculum file {path} does not exist (see training/configs/curriculum.yaml)")
     with open(path) as f:
@@ -115,7 +137,7 @@ def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
     if unknown:
         raise CurriculumError(f"{path}: unknown top-level keys {sorted(unknown)}; "
                               "known: runs, defaults, stages")
-    runs = runs or str(doc.get("runs") or "runs")
+    runs = runs or runs_root(doc.get("runs"), path)
     defaults = doc.get("defaults") or {}
     bad = set(defaults) - (_FIELDS - _REQUIRED - {"after"})
     if bad:
@@ -165,7 +187,7 @@ def _substitute(value, runs: str, path: str, name: str):
 
 def sbatch_command(stage: Stage, dependency_ids: list[str]) -> list[str]:
     cmd = ["sbatch", "--parsable", f"--job-name=unimoe-{stage.name}", f"--nodes={stage.nodes}",
-           f"--ntasks-per-node={stage.tasks_per_node}", f"--gpus-per-node={stage.gpus_per_node}",
+           f"--ntasks-per-node={stage.tasks_per_node}", f"--gpus-per-node={stage.gpus_per_node or 0}",
            f"--cpus-per-task={stage.cpus_per_task}"]
     if stage.time:
         cmd.append(f"--time={stage.time}")
@@ -183,7 +205,42 @@ def sbatch_command(stage: Stage, dependency_ids: list[str]) -> list[str]:
 def job_env(stage: Stage, root: str) -> dict[str, str]:
     """The variables the template and slurm/launch.sh read (order kept for printing)."""
     return {"UNIMOE_ROOT": root, "CONFIG": stage.config, "RUN_DIR": stage.run_dir,
-            "TRAIN_ARGS": " ".join(stage.train_args), "OVERRIDES": " ".join(stage.overrides), **stage.env}
+            "TRAIN_ARGS": " ".join(stage.train_args), "OVERRIDES": " ".join(stage.overrides),
+            "UNIMOE_RETRIES": str(stage.retries), **stage.env}
+
+
+def cluster_gpus(partition: str | None = None) -> str | None:
+    """The GPU GRES sinfo reports for the partition (e.g. "gpu:h100:8"), "" when it has none, None when
+    sinfo cannot tell (no SLURM here)."""
+    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    gres = [g for line in out.stdout.split() for g in line.split(",") if g.startswith("gpu")]
+    return gres[0] if gres else ""
+
+
+def resolve_gpus(stages: list[Stage], gpus_of=cluster_gpus) -> list[str]:
+    """Stages that left gpus_per_node out get 0, unless their partition has GPUs: then a CurriculumError
+    (training on CPU next to idle GPUs is never what was meant). Returns warnings for stages that could
+    not be checked (no sinfo)."""
+    warnings = []
+    for stage in stages:
+        if stage.gpus_per_node is not None:
+            continue
+        gres = gpus_of(stage.partition)
+        if gres:
+            raise CurriculumError(f"stage {stage.name!r}: gpus_per_node is not set and partition "
+                                  f"{stage.partition or '(default)'} has GPUs ({gres}); set gpus_per_node: "
+                                  "N (= tasks_per_node, one task per GPU), or 0 to train on CPU")
+        if gres is None:
+            warnings.append(f"stage {stage.name!r}: gpus_per_node is not set and sinfo cannot tell whether "
+                            "the cluster has GPUs; submitted as CPU-only (gpus_per_node: 0)")
+        stage.gpus_per_node = 0
+    return warnings
 
 
 def _abs(path: str, root: str) -> str:
@@ -217,7 +274,7 @@ def dry_run_script(stages: list[Stage], root: str, curriculum: str) -> str:
         cmd = " ".join(shlex.quote(a) if not a.startswith("--dependency=") else a
                        for a in sbatch_command(stage, deps))
         lines.append(f"# {stage.name}: {stage.nodes} node(s) x {stage.tasks_per_node} tasks "
-                     f"({stage.gpus_per_node} GPU(s) per node), after: {', '.join(stage.after) or '-'}")
+                     f"({stage.gpus_per_node or 0} GPU(s) per node), after: {', '.join(stage.after) or '-'}")
         lines.append(f"{stage.job_var}=$({assigns} \\\n    {cmd})")
         lines.append(f'echo "{stage.name}: job ${stage.job_var}"')
     return "\n".join(lines) + "\n"
@@ -248,6 +305,8 @@ def run_cli(args) -> int:
     root = REPO_ROOT
     try:
         stages = load_curriculum(args.curriculum, runs=getattr(args, "runs", None))
+        for warning in resolve_gpus(stages):
+            print(f"# warning: {warning}", file=sys.stderr)
         for stage in stages:
             try:
                 check_stage(stage, root)
