@@ -4,6 +4,7 @@ Run: .venv/bin/pytest tests/test_data_mix.py
 """
 
 import json
+import os
 import pickle
 from collections import Counter
 
@@ -13,6 +14,7 @@ import pytest
 from data_prep.codec import load_codec
 from data_prep.fixtures import write_corpus
 from data_prep.mix import MixtureReader, build_mix
+from data_prep.mix_index import ITEM_ARRAYS
 from data_prep.prep import PrepConfig, prep
 from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
 from training.cli import main as cli
@@ -156,3 +158,39 @@ def test_tokenizer_special_ids_and_clamp(prepped, tmp_path):
     logs = []
     info = train_tokenizer(["tiny corpus", "of two lines"], str(tmp_path / "s.model"), 5000, log=logs.append)
     assert info["vocab_size"] < 5000 and "largest reachable size" in logs[0]
+
+
+def test_index_is_compact_memory_mapped_and_scans_a_directory_once(prepped, tmp_path):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1})
+    assert mix["dirs"] == [os.path.relpath(out, str(tmp_path))] and mix["version"] == 2
+    assert os.path.getsize(str(tmp_path / "mix.index")) == mix["index"]["bytes"]
+    items = sum(mix["counts"].values())
+    per_item = sum(np.dtype(mix["index"]["arrays"][n]["dtype"]).itemsize for n in ITEM_ARRAYS)
+    assert per_item <= 16
+    r = MixtureReader(path)
+    base = r.arrays["item_shard"]
+    while not isinstance(base, np.memmap):  # a view of the read-only map of the index file
+        base = base.base
+    assert base.filename == str(tmp_path / "mix.index") and base.mode == "r"
+    assert len(r.arrays["shard_index"]) == 3 and len(r.arrays["item_row"]) == items  # 3 shards, listed once
+    for i in range(20):  # lengths come from the index, without reading a shard
+        s = r[i]
+        assert r.lengths(i) == (len(s["text_ids"]), s["codes"].shape[1])
+
+
+def test_mix_json_version_1_reads_the_same_samples(prepped, tmp_path):
+    """A mix.json written before the index existed (absolute dirs, no index) is still read, identically."""
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1}, seed=4, max_items=3)
+    old = {k: v for k, v in mix.items() if k not in ("index", "dirs", "tokenizer_sha256")}
+    old.update(version=1, sources=[{"task": t, "dir": out, "items": 0} for t in ("speech", "music")],
+               tokenizer=os.path.normpath(os.path.join(str(tmp_path), mix["tokenizer"])))
+    with open(tmp_path / "old.json", "w") as f:
+        json.dump(old, f)
+    a, b = MixtureReader(path), MixtureReader(str(tmp_path / "old.json"))
+    for i in range(30):
+        x, y = a[i], b[i]
+        assert x["id"] == y["id"] and np.array_equal(x["codes"], y["codes"])
