@@ -84,11 +84,13 @@ def _measure(tmp: str, name: str, lengths: list[float], codec, workers: int, rep
             _encode_segments(codec, wavs[b : b + ref.sort_window], ref.batch_seconds)
         codec_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        report = prep(PrepConfig(out=os.path.join(root, f"prep{r}"), **cfg_kw), codec=codec, log=lambda m: None)
+        cfg = PrepConfig(out=os.path.join(root, f"prep{r}"), **cfg_kw)
+        report = prep(cfg, codec=codec, log=lambda m: None)
         pipe_times.append(time.perf_counter() - t0)
         timings.append(report["timing"])
         assert report["accepted"] == len(items), report["rejected"][:3]
-        log(f"[bench prep] {name} repeat {r}: codec-only {codec_times[-1]:.2f} s, pipeline {pipe_times[-1]:.2f} s")
+        log(f"[bench prep] {name} repeat {r}: codec-only {codec_times[-1]:.2f} s, "
+            f"pipeline {pipe_times[-1]:.2f} s")
     codec_tp, pipe_tp = audio_seconds / min(codec_times), audio_seconds / min(pipe_times)
     return {
         "items": len(items),

@@ -6,7 +6,7 @@ reader at scale.
    frames, so the files stay small; the reader's costs do not depend on the frame count), half speech and
    half music, and a shards.json as prep writes it.
 2. Builds the mixture index with `unimoe data mix`'s build_mix: index_bytes_per_item (the index file over
-   N) and the build time.
+   N, the shard table included), index_item_bytes (the per-item arrays alone) and the build time.
 3. Random access: `random_reads` samples at random indices of the first epoch through
    MixtureReader(max_open_shards=M) (nearly every read opens a shard: the worst case for the cache):
    samples/s, and the most file descriptors (open_files_max, /proc/self/fd) and memory maps (maps_max,
@@ -30,6 +30,7 @@ import numpy as np
 
 from data_prep.fixtures import write_synthetic_shards
 from data_prep.mix import MixtureReader, build_mix
+
 
 def _count(path: str) -> int:
     return len(os.listdir(path)) if path.endswith("fd") else sum(1 for _ in open(path))
@@ -91,7 +92,8 @@ def padding(n: int = 200_000, micro_batch: int = 16, per_step: int = 8, window: 
     }
 
 
-def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: int = 20_000, log=print) -> dict:
+def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: int = 20_000,
+        log=print) -> dict:
     tmp = tempfile.mkdtemp(prefix="unimoe-bench-reader-")
     try:
         prep_dir, mix = os.path.join(tmp, "prep"), os.path.join(tmp, "mix.json")
@@ -109,7 +111,10 @@ def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: i
             "max_open_shards": max_open,
             "index_bytes": info["index"]["bytes"],
             "index_bytes_per_item": round(info["index"]["bytes"] / items, 2),
-            "index_dtypes": {k: v["dtype"] for k, v in info["index"]["arrays"].items() if k.startswith("item_")},
+            "index_item_bytes": sum(np.dtype(a["dtype"]).itemsize for k, a in info["index"]["arrays"].items()
+                                    if k.startswith("item_")),  # the per-item arrays (the rest: per shard)
+            "index_dtypes": {k: v["dtype"] for k, v in info["index"]["arrays"].items()
+                             if k.startswith("item_")},
             "index_build_s": round(build_s, 2),
             **random_access(mix, reads, max_open),
             **padding(),
@@ -121,7 +126,9 @@ def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: i
 
 
 def run_cli(args) -> int:
-    items, shards = (min(args.items, 20_000), min(args.shards, 100)) if args.quick else (args.items, args.shards)
+    items, shards = args.items, args.shards
+    if args.quick:
+        items, shards = min(items, 20_000), min(shards, 100)
     reads = args.reads if args.reads is not None else (2000 if args.quick else 20_000)
     result = run(items, shards, args.max_open_shards, reads=reads)
     if not args.json:

@@ -90,7 +90,8 @@ def _wav_truncation(path: str) -> str | None:
                         f"{riff_size + 8} bytes, file holds {size}"
                     )
                 if block_align and have % block_align:
-                    return f"truncated WAV: data size unknown and {have} bytes is not a whole number of frames"
+                    return (f"truncated WAV: data size unknown and {have} bytes is not a whole number of "
+                            "frames")
                 return None
             pos += 8 + clen + (clen & 1)
     return None
@@ -134,7 +135,8 @@ def decode(path: str, max_seconds: float | None = None, start: float | None = No
         hint = (
             "select a shorter start/end segment"
             if start is not None or end is not None
-            else "speech is not cut into windows: give start/end (seconds) in the manifest to select a segment"
+            else "speech is not cut into windows: give start/end (seconds) in the manifest to select a "
+            "segment"
         )
         raise AudioError(f"too long: {seconds:.2f} s > max {max_seconds} s ({hint})")
     reason = _wav_truncation(path)
@@ -206,7 +208,8 @@ def load_segments(job: DecodeJob) -> list[np.ndarray]:
 
 
 def load_checked(path: str, cfg: AudioCheckConfig) -> np.ndarray:
-    """One file as float32 mono at cfg.sample_rate, within the length bounds (no windows). Raises AudioError."""
+    """One file as float32 mono at cfg.sample_rate, within the length bounds (no windows).
+    Raises AudioError."""
     return load_segments(DecodeJob(path, "speech", cfg))[0]
 
 

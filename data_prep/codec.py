@@ -13,9 +13,11 @@ every attribute raises `TorchaudioUnavailable` with the original error, imports 
 placeholder out of `sys.modules` again (encodec keeps its reference): other libraries that probe for
 torchaudio see the real import failure, not a module that pretends to be there.
 
-Precision: `set_encode_dtype(codec, torch.bfloat16)` runs the encoder under autocast (the quantizer's
-nearest-code search stays float32); `resolve_encode_dtype(device, "auto")` picks bfloat16 on CUDA (float16
-where bf16 is not supported) and float32 on CPU.
+Precision: `set_encode_dtype(codec, torch.float16)` runs the encoder under autocast (the quantizer's
+nearest-code search stays float32; a batch whose half-precision embeddings are not finite is encoded again
+in float32); `resolve_encode_dtype(device, "auto")` picks float16 on CUDA and float32 on CPU. float16 over
+bfloat16: its 10-bit mantissa keeps the codes closer to float32's (on the random codec, 97 % of the first
+codebook's codes identical against 75 % with bfloat16), and the encoder's activations fit its range.
 
 `--codec random` ("random"): the EnCodec 24 kHz architecture with random weights from a seed, NOT trained.
 An untrained EnCodec has all-zero codebooks (they are k-means initialised on the first training batch), so
@@ -91,12 +93,9 @@ def _drop_torchaudio_placeholder() -> None:
 
 
 def resolve_encode_dtype(device: str | torch.device, name: str = "auto") -> torch.dtype:
-    """The encoder's precision: float32 | bfloat16 | float16, or auto (bf16/fp16 on CUDA, float32 on CPU)."""
-    device = torch.device(device)
+    """The encoder's precision: float32 | bfloat16 | float16, or auto (float16 on CUDA, float32 elsewhere)."""
     if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ValueError(f"--codec-dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
@@ -114,7 +113,8 @@ def _run_encoder(codec: "Codec", wav: torch.Tensor) -> torch.Tensor:
     if dtype == torch.float32:
         return codec.model.encoder(x)
     with torch.autocast(codec.device.type, dtype=dtype):
-        return codec.model.encoder(x).float()
+        emb = codec.model.encoder(x).float()
+    return emb if torch.isfinite(emb).all() else codec.model.encoder(x)
 
 
 @dataclass

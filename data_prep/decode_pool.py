@@ -141,7 +141,8 @@ class DecodePool:
                 timeout = None
                 if busy:
                     timeout = max(0.0, min(w.since for w in busy) + self.timeout - time.monotonic())
-                ready = wait([self._wake_r] + [w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout)
+                waits = [self._wake_r] + [w.conn for w in busy] + [w.proc.sentinel for w in busy]
+                ready = wait(waits, timeout)
                 if self._wake_r in ready:
                     while self._wake_r.poll():
                         self._wake_r.recv_bytes()

@@ -53,6 +53,19 @@ def write_corpus(root: str, speech: int = 4, music: int = 4, seconds: float = 0.
     return path
 
 
+def corpus_with_tokenizer(root: str, speech: int = 4, music: int = 4, seconds: float = 0.6,
+                          vocab_size: int = 64, **kw) -> tuple[str, str]:
+    """write_corpus plus a tokenizer trained on its texts: (manifest path, root/spm.model)."""
+    from data_prep.text import train_tokenizer
+
+    manifest = write_corpus(root, speech=speech, music=music, seconds=seconds, **kw)
+    with open(manifest, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok = os.path.join(root, "spm.model")
+    train_tokenizer(texts, tok, vocab_size=vocab_size, log=lambda m: None)
+    return manifest, tok
+
+
 def write_indexed(prefix: str, flat: np.ndarray, lengths: np.ndarray) -> None:
     """The .bin/.idx pair that megatron-core's IndexedDatasetBuilder writes for one item per document
     (add_item + end_document per item), written with numpy in one go."""
@@ -81,9 +94,10 @@ def write_synthetic_shard(out: str, k: int, first: int, n: int, rng) -> dict:
         for j in range(n):
             task = ("speech", "music")[(first + j) % 2]
             tasks[task] = tasks.get(task, 0) + 1
-            f.write(json.dumps({"id": f"item_{first + j:08d}", "task": task, "split": "train",
-                                "seconds": round(int(frames[j]) / 75, 4), "speaker": None, "text": "synthetic",
-                                "frames": int(frames[j]), "num_codebooks": NUM_CODEBOOKS}) + "\n")
+            row = {"id": f"item_{first + j:08d}", "task": task, "split": "train",
+                   "seconds": round(int(frames[j]) / 75, 4), "speaker": None, "text": "synthetic",
+                   "frames": int(frames[j]), "num_codebooks": NUM_CODEBOOKS}
+            f.write(json.dumps(row) + "\n")
     files = {name + s: sha256_file(prefix + s) for s in SUFFIXES}
     sizes = {name + s: os.path.getsize(prefix + s) for s in SUFFIXES}
     return {"index": k, "name": name, "items": n, "files": files, "sizes": sizes, "input": "synthetic",

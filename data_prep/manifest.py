@@ -5,7 +5,8 @@
 
 `id` (unique non-empty string), `task` ("speech" | "music"), `audio` (path, absolute or relative to the
 manifest's folder), `text` (transcript or caption, non-empty); optional `duration` (seconds), `speaker`,
-`split` (default "train"), `start`/`end` (seconds: the segment of a long file to use). `read_manifest` returns the valid items and one rejection per bad line with its
+`split` (default "train"), `start`/`end` (seconds: the segment of a long file to use). `read_manifest`
+returns the valid items and one rejection per bad line with its
 reason; blank lines are ignored.
 """
 

@@ -113,7 +113,7 @@ def build_mix(
         "counts": counts,
         "max_items_per_task": max_items,
         "length": length,
-        "dirs": [os.path.relpath(d, base) for d in dirs],  # relative to mix.json: a moved data root still reads
+        "dirs": [os.path.relpath(d, base) for d in dirs],  # relative to mix.json: a moved data root reads
         "sources": [{"task": t, "dir": os.path.relpath(os.path.abspath(d), base)} for t, d in sources],
         "codec": first["codec"],
         "tokenizer": os.path.relpath(first["tokenizer"]["path"], base),
@@ -218,7 +218,8 @@ class MixtureReader:
         arrays = self.arrays
         name = shard_name(int(arrays["shard_index"][t]))
         prefix = os.path.join(self.dirs[int(arrays["shard_dir"][t])], name)
-        return self.shards.get(t, lambda: OpenShard(prefix, self.num_codebooks, shard_expect(arrays, t, name)))
+        expect = shard_expect(arrays, t, name)
+        return self.shards.get(t, lambda: OpenShard(prefix, self.num_codebooks, expect))
 
     def __getitem__(self, i: int) -> dict:
         task, g = self.item_of(i)

@@ -13,7 +13,8 @@ page cache. Arrays (each with the smallest unsigned dtype that holds its values)
 
 Items are grouped by task (tasks sorted; "task_offsets" in mix.json); within a task in source order, then
 shard, then row, after the `--max-items` subset. About 12 bytes per item (uint16/32 shard, uint16 row,
-frames and text, uint32 meta offset); mix.json records the layout, the file size and its sha256 (checked in full by `unimoe data verify`).
+frames and text, uint32 meta offset); mix.json records the layout, the file size and its sha256 (checked
+in full by `unimoe data verify`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 
 import numpy as np
 
-from data_prep.shards import SUFFIXES, ShardSet, read_index
+from data_prep.shards import ShardSet, read_index
 
 ITEM_ARRAYS = ("item_shard", "item_row", "item_frames", "item_text", "item_meta")
 SIZED_FILES = (".codes.bin", ".codes.idx", ".text.bin", ".text.idx")  # order of shard_sizes' columns
@@ -64,7 +65,7 @@ def _scan_shard(ss: ShardSet, s: int) -> dict:
 
 def build_arrays(sources: list[tuple[str, str]], split: str, tasks: list[str], seed: int,
                  max_items: int | None) -> tuple[dict, dict, list[str], dict]:
-    """Scan the shards of sources [(task, dir)] -> (arrays, task_offsets, dirs (absolute), sets {dir: ShardSet}).
+    """Scan the shards of sources [(task, dir)] -> (arrays, task_offsets, dirs (absolute), {dir: ShardSet}).
     A directory named by several sources is scanned and listed once."""
     dirs = list(dict.fromkeys(os.path.abspath(d) for _, d in sources))
     sets = {d: ShardSet(d) for d in dirs}
@@ -86,11 +87,14 @@ def build_arrays(sources: list[tuple[str, str]], split: str, tasks: list[str], s
             sc = scans[d_i, s]
             rows = np.flatnonzero((sc["task"] == task) & (sc["split"] == split))
             if rows.size:
-                per_task[task].append(np.stack([np.full(rows.size, table[d_i, s]), rows, sc["frames"][rows],
-                                                sc["text"][rows], sc["meta_offset"][rows]], axis=1).astype(np.int64))
+                cols = [np.full(rows.size, table[d_i, s]), rows, sc["frames"][rows], sc["text"][rows],
+                        sc["meta_offset"][rows]]
+                per_task[task].append(np.stack(cols, axis=1).astype(np.int64))
     blocks, offsets, start = [], {}, 0
     for t_idx, t in enumerate(tasks):
-        items = np.concatenate(per_task[t]) if per_task[t] else np.zeros((0, len(ITEM_ARRAYS)), dtype=np.int64)
+        items = np.zeros((0, len(ITEM_ARRAYS)), dtype=np.int64)
+        if per_task[t]:
+            items = np.concatenate(per_task[t])
         if max_items is not None and len(items) > max_items:
             keep = np.sort(np.random.default_rng([seed, t_idx, 1 << 30]).permutation(len(items))[:max_items])
             items = items[keep]

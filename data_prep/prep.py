@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from data_prep import shards as sh
 from data_prep.audio import AudioCheckConfig, DecodeJob
-from data_prep.codec import CODECS, Codec, CodecUnavailable, load_codec, resolve_encode_dtype, set_encode_dtype
+from data_prep.codec import (
+    CODECS,
+    Codec,
+    CodecUnavailable,
+    load_codec,
+    resolve_encode_dtype,
+    set_encode_dtype,
+)
 from data_prep.decode_pool import DecodePool
 from data_prep.manifest import ManifestItem, read_manifest, reject
 from data_prep.text import Tokenizer
@@ -54,7 +61,7 @@ class PrepConfig:
     codec_checkpoint: str | None = None
     codec_seed: int = 0
     device: str = "cpu"  # where the codec runs
-    codec_dtype: str = "auto"  # encoder precision: auto = bfloat16 (float16 without bf16) on CUDA, float32 on CPU
+    codec_dtype: str = "auto"  # encoder precision: auto = float16 on CUDA, float32 on CPU
     workers: int = 1  # decode processes (0 = decode in this process)
     threads: int | None = None  # torch threads of the codec in this process (None: leave torch's setting)
     decode_timeout: float = 300.0  # seconds one item may take in a decode worker
@@ -315,7 +322,8 @@ def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path) -> tuple
             codes = iter(_encode_segments(codec, pieces, cfg.batch_seconds) if pieces else [])
             timing["codec_s"] += time.perf_counter() - t
             for j, (ps, reason) in enumerate(loaded):
-                results[row + j] = reason if ps is None else [(len(p) / codec.sample_rate, next(codes)) for p in ps]
+                results[row + j] = (reason if ps is None
+                                    else [(len(p) / codec.sample_rate, next(codes)) for p in ps])
             bar.update(len(block))
             if row + len(block) == len(shard_items[k]):  # last window of shard k: write it
                 t = time.perf_counter()
@@ -355,7 +363,9 @@ def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
                 meta["start"] = round((it.start or 0.0) + w * (cfg.window_hop or cfg.max_seconds), 4)
             writer.add(meta, codes, text_ids)
             if crash_after and written + writer.items >= crash_after:
-                raise RuntimeError(f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})")
+                raise RuntimeError(
+                    f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})"
+                )
     return writer.finalize({"input": _shard_key(items, os.path.dirname(os.path.abspath(cfg.manifest))),
                             "seen": len(items), "rejected": rejected})
 

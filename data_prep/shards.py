@@ -9,7 +9,7 @@ with its items, audio seconds, tokens and the sha256 of each file. Shard files a
 names and renamed, then the list is rewritten atomically (tmp + rename): a crash mid-shard leaves no partial
 shard listed, and a re-run rebuilds exactly the shards that are missing or fail their checksums.
 
-    python -m data_prep.shards merge OUT [--expect N] [--wait]  # slice lists -> shards.json + prep_report.json
+    python -m data_prep.shards merge OUT [--expect N] [--wait]  # slice lists -> shards.json + report
     python -m data_prep.shards verify OUT        # size and sha256 of every listed file (= unimoe data verify)
 
 Each list records `total_shards` (of the whole manifest); the merge refuses to write shards.json unless the

@@ -103,7 +103,8 @@ def _train_byte_fallback(texts: list[str], vocab_size: int, log) -> bytes:
     if room < MIN_VOCAB:
         raise ValueError(
             f"the corpus has {distinct} distinct characters, more than --vocab-size {vocab_size} can hold, "
-            f"and too few for the byte fallback: use --vocab-size >= {BYTE_PIECES + len(SPECIAL_SYMBOLS) + 2 + 64}"
+            "and too few for the byte fallback: use --vocab-size >= "
+            f"{BYTE_PIECES + len(SPECIAL_SYMBOLS) + 2 + 64}"
         )
     max_chars = room * 3 // 4  # leave a quarter of the room for merged pieces
     while True:
@@ -115,8 +116,8 @@ def _train_byte_fallback(texts: list[str], vocab_size: int, log) -> bytes:
                 raise
             max_chars //= 2
     log(
-        f"[tokenizer] {distinct} distinct characters do not fit --vocab-size {vocab_size}: the {max_chars} most "
-        "frequent get pieces, the others are spelled as their UTF-8 bytes (byte fallback)"
+        f"[tokenizer] {distinct} distinct characters do not fit --vocab-size {vocab_size}: the {max_chars} "
+        "most frequent get pieces, the others are spelled as their UTF-8 bytes (byte fallback)"
     )
     return proto
 
@@ -140,8 +141,9 @@ def train_tokenizer(texts: list[str], out: str, vocab_size: int = 1000, log=prin
         else:
             used = int(m.group(2))
             log(
-                f"[tokenizer] vocab size {vocab_size} is more than this corpus of {len(texts)} texts can fill; "
-                f"using the largest reachable size {used} (add text or lower --vocab-size to silence this)"
+                f"[tokenizer] vocab size {vocab_size} is more than this corpus of {len(texts)} texts can "
+                f"fill; using the largest reachable size {used} (add text or lower --vocab-size to silence "
+                "this)"
             )
             proto = _train(texts, used)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -103,8 +103,8 @@ def test_invalid_utf8_is_rejected_and_reported_by_every_importer(tmp_path, capsy
     js = tmp_path / "caps.jsonl"
     js.write_bytes(b'{"path": "a.wav", "caption": "ok"}\n{"path": "b.wav", "caption": "caf\xe9 au lait"}\n')
     cases = [("ljspeech", lj, "metadata.csv line 2: not valid UTF-8 (byte 7)", {"LJ1"}),
-             ("libritts", tmp_path / "LibriTTS", "1_2_000001_000000.normalized.txt: transcript is not valid UTF-8",
-              {"1_2_000000_000000"}),
+             ("libritts", tmp_path / "LibriTTS",
+              "1_2_000001_000000.normalized.txt: transcript is not valid UTF-8", {"1_2_000000_000000"}),
              ("jsonl", js, "line 2: not valid UTF-8 (byte 33)", {"a"})]
     for fmt, src, problem, ids in cases:
         out = str(tmp_path / f"{fmt}.jsonl")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_prep.codec import load_codec
-from data_prep.fixtures import write_corpus
+from data_prep.fixtures import corpus_with_tokenizer
 from data_prep.mix import MixtureReader, build_mix
 from data_prep.mix_index import ITEM_ARRAYS
 from data_prep.prep import PrepConfig, prep
@@ -24,11 +24,7 @@ from training.cli import main as cli
 def prepped(tmp_path_factory):
     """6 speech (1 valid) and 3 music (1 valid) clips, prepared with the random codec."""
     root = tmp_path_factory.mktemp("mix")
-    manifest = write_corpus(str(root), speech=6, music=3, seconds=0.3, valid=1)
-    with open(manifest) as f:
-        texts = [json.loads(line)["text"] for line in f]
-    tok = str(root / "spm.model")
-    train_tokenizer(texts, tok, vocab_size=64, log=lambda m: None)
+    manifest, tok = corpus_with_tokenizer(str(root), speech=6, music=3, seconds=0.3, valid=1)
     out = str(root / "prep")
     prep(
         PrepConfig(
@@ -184,7 +180,8 @@ def test_mix_json_version_1_reads_the_same_samples(prepped, tmp_path):
     """A mix.json written before the index existed (absolute dirs, no index) is still read, identically."""
     _, out, _ = prepped
     path = str(tmp_path / "mix.json")
-    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1}, seed=4, max_items=3)
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1}, seed=4,
+                    max_items=3)
     old = {k: v for k, v in mix.items() if k not in ("index", "dirs", "tokenizer_sha256")}
     old.update(version=1, sources=[{"task": t, "dir": out, "items": 0} for t in ("speech", "music")],
                tokenizer=os.path.normpath(os.path.join(str(tmp_path), mix["tokenizer"])))

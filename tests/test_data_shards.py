@@ -11,22 +11,17 @@ import pytest
 
 from data_prep import shards as sh
 from data_prep.codec import load_codec
-from data_prep.fixtures import write_corpus, write_synthetic_shards
+from data_prep.fixtures import corpus_with_tokenizer, write_corpus, write_synthetic_shards
 from data_prep.mix import MixtureReader, build_mix
 from data_prep.prep import CRASH_ENV, PrepConfig, prep
 from data_prep.shards import ShardCheckError
-from data_prep.text import train_tokenizer
 from training.cli import main as cli
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    manifest = write_corpus(str(root), speech=4, music=4, seconds=0.5)
-    with open(manifest) as f:
-        texts = [json.loads(line)["text"] for line in f]
-    tok = str(root / "spm.model")
-    train_tokenizer(texts, tok, vocab_size=64, log=lambda m: None)
+    manifest, tok = corpus_with_tokenizer(str(root), speech=4, music=4, seconds=0.5)
     codec = load_codec("random", seed=0)
     clean = str(root / "clean")
     prep(_cfg(manifest, clean, tok), codec=codec, log=lambda m: None)
@@ -158,7 +153,8 @@ def test_stale_slice_report_is_not_taken_for_a_complete_slice(setup, tmp_path, m
         f.write(old_report)
     listing = sh.load_list(os.path.join(out, sh.list_name(1, 2)))
     old_key = sh.load_list(os.path.join(out, sh.LIST_NAME))["manifest_key"]
-    sh.write_json_atomic(os.path.join(out, sh.list_name(1, 2)), dict(listing, total_shards=3, manifest_key=old_key))
+    stale = dict(listing, total_shards=3, manifest_key=old_key)
+    sh.write_json_atomic(os.path.join(out, sh.list_name(1, 2)), stale)
     assert sh.main(["merge", out]) == 3
     err = capsys.readouterr().err
     assert "the slices were made from different versions of the manifest" in err
@@ -182,16 +178,14 @@ def test_merge_names_missing_shards(setup, tmp_path, capsys):
     sh.write_json_atomic(path, dict(listing, shards=[e for e in listing["shards"] if e["index"] != 2]))
     capsys.readouterr()
     assert sh.main(["merge", out]) == 3
-    assert "1 of 3 shards missing after all slices completed (shard_00002 (slice 0))" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 3 shards missing after all slices completed (shard_00002 (slice 0))" in err
 
 
 def test_moved_data_root_resumes(setup, tmp_path):
     _, _, codec, _ = setup
     root = tmp_path / "data"
-    manifest = write_corpus(str(root), speech=4, music=4, seconds=0.5)
-    with open(manifest) as f:
-        texts = [json.loads(line)["text"] for line in f]
-    train_tokenizer(texts, str(root / "spm.model"), vocab_size=64, log=lambda m: None)
+    manifest, _ = corpus_with_tokenizer(str(root), speech=4, music=4, seconds=0.5)
     prep(_cfg(manifest, str(root / "prep"), str(root / "spm.model")), codec=codec, log=lambda m: None)
     build_mix([("speech", str(root / "prep")), ("music", str(root / "prep"))], str(root / "mix.json"),
               ratio={"speech": 1, "music": 1})

@@ -105,7 +105,7 @@ def _prep_args(p):
     p.add_argument("--codec-checkpoint", default=None)
     p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in this process)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the codec (default: usable CPUs - workers on CPU, 1 with --device cuda)")
+                   help="torch threads of the codec (default: usable CPUs - workers; 1 with --device cuda)")
     p.add_argument("--decode-timeout", type=float, default=300.0,
                    help="seconds one file may take to decode before it is rejected (decoder timed out)")
     p.add_argument("--max-seconds", type=float, default=30.0,
@@ -118,7 +118,7 @@ def _prep_args(p):
     p.add_argument("--codec-seed", type=int, default=0, help="seed of --codec random")
     p.add_argument("--device", default="cpu", help="where the codec encodes (cpu, cuda, cuda:1)")
     p.add_argument("--codec-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="encoder precision (auto: bfloat16 on CUDA, float16 without bf16, float32 on CPU)")
+                   help="encoder precision (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--sort-window", type=int, default=64, help="manifest lines sorted by length together")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio seconds per codec batch (default: 16 on CPU, 300 on CUDA)")

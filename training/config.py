@@ -39,7 +39,7 @@ class DataConfig:
     # by length within the next batch_window samples; null = fixed micro_batch_size samples (training/data.py)
     batch_tokens: int | None = None
     batch_window: int = 2048
-    max_open_shards: int = 64  # shards the reader keeps open (one file descriptor each), least recently used closed
+    max_open_shards: int = 64  # shards the reader keeps open (one file descriptor each; LRU)
 
     def __post_init__(self):
         if self.global_batch_size < 1:
@@ -210,8 +210,8 @@ class TrainConfig:
                               f"the data-parallel size {dp}")
         micro = self.micro_batch_size(dp)
         if self.data.batch_tokens is not None and self.data.batch_window < dp * self.grad_accum(dp):
-            raise ConfigError(f"data.batch_window={self.data.batch_window} must be >= the micro-batches per step "
-                              f"({dp * self.grad_accum(dp)} = dp x gradient accumulation)")
+            raise ConfigError(f"data.batch_window={self.data.batch_window} must be >= the micro-batches per "
+                              f"step ({dp * self.grad_accum(dp)} = dp x gradient accumulation)")
         if (self.data.global_batch_size // dp) % micro:
             per_rank = self.data.global_batch_size // dp
             raise ConfigError(f"data.micro_batch_size={micro} must divide the per-rank batch {per_rank} "

@@ -78,7 +78,8 @@ def plan_token_step(lengths: np.ndarray, budget: int, micro_batches: int) -> tup
     """(n, groups): the longest prefix n of `lengths` that packs into at most `micro_batches` groups within
     the budget, and exactly `micro_batches` groups of indices into it."""
     if len(lengths) < micro_batches:
-        raise ValueError(f"data.batch_window={len(lengths)} must be >= the micro-batches per step {micro_batches}")
+        raise ValueError(f"data.batch_window={len(lengths)} must be >= the micro-batches per step "
+                         f"{micro_batches}")
     lo, hi = micro_batches, len(lengths)  # lo always fits: one sample per micro-batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -148,7 +149,8 @@ class DistributedBatches:
         return collate(samples, self.model_cfg, cond_drop_prob=self.cond_drop_prob, generator=gen)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "global_batch": self.global_batch, "batch_tokens": self.batch_tokens}
+        return {"position": self.position, "global_batch": self.global_batch,
+                "batch_tokens": self.batch_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
