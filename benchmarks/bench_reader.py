@@ -14,7 +14,8 @@ reader at scale.
 4. Padding: on a LibriTTS-like length distribution (durations log-normal, median 4.5 s, 0.5-35 s; 75
    frames/s; 4 text ids/s), the padding fraction of fixed-count micro-batches (`micro_batch` consecutive
    samples) against token-budget micro-batches (training.data.plan_token_step, budget = micro_batch x the
-   mean sequence length, window 2048 samples, 8 micro-batches per step), and real tokens per micro-batch.
+   mean sequence length, window 2048 samples, 8 and 64 micro-batches per step: more micro-batches per step
+   sort finer), and real tokens per micro-batch.
 The last line of output is the JSON object.
 """
 
@@ -64,15 +65,12 @@ def libritts_like_lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.round(seconds * 75).astype(np.int64) + np.round(seconds * 4).astype(np.int64) + 11
 
 
-def padding(n: int = 200_000, micro_batch: int = 16, per_step: int = 8, window: int = 2048) -> dict:
+def _token_budget(lengths: np.ndarray, budget: int, per_step: int, window: int) -> tuple[float, float, float]:
+    """(padding fraction, real tokens and samples per micro-batch) of token-budget steps over `lengths`."""
     from training.data import plan_token_step
 
-    lengths = libritts_like_lengths(n)
-    fixed = lengths[: n // micro_batch * micro_batch].reshape(-1, micro_batch)
-    fixed_total = fixed.max(axis=1).sum() * micro_batch
-    budget = int(micro_batch * lengths.mean())
     pos, real, total, batches = 0, 0, 0, 0
-    while pos + window <= n:
+    while pos + window <= len(lengths):
         used, groups = plan_token_step(lengths[pos : pos + window], budget, per_step)
         for g in groups:
             seq = lengths[pos + g]
@@ -80,16 +78,27 @@ def padding(n: int = 200_000, micro_batch: int = 16, per_step: int = 8, window: 
             total += int(seq.max()) * len(g)
             batches += 1
         pos += used
-    return {
+    return 1 - real / total, real / batches, pos / batches
+
+
+def padding(n: int = 200_000, micro_batch: int = 16, window: int = 2048) -> dict:
+    lengths = libritts_like_lengths(n)
+    fixed = lengths[: n // micro_batch * micro_batch].reshape(-1, micro_batch)
+    fixed_total = fixed.max(axis=1).sum() * micro_batch
+    budget = int(micro_batch * lengths.mean())
+    out = {
         "length_distribution": "LibriTTS-like: log-normal seconds (median 4.5 s, sigma 0.75, 0.5-35 s)",
         "fixed_micro_batch": micro_batch,
-        "fixed_padding_fraction": round(1 - fixed.sum() / fixed_total, 4),
+        "fixed_padding_fraction": round(float(1 - fixed.sum() / fixed_total), 4),
         "fixed_real_tokens_per_micro_batch": round(float(fixed.sum(axis=1).mean()), 1),
         "token_budget": budget,
-        "token_budget_padding_fraction": round(1 - real / total, 4),
-        "token_budget_real_tokens_per_micro_batch": round(real / batches, 1),
-        "token_budget_samples_per_micro_batch": round(pos / batches, 2),
     }
+    for per_step, suffix in ((8, ""), (64, "_64_per_step")):  # micro-batches per step (dp x accumulation)
+        pad, real, samples = _token_budget(lengths, budget, per_step, window)
+        out[f"token_budget_padding_fraction{suffix}"] = round(pad, 4)
+        out[f"token_budget_real_tokens_per_micro_batch{suffix}"] = round(real, 1)
+        out[f"token_budget_samples_per_micro_batch{suffix}"] = round(samples, 2)
+    return out
 
 
 def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: int = 20_000,

@@ -35,7 +35,8 @@ import numpy as np
 
 from data_prep.manifest import TASKS
 from data_prep.mix_index import build_arrays, open_index, shard_expect, write_index
-from data_prep.shards import OpenShard, ShardCache, shard_name, write_json_atomic
+from data_prep.shard_reader import OpenShard, ShardCache
+from data_prep.shards import shard_name, write_json_atomic
 
 MAX_DENOMINATOR = 1_000_000
 MIX_VERSION = 2
@@ -281,6 +282,9 @@ def run_cli(args) -> int:
         for t in mix["counts"]
     )
     print(f"[mix] {args.out}: {mix['split']} split, epoch of {mix['length']} samples ({desc})")
+    items = sum(mix["counts"].values())
+    print(f"[mix] index {mix['index']['file']}: {mix['index']['bytes']} bytes "
+          f"({mix['index']['bytes'] / items:.1f} per item)")
     if not mix["codec"].get("trained", True):
         print("[mix] note: the shards were made with the UNTRAINED random codec (tests/demo only)")
     return 0

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from data_prep.shards import ShardSet, read_index
+from data_prep.shard_reader import ShardSet, read_index
 
 ITEM_ARRAYS = ("item_shard", "item_row", "item_frames", "item_text", "item_meta")
 SIZED_FILES = (".codes.bin", ".codes.idx", ".text.bin", ".text.idx")  # order of shard_sizes' columns

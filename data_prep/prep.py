@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -275,7 +276,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
         for stale in glob.glob(os.path.join(cfg.out, f".tmp.{sh.shard_name(k)}.*")):
             os.remove(stale)
 
-    timing, restarts = _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path)
+    timing, restarts = _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log)
     report = _report(cfg, listing, manifest_rejects, seen, codec, time.time() - t0, mine, shard_items)
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
     report["decoder_restarts"] = restarts  # workers replaced after a crash or a timeout
@@ -283,7 +284,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     return report
 
 
-def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path) -> tuple[dict, int]:
+def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log) -> tuple[dict, int]:
     """Decode, encode and write the shards `todo`; returns the main process's wall time per stage and the
     number of decode workers replaced."""
     audio_cfg = AudioCheckConfig(codec.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.window_hop)
@@ -297,7 +298,11 @@ def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path) -> tuple
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pool = DecodePool(cfg.workers if windows else 0, cfg.decode_timeout)
+    workers = cfg.workers if windows else 0
+    if workers and mp.current_process().daemon:  # e.g. inside a DataLoader/Pool worker: no children
+        log("[prep] running in a daemonic process: decoding in this process (--workers ignored)")
+        workers = 0
+    pool = DecodePool(workers, cfg.decode_timeout)
 
     def submit(w):
         k, row, block = windows[w]

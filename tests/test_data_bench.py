@@ -51,7 +51,9 @@ def test_bench_reader_cli_last_line_is_json(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert READER_KEYS <= set(result) and result["items"] == 3000 and result["shards"] == 50
     assert result["index_item_bytes"] <= result["index_bytes_per_item"] <= 16  # + the shard table's share
-    assert result["open_files_max"] <= result["open_files_bound"] == 8 + 16
+    # the CLI's process starts with ~6 descriptors; this one holds what earlier tests left open
+    assert result["open_files_max"] - result["baseline_open_files"] <= 8 + 2
+    assert result["open_files_bound"] == 8 + 16
     assert result["open_shards_at_end"] == 8 and result["random_samples_per_s"] > 0
     assert result["maps_max"] <= result["baseline_maps"] + 4  # no memory map per shard
     assert 0 <= result["token_budget_padding_fraction"] < result["fixed_padding_fraction"] < 1

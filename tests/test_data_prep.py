@@ -16,7 +16,7 @@ from data_prep.codec import load_codec
 from data_prep.decode_pool import CRASH_ENV, HANG_ENV
 from data_prep.fixtures import WORDS, tone
 from data_prep.prep import PrepConfig, prep
-from data_prep.shards import ShardSet
+from data_prep.shard_reader import ShardSet
 from data_prep.text import train_tokenizer
 from training.cli import main as cli
 

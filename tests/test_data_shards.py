@@ -14,7 +14,7 @@ from data_prep.codec import load_codec
 from data_prep.fixtures import corpus_with_tokenizer, write_corpus, write_synthetic_shards
 from data_prep.mix import MixtureReader, build_mix
 from data_prep.prep import CRASH_ENV, PrepConfig, prep
-from data_prep.shards import ShardCheckError
+from data_prep.shard_reader import ShardCheckError
 from training.cli import main as cli
 
 
