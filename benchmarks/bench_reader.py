@@ -7,10 +7,12 @@ reader at scale.
    half music, and a shards.json as prep writes it.
 2. Builds the mixture index with `unimoe data mix`'s build_mix: index_bytes_per_item (the index file over
    N, the shard table included), index_item_bytes (the per-item arrays alone) and the build time.
-3. Random access: `random_reads` samples at random indices of the first epoch through
+3. Random access, in a fresh process: `random_reads` samples at random indices of the first epoch through
    MixtureReader(max_open_shards=M) (nearly every read opens a shard: the worst case for the cache):
    samples/s, and the most file descriptors (open_files_max, /proc/self/fd) and memory maps (maps_max,
-   /proc/self/maps) the process held meanwhile, with the counts before the reader (baseline_*).
+   /proc/self/maps) the process held meanwhile, with the counts before the reader (baseline_open_files)
+   and after its first read (baseline_maps: the index mapped, libraries loaded), and the
+   memory the reader wrote (Private_Dirty, per item: what each rank pays; the index map is shared).
 4. Padding: on a LibriTTS-like length distribution (durations log-normal, median 4.5 s, 0.5-35 s; 75
    frames/s; 4 text ids/s), the padding fraction of fixed-count micro-batches (`micro_batch` consecutive
    samples) against token-budget micro-batches (training.data.plan_token_step, budget = micro_batch x the
@@ -22,6 +24,7 @@ The last line of output is the JSON object.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -37,11 +40,19 @@ def _count(path: str) -> int:
     return len(os.listdir(path)) if path.endswith("fd") else sum(1 for _ in open(path))
 
 
+def _private_dirty_kb() -> int:
+    """Memory this process wrote (heap, anonymous maps): what each rank pays alone; a read-only file map
+    (the index) is not in it."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
+
+
 def random_access(mix: str, reads: int, max_open: int, seed: int = 0) -> dict:
-    base_fd, base_maps = _count("/proc/self/fd"), _count("/proc/self/maps")
+    base_fd, base_dirty = _count("/proc/self/fd"), _private_dirty_kb()
     reader = MixtureReader(mix, max_open_shards=max_open)
     idx = np.random.default_rng(seed).integers(0, len(reader), size=reads)  # within one epoch
-    reader[0]  # maps the index
+    reader[0]  # maps the index (and loads the libraries a first read needs)
+    base_maps = _count("/proc/self/maps")
     fd_max, maps_max = 0, 0
     t0 = time.perf_counter()
     for n, i in enumerate(idx):
@@ -50,12 +61,21 @@ def random_access(mix: str, reads: int, max_open: int, seed: int = 0) -> dict:
             fd_max = max(fd_max, _count("/proc/self/fd"))
             maps_max = max(maps_max, _count("/proc/self/maps"))
     dt = time.perf_counter() - t0
+    private = (_private_dirty_kb() - base_dirty) * 1024  # the permutations, open shards, Python objects
     out = {"random_reads": reads, "random_samples_per_s": round(reads / dt, 1),
+           "reader_private_bytes_per_item": round(private / sum(reader.mix["counts"].values()), 2),
            "open_files_max": max(fd_max, _count("/proc/self/fd")), "maps_max": maps_max,
            "baseline_open_files": base_fd, "baseline_maps": base_maps, "shards_opened": reader.shards.opened,
            "open_shards_at_end": len(reader.shards)}
     reader.close()
     return out
+
+
+def _fresh_process(fn, *args):
+    """fn(*args) in a new interpreter (spawn): its counts of descriptors, maps and written memory are the
+    reader's, not what building the shards and the index left in this process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def libritts_like_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -125,7 +145,7 @@ def run(items: int = 1_000_000, shards: int = 2000, max_open: int = 64, reads: i
             "index_dtypes": {k: v["dtype"] for k, v in info["index"]["arrays"].items()
                              if k.startswith("item_")},
             "index_build_s": round(build_s, 2),
-            **random_access(mix, reads, max_open),
+            **_fresh_process(random_access, mix, reads, max_open),
             **padding(),
         }
         result["open_files_bound"] = max_open + 16

@@ -202,9 +202,10 @@ def load_segments(job: DecodeJob) -> list[np.ndarray]:
     if seconds < cfg.min_seconds:
         raise AudioError(f"too short: {seconds:.3f} s < min {cfg.min_seconds} s")
     x = resample(to_mono(wav), sr, cfg.sample_rate)
-    if not cut:
-        return [x]
-    return windows(x, cfg.sample_rate, cfg.max_seconds, cfg.window_hop, cfg.min_seconds)
+    pieces = [x] if not cut else windows(x, cfg.sample_rate, cfg.max_seconds, cfg.window_hop, cfg.min_seconds)
+    if not pieces:  # cannot happen for x >= min_seconds; kept so that no line vanishes without a reason
+        raise AudioError(f"no window of at least {cfg.min_seconds} s")
+    return pieces
 
 
 def load_checked(path: str, cfg: AudioCheckConfig) -> np.ndarray:
