@@ -5,7 +5,8 @@
 
 `id` (unique non-empty string), `task` ("speech" | "music"), `audio` (path, absolute or relative to the
 manifest's folder), `text` (transcript or caption, non-empty); optional `duration` (seconds), `speaker`,
-`split` (default "train"). `read_manifest` returns the valid items and one rejection per bad line with its
+`split` (default "train"), `start`/`end` (seconds: the segment of a long file to use). `read_manifest`
+returns the valid items and one rejection per bad line with its
 reason; blank lines are ignored.
 """
 
@@ -29,6 +30,8 @@ class ManifestItem:
     duration: float | None = None
     speaker: str | None = None
     split: str = "train"
+    start: float | None = None  # seconds: the segment [start, end) of the file
+    end: float | None = None
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if v is not None and k != "line"}
@@ -60,6 +63,12 @@ def _check_fields(obj: dict) -> str | None:
     dur = obj.get("duration")
     if dur is not None and (isinstance(dur, bool) or not isinstance(dur, (int, float)) or dur < 0):
         return f"field 'duration' must be a non-negative number, got {dur!r}"
+    for key in ("start", "end"):
+        v = obj.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            return f"field '{key}' must be a non-negative number of seconds, got {v!r}"
+    if obj.get("start") is not None and obj.get("end") is not None and obj["end"] <= obj["start"]:
+        return f"field 'end' ({obj['end']}) must be greater than 'start' ({obj['start']})"
     for key in ("speaker", "split"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             return f"field '{key}' must be a string, got {type(obj[key]).__name__}"
@@ -115,6 +124,8 @@ def read_manifest(path: str) -> tuple[list[ManifestItem], list[dict], int]:
                 duration=obj.get("duration"),
                 speaker=obj.get("speaker"),
                 split=obj.get("split") or "train",
+                start=obj.get("start"),
+                end=obj.get("end"),
             )
         )
     return items, rejected, seen

@@ -16,6 +16,11 @@ Splits: prep keeps each item's manifest `split` ("train" by default); a mix sele
 default train; the demo also writes valid mixes). `--max-items N` keeps a seeded subset of N items per
 task (the small balanced seed set of curriculum stage 2). len(reader) is one epoch: the smallest length
 in which every item of the most demanding task appears once; indices past it continue into later epochs.
+
+Files: mix.json (settings, weights, counts; source directories and the tokenizer relative to mix.json's
+folder, so moving the data root with its mixes keeps them readable) and `<mix>.index` beside it, the
+memory-mapped arrays that locate every item (data_prep.mix_index). The reader opens shards on demand, at
+most `max_open_shards` at a time (least recently used closed first), each checked cheaply when opened.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from fractions import Fraction
 import numpy as np
 
 from data_prep.manifest import TASKS
-from data_prep.shards import ShardSet, write_json_atomic
+from data_prep.mix_index import build_arrays, open_index, shard_expect, write_index
+from data_prep.shard_reader import OpenShard, ShardCache
+from data_prep.shards import shard_name, write_json_atomic
 
 MAX_DENOMINATOR = 1_000_000
+MIX_VERSION = 2
 
 
 def _weights(
@@ -55,6 +63,11 @@ def _weights(
     return {t: raw[t] / total for t in sorted(raw)}
 
 
+def _tokenizer_key(listing: dict) -> str:
+    tok = listing["tokenizer"]
+    return tok.get("sha256") or tok["path"]
+
+
 def build_mix(
     sources: list[tuple[str, str]],
     out: str,
@@ -64,38 +77,35 @@ def build_mix(
     split: str = "train",
     max_items: int | None = None,
 ) -> dict:
-    """Write mix.json for sources [(task, prep_dir)]; returns its content."""
+    """Write mix.json and its index for sources [(task, prep_dir)]; returns the content of mix.json."""
     if not sources:
         raise ValueError("no --source given")
-    counts: dict[str, int] = {}
-    codec = tokenizer = None
-    recs = []
     for task, d in sources:
         if task not in TASKS:
             raise ValueError(f"--source {task}={d}: task must be one of {', '.join(TASKS)}")
-        ss = ShardSet(d)
-        n = sum(1 for rows in ss.meta for r in rows if r["task"] == task and r["split"] == split)
-        if codec is None:
-            codec, tokenizer = ss.list["codec"], ss.list["tokenizer"]["path"]
-        elif ss.list["codec"].get("fingerprint") != codec.get("fingerprint"):
-            raise ValueError(f"{d} was encoded with another codec than {recs[0]['dir']}")
-        elif ss.list["tokenizer"]["path"] != tokenizer:
-            raise ValueError(
-                f"{d} used tokenizer {ss.list['tokenizer']['path']}, {recs[0]['dir']} used {tokenizer}"
-            )
-        recs.append({"task": task, "dir": ss.out_dir, "items": n})
-        counts[task] = counts.get(task, 0) + n
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"--max-items must be >= 1, got {max_items}")
+    tasks = sorted({t for t, _ in sources})
+    arrays, offsets, dirs, sets = build_arrays(sources, split, tasks, seed, max_items)
+    first = sets[dirs[0]].list
+    for d in dirs[1:]:
+        if sets[d].list["codec"].get("fingerprint") != first["codec"].get("fingerprint"):
+            raise ValueError(f"{d} was encoded with another codec than {dirs[0]}")
+        if _tokenizer_key(sets[d].list) != _tokenizer_key(first):
+            raise ValueError(f"{d} used tokenizer {sets[d].list['tokenizer']['path']}, {dirs[0]} used "
+                             f"{first['tokenizer']['path']}")
+    counts = {t: int(b - a) for t, (a, b) in offsets.items()}
     empty = [t for t, n in counts.items() if n == 0]
     if empty:
         raise ValueError(f"no {split!r} items of task {', '.join(empty)} in the given sources")
-    if max_items is not None:
-        if max_items < 1:
-            raise ValueError(f"--max-items must be >= 1, got {max_items}")
-        counts = {t: min(n, max_items) for t, n in counts.items()}
     weights = _weights(counts, ratio, temperature)
     length = int(max(np.ceil(counts[t] / weights[t]) for t in counts))
+    base = os.path.dirname(os.path.abspath(out))
+    os.makedirs(base, exist_ok=True)
+    index = write_index(os.path.splitext(os.path.abspath(out))[0] + ".index", arrays)
+    index["task_offsets"] = {t: list(v) for t, v in offsets.items()}
     mix = {
-        "version": 1,
+        "version": MIX_VERSION,
         "seed": seed,
         "split": split,
         "mode": "ratio" if ratio is not None else "temperature",
@@ -104,57 +114,65 @@ def build_mix(
         "counts": counts,
         "max_items_per_task": max_items,
         "length": length,
-        "sources": recs,
-        "codec": codec,
-        "tokenizer": tokenizer,
+        "dirs": [os.path.relpath(d, base) for d in dirs],  # relative to mix.json: a moved data root reads
+        "sources": [{"task": t, "dir": os.path.relpath(os.path.abspath(d), base)} for t, d in sources],
+        "codec": first["codec"],
+        "tokenizer": os.path.relpath(first["tokenizer"]["path"], base),
+        "tokenizer_sha256": first["tokenizer"].get("sha256"),
         "upsampling": {t: round(weights[t] * length / counts[t], 3) for t in counts},
+        "index": index,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json_atomic(out, mix)
     return mix
 
 
 class MixtureReader:
-    """reader[i] -> {"id", "task", "text_ids" int64 [L], "codes" int64 [K, T]} for any i >= 0."""
+    """reader[i] -> {"id", "task", "text_ids" int64 [L], "codes" int64 [K, T]} for any i >= 0.
 
-    def __init__(self, mix_json: str):
+    Memory: the memory-mapped index (shared by the ranks of a node), at most `max_open_shards` open shards
+    (one file descriptor and their small index files each) and the current per-task permutation (4 bytes
+    per item of that task). mix.json files of version 1 (no index file) get their index built in memory."""
+
+    def __init__(self, mix_json: str, max_open_shards: int = 64):
         with open(mix_json, encoding="utf-8") as f:
             self.mix = json.load(f)
         self.path = os.path.abspath(mix_json)
+        base = os.path.dirname(self.path)
         self.seed = int(self.mix["seed"])
         self.codec_info = self.mix["codec"]
         from data_prep.codec import check_codec_info  # torch: only where a reader is built
 
         check_codec_info(self.codec_info, mix_json)
-        self.tokenizer_path = self.mix["tokenizer"]
+        self.tokenizer_path = os.path.normpath(os.path.join(base, self.mix["tokenizer"]))
         self.tasks = sorted(self.mix["counts"])
         self.weights = self.mix["weights"]
-        self._sets: list[ShardSet] = []
-        self._items: dict[str, list[tuple[int, int, int]]] = {t: [] for t in self.tasks}  # (set, shard, row)
-        for src in self.mix["sources"]:
-            ss = ShardSet(src["dir"])
-            s_idx = len(self._sets)
-            self._sets.append(ss)
-            for sh_i, rows in enumerate(ss.meta):
-                for j, r in enumerate(rows):
-                    if r["task"] == src["task"] and r["split"] == self.mix["split"]:
-                        self._items[src["task"]].append((s_idx, sh_i, j))
-        limit = self.mix.get("max_items_per_task")
-        for t_idx, t in enumerate(self.tasks):
-            items = self._items[t]
-            if limit is not None and len(items) > limit:
-                keep = np.sort(
-                    np.random.default_rng([self.seed, t_idx, 1 << 30]).permutation(len(items))[:limit]
-                )
-                self._items[t] = [items[k] for k in keep]
-            if len(self._items[t]) != self.mix["counts"][t]:
+        self.max_open_shards = max_open_shards
+        if self.mix.get("version", 1) >= 2:
+            self.dirs = [os.path.normpath(os.path.join(base, d)) for d in self.mix["dirs"]]
+            self._offsets = {t: tuple(v) for t, v in self.mix["index"]["task_offsets"].items()}
+            self._index_path = os.path.join(base, self.mix["index"]["file"])
+            self._arrays = None  # memory-mapped on first use (and again after unpickling)
+        else:
+            sources = [(src["task"], src["dir"]) for src in self.mix["sources"]]
+            self._arrays, self._offsets, self.dirs, _ = build_arrays(
+                sources, self.mix["split"], self.tasks, self.seed, self.mix.get("max_items_per_task"))
+        for t in self.tasks:
+            a, b = self._offsets[t]
+            if b - a != self.mix["counts"][t]:
                 raise ValueError(
-                    f"{mix_json}: {t} has {len(self._items[t])} items, mix.json says "
-                    f"{self.mix['counts'][t]}; the shards changed since `unimoe data mix`: rerun it"
+                    f"{mix_json}: {t} has {b - a} items, mix.json says {self.mix['counts'][t]}; the shards "
+                    "changed since `unimoe data mix`: rerun it"
                 )
         w = Fraction(self.weights[self.tasks[0]]).limit_denominator(MAX_DENOMINATOR)
         self._num, self._den = w.numerator, w.denominator
         self._perms: OrderedDict = OrderedDict()
+        self.shards = ShardCache(max_open_shards)
+
+    @property
+    def arrays(self) -> dict:
+        if self._arrays is None:
+            self._arrays = open_index(self._index_path, self.mix["index"])
+        return self._arrays
 
     def __len__(self) -> int:
         return int(self.mix["length"])
@@ -182,27 +200,49 @@ class MixtureReader:
     def _perm(self, t_idx: int, epoch: int, n: int) -> np.ndarray:
         key = (t_idx, epoch)
         if key not in self._perms:
-            self._perms[key] = np.random.default_rng([self.seed, t_idx, epoch]).permutation(n)
-            if len(self._perms) > 8:
+            perm = np.random.default_rng([self.seed, t_idx, epoch]).permutation(n)
+            self._perms[key] = perm.astype(np.uint32) if n < 2**32 else perm
+            if len(self._perms) > 2 * len(self.tasks):  # the current and the next epoch of each task
                 self._perms.popitem(last=False)
         return self._perms[key]
 
-    def __getitem__(self, i: int) -> dict:
+    def item_of(self, i: int) -> tuple[str, int]:
+        """(task, row of the index arrays) of global sample index i."""
         task, t_idx, k = self._locate(int(i))
-        items = self._items[task]
-        epoch, pos = divmod(k, len(items))
-        s, shard, row = items[self._perm(t_idx, epoch, len(items))[pos]]
-        codes, text_ids = self._sets[s].get(shard, row)
-        return {
-            "id": self._sets[s].meta[shard][row]["id"],
-            "task": task,
-            "text_ids": text_ids,
-            "codes": codes,
-        }
+        first, stop = self._offsets[task]
+        epoch, pos = divmod(k, stop - first)
+        return task, first + int(self._perm(t_idx, epoch, stop - first)[pos])
+
+    def lengths(self, i: int) -> tuple[int, int]:
+        """(text ids, codec frames) of sample i, from the index alone (no shard is opened)."""
+        g = self.item_of(i)[1]
+        return int(self.arrays["item_text"][g]), int(self.arrays["item_frames"][g])
+
+    def _open(self, t: int) -> OpenShard:
+        arrays = self.arrays
+        name = shard_name(int(arrays["shard_index"][t]))
+        prefix = os.path.join(self.dirs[int(arrays["shard_dir"][t])], name)
+        expect = shard_expect(arrays, t, name)
+        return self.shards.get(t, lambda: OpenShard(prefix, self.num_codebooks, expect))
+
+    def __getitem__(self, i: int) -> dict:
+        task, g = self.item_of(i)
+        arrays = self.arrays
+        shard = self._open(int(arrays["item_shard"][g]))
+        row = int(arrays["item_row"][g])
+        codes, text_ids = shard.get(row)
+        return {"id": shard.item_id(row, int(arrays["item_meta"][g])), "task": task, "text_ids": text_ids,
+                "codes": codes}
+
+    def close(self) -> None:
+        self.shards.close()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_perms"] = OrderedDict()
+        state["shards"] = ShardCache(self.max_open_shards)
+        if self.mix.get("version", 1) >= 2:
+            state["_arrays"] = None  # the copy maps the file itself
         return state
 
 
@@ -245,6 +285,9 @@ def run_cli(args) -> int:
         for t in mix["counts"]
     )
     print(f"[mix] {args.out}: {mix['split']} split, epoch of {mix['length']} samples ({desc})")
+    items = sum(mix["counts"].values())
+    print(f"[mix] index {mix['index']['file']}: {mix['index']['bytes']} bytes "
+          f"({mix['index']['bytes'] / items:.1f} per item)")
     if not mix["codec"].get("trained", True):
         print("[mix] note: the shards were made with the UNTRAINED random codec (tests/demo only)")
     return 0

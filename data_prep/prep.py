@@ -1,11 +1,18 @@
 """`unimoe data prep`: manifest -> audio checks -> codec tokens (batched) + text ids -> indexed shards.
 
-Pipeline: the manifest's valid items are cut into shards of `shard_size` items in manifest order (shard k
-always holds the same items, so re-runs and job-array slices agree). Audio is decoded, checked, downmixed
-and resampled by a pool of `workers` processes (data_prep.audio; 0 = in this process), a block of items
-ahead of the codec, which encodes length-sorted batches padded to equal length and cuts each item's codes
-to its own frame count. Each finished shard is written atomically and listed (data_prep.shards).
-Every rejected line/file goes to prep_report.json with its reason.
+Pipeline: the manifest's valid lines are cut into shards of `shard_size` lines in manifest order (shard k
+always holds the same lines, so re-runs and job-array slices agree; a long music line may become several
+items, its windows `ID#0`, `ID#1`, ...). Audio is decoded, checked, cut, downmixed and resampled by
+`workers` processes (data_prep.decode_pool: a crashed or hung decoder rejects its item only), two sort
+windows ahead of the codec. The codec encodes each window of `sort_window` lines sorted by length, in
+batches of at most `batch_seconds` of padded audio, and cuts each item's codes to its own frame count.
+Each finished shard is written atomically and listed (data_prep.shards). Every rejected line/file goes to
+the report with its reason.
+
+Re-runs: a slice removes its report when it starts (a slice counts as done only once its report is
+written again), lists the total shard count of the manifest, and keeps the listed shards whose input
+(ids, tasks, audio paths relative to the manifest, texts, splits, segments) and checksums still match,
+so a moved data root resumes.
 """
 
 from __future__ import annotations
@@ -23,12 +30,22 @@ import torch
 from tqdm import tqdm
 
 from data_prep import shards as sh
-from data_prep.audio import AudioCheckConfig, load_job
-from data_prep.codec import CODECS, Codec, CodecUnavailable, load_codec
+from data_prep.audio import AudioCheckConfig, DecodeJob
+from data_prep.codec import (
+    CODECS,
+    Codec,
+    CodecUnavailable,
+    load_codec,
+    resolve_encode_dtype,
+    set_encode_dtype,
+)
+from data_prep.decode_pool import DecodePool
 from data_prep.manifest import ManifestItem, read_manifest, reject
 from data_prep.text import Tokenizer
 
 CRASH_ENV = "UNIMOE_PREP_CRASH_AFTER_ITEMS"  # fault injection for tests: raise after N items written this run
+LIST_VERSION = 2
+AHEAD_WINDOWS = 2  # sort windows decoded ahead of the codec (bounds the decoded audio held in memory)
 
 
 class PrepError(Exception):
@@ -45,15 +62,18 @@ class PrepConfig:
     codec_checkpoint: str | None = None
     codec_seed: int = 0
     device: str = "cpu"  # where the codec runs
-    workers: int = 1
+    codec_dtype: str = "auto"  # encoder precision: auto = float16 on CUDA, float32 on CPU
+    workers: int = 1  # decode processes (0 = decode in this process)
+    threads: int | None = None  # torch threads of the codec in this process (None: leave torch's setting)
+    decode_timeout: float = 300.0  # seconds one item may take in a decode worker
     min_seconds: float = 0.2
     max_seconds: float = 30.0
+    window_hop: float | None = None  # music over max_seconds: a window every window_hop s (None: max_seconds)
     shard_size: int = 256
     slice_index: int = 0
     num_slices: int = 1
-    block_items: int = 8  # items handed to the decode pool at once (the pipeline granularity)
-    batch_items: int = 8  # items per codec batch
-    batch_seconds: float = 8.0  # padded audio seconds per codec batch (small batches are faster on CPU)
+    sort_window: int = 64  # lines sorted by length together before batching
+    batch_seconds: float | None = None  # padded audio per codec batch; None: 16 s on CPU, 300 s on CUDA
     progress: bool = True
 
     def __post_init__(self):
@@ -63,14 +83,22 @@ class PrepConfig:
             raise PrepError(f"--codec-checkpoint {self.codec_checkpoint} does not exist")
         if self.workers < 0:
             raise PrepError(f"--workers must be >= 0, got {self.workers}")
-        if self.shard_size < 1 or self.block_items < 1 or self.batch_items < 1:
-            raise PrepError("--shard-size, block_items and batch_items must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise PrepError(f"--threads must be >= 1, got {self.threads}")
+        if self.shard_size < 1 or self.sort_window < 1:
+            raise PrepError("--shard-size and --sort-window must be >= 1")
+        if self.decode_timeout <= 0 or (self.batch_seconds is not None and self.batch_seconds <= 0):
+            raise PrepError("--decode-timeout and --batch-seconds must be > 0")
         if not 0 <= self.slice_index < self.num_slices:
             raise PrepError(f"--slice must be i/n with 0 <= i < n, got {self.slice_index}/{self.num_slices}")
         if not 0 <= self.min_seconds < self.max_seconds:
             raise PrepError(
                 f"need 0 <= --min-seconds < --max-seconds, got {self.min_seconds}, {self.max_seconds}"
             )
+        if self.window_hop is not None and not 0 < self.window_hop <= self.max_seconds:
+            raise PrepError(f"--window-hop must be in (0, --max-seconds], got {self.window_hop}")
+        if self.batch_seconds is None:
+            self.batch_seconds = 16.0 if str(self.device).startswith("cpu") else 300.0
         if not os.path.isfile(self.manifest):
             raise PrepError(f"manifest not found: {self.manifest}")
         if self.tokenizer is None:
@@ -91,18 +119,26 @@ def parse_slice(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _shard_key(items: list[ManifestItem]) -> str:
+def _shard_key(items: list[ManifestItem], root: str) -> str:
+    """What a shard was made from; audio paths relative to the manifest's folder (a moved root matches)."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.id}\t{it.task}\t{it.audio}\t{it.text}\t{it.split}\n".encode())
+        audio = os.path.relpath(it.audio, root)
+        h.update(f"{it.id}\t{it.task}\t{audio}\t{it.text}\t{it.split}\t{it.start}\t{it.end}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _encode_block(codec: Codec, wavs: dict[int, np.ndarray], cfg: PrepConfig) -> dict[int, np.ndarray]:
-    """Encode {index: samples} in length-sorted padded batches -> {index: codes [K, T_i] uint16}."""
-    order = sorted(wavs, key=lambda i: len(wavs[i]))
-    max_samples = int(cfg.batch_seconds * codec.sample_rate)
-    out, batch = {}, []
+def _manifest_key(shard_items: list[list[ManifestItem]], root: str) -> str:
+    return hashlib.sha256("".join(_shard_key(items, root) for items in shard_items).encode()).hexdigest()[:16]
+
+
+def _encode_segments(codec: Codec, wavs: list[np.ndarray], batch_seconds: float) -> list[np.ndarray]:
+    """Encode float32 pieces in length-sorted batches of at most batch_seconds of padded audio (a longer
+    piece alone) -> codes [K, T_i] uint16 per piece, in the input order."""
+    order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
+    max_samples = int(batch_seconds * codec.sample_rate)
+    out: list = [None] * len(wavs)
+    batch: list[int] = []
 
     def flush():
         length = len(wavs[batch[-1]])  # longest of the batch (sorted)
@@ -115,7 +151,7 @@ def _encode_block(codec: Codec, wavs: dict[int, np.ndarray], cfg: PrepConfig) ->
         batch.clear()
 
     for i in order:
-        if batch and (len(batch) >= cfg.batch_items or len(wavs[i]) * (len(batch) + 1) > max_samples):
+        if batch and len(wavs[i]) * (len(batch) + 1) > max_samples:
             flush()
         batch.append(i)
     if batch:
@@ -123,36 +159,21 @@ def _encode_block(codec: Codec, wavs: dict[int, np.ndarray], cfg: PrepConfig) ->
     return out
 
 
-def _config_record(cfg: PrepConfig, codec: Codec, tok: Tokenizer) -> dict:
+def _config_record(cfg: PrepConfig, codec: Codec, tok: Tokenizer, dtype: torch.dtype) -> dict:
+    """What must match for listed shards to be reused (no absolute paths: a moved data root resumes)."""
     return {
         "codec": codec.fingerprint(),
         "bandwidth": codec.bandwidth,
+        "codec_dtype": str(dtype).removeprefix("torch."),
         "tokenizer_sha256": sh.sha256_file(tok.path),
         "min_seconds": cfg.min_seconds,
         "max_seconds": cfg.max_seconds,
+        "window_hop": cfg.window_hop,
         "shard_size": cfg.shard_size,
-        "manifest": os.path.abspath(cfg.manifest),
     }
 
 
-def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
-    """Run the pipeline for one slice; returns the report dict (also written beside the shards)."""
-    t0 = time.time()
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise PrepError(f"output directory {cfg.out} is not writable: {e.strerror}") from None
-    try:
-        items, manifest_rejects, seen = read_manifest(cfg.manifest)
-    except OSError as e:
-        raise PrepError(f"cannot read manifest {cfg.manifest}: {e.strerror}") from None
-    try:
-        tok = Tokenizer(cfg.tokenizer)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise PrepError(f"unusable tokenizer {cfg.tokenizer}: {' '.join(str(e).split())}") from None
+def _open_codec(cfg: PrepConfig, codec: Codec | None, log) -> tuple[Codec, torch.dtype]:
     if codec is None:
         try:
             codec = load_codec(
@@ -164,45 +185,51 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
             raise PrepError(
                 f"cannot run the codec on --device {cfg.device}: {' '.join(str(e).split())}"
             ) from None
+    try:
+        dtype = resolve_encode_dtype(codec.device, cfg.codec_dtype)
+    except ValueError as e:
+        raise PrepError(str(e)) from None
+    set_encode_dtype(codec, dtype)
     if not codec.trained:
         log(f"[prep] WARNING: {codec.info()['label']}")
     if codec.codebook_size > np.iinfo(np.uint16).max:
         raise PrepError(f"codebook size {codec.codebook_size} does not fit the uint16 shards")
+    return codec, dtype
 
-    shard_items = [items[k : k + cfg.shard_size] for k in range(0, len(items), cfg.shard_size)]
-    mine = [k for k in range(len(shard_items)) if k % cfg.num_slices == cfg.slice_index]
-    list_path = os.path.join(cfg.out, sh.list_name(cfg.slice_index, cfg.num_slices))
-    config = _config_record(cfg, codec, tok)
-    listing = {
-        "version": 1,
-        "codec": codec.info(),
-        "tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size},
-        "config": config,
-        "slice": [cfg.slice_index, cfg.num_slices],
-        "shards": [],
-    }
-    if os.path.isfile(list_path):
-        old = sh.load_list(list_path)
-        if old.get("config") != config:
+
+def _prepare_out(cfg: PrepConfig) -> None:
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise PrepError(f"output directory {cfg.out} is not writable: {e.strerror}") from None
+    # this slice is "done" only when its report is written again at the end of this run
+    report = os.path.join(cfg.out, sh.report_name(cfg.slice_index, cfg.num_slices))
+    if os.path.exists(report):
+        os.remove(report)
+
+
+def _todo(cfg, listing, old, mine, shard_items, root, log) -> list[int]:
+    """Shards of this slice to (re)build; listing["shards"] keeps the old entries that are still good."""
+    if old is not None:
+        if old.get("version") != LIST_VERSION or old.get("config") != listing["config"]:
             raise PrepError(
-                f"{cfg.out} holds shards made with another configuration (codec, tokenizer, bounds, "
-                "shard size or manifest): use a new --out or remove the old one"
+                f"{cfg.out} holds shards made with another configuration (codec, tokenizer, bounds, shard "
+                "size, codec precision or an older unimoe-audio): use a new --out or remove the old one"
             )
-        listing["shards"] = old["shards"]
-
+        listing["shards"] = [e for e in old["shards"] if e["index"] in set(mine)]
     done = {e["index"]: e for e in listing["shards"]}
     todo = []
     for k in mine:
         e = done.get(k)
-        problem = (
-            "not listed"
-            if e is None
-            else (
-                "input changed"
-                if e.get("input") != _shard_key(shard_items[k])
-                else sh.verify_entry(cfg.out, e)
-            )
-        )
+        if e is None:
+            problem = "not listed"
+        elif e.get("input") != _shard_key(shard_items[k], root):
+            problem = "input changed"
+        else:
+            problem = sh.verify_entry(cfg.out, e)
         if problem is None:
             continue
         if e is not None:
@@ -211,56 +238,99 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
         todo.append(k)
     if len(mine) > len(todo):
         log(f"[prep] skipping {len(mine) - len(todo)} complete shard(s) (checksums verified)")
+    return todo
 
+
+def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
+    """Run the pipeline for one slice; returns the report dict (also written beside the shards)."""
+    t0 = time.time()
+    _prepare_out(cfg)
+    try:
+        items, manifest_rejects, seen = read_manifest(cfg.manifest)
+    except OSError as e:
+        raise PrepError(f"cannot read manifest {cfg.manifest}: {e.strerror}") from None
+    try:
+        tok = Tokenizer(cfg.tokenizer)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise PrepError(f"unusable tokenizer {cfg.tokenizer}: {' '.join(str(e).split())}") from None
+    codec, dtype = _open_codec(cfg, codec, log)
+
+    root = os.path.dirname(os.path.abspath(cfg.manifest))
+    shard_items = [items[k : k + cfg.shard_size] for k in range(0, len(items), cfg.shard_size)]
+    mine = [k for k in range(len(shard_items)) if k % cfg.num_slices == cfg.slice_index]
+    list_path = os.path.join(cfg.out, sh.list_name(cfg.slice_index, cfg.num_slices))
+    listing = {
+        "version": LIST_VERSION,
+        "codec": codec.info(),
+        "tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size, "sha256": sh.sha256_file(tok.path)},
+        "config": _config_record(cfg, codec, tok, dtype),
+        "slice": [cfg.slice_index, cfg.num_slices],
+        "total_shards": len(shard_items),  # over all slices: the merge checks the shard indices cover it
+        "manifest_key": _manifest_key(shard_items, root),  # the same in every slice made from this manifest
+        "shards": [],
+    }
+    old = sh.load_list(list_path) if os.path.isfile(list_path) else None
+    todo = _todo(cfg, listing, old, mine, shard_items, root, log)
     sh.write_json_atomic(list_path, listing)  # listed even when this slice has no shards (for the merge)
     for k in todo:  # temporary files of a crashed earlier run of these shards
         for stale in glob.glob(os.path.join(cfg.out, f".tmp.{sh.shard_name(k)}.*")):
             os.remove(stale)
-    audio_cfg = AudioCheckConfig(codec.sample_rate, cfg.min_seconds, cfg.max_seconds)
+
+    timing, restarts = _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log)
+    report = _report(cfg, listing, manifest_rejects, seen, codec, time.time() - t0, mine, shard_items)
+    report["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    report["decoder_restarts"] = restarts  # workers replaced after a crash or a timeout
+    sh.write_json_atomic(os.path.join(cfg.out, sh.report_name(cfg.slice_index, cfg.num_slices)), report)
+    return report
+
+
+def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log) -> tuple[dict, int]:
+    """Decode, encode and write the shards `todo`; returns the main process's wall time per stage and the
+    number of decode workers replaced."""
+    audio_cfg = AudioCheckConfig(codec.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.window_hop)
     crash_after = int(os.environ.get(CRASH_ENV, "0")) or None
-    blocks = [
-        (k, b, shard_items[k][b : b + cfg.block_items])
+    windows = [
+        (k, row, shard_items[k][row : row + cfg.sort_window])
         for k in todo
-        for b in range(0, len(shard_items[k]), cfg.block_items)
+        for row in range(0, len(shard_items[k]), cfg.sort_window)
     ]
-    total = sum(len(shard_items[k]) for k in todo)
-    # fork (as torch's DataLoader does on Linux): cheap start, and works from any __main__; the workers only
-    # run numpy/soundfile code (data_prep.audio). spawn where fork does not exist.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    workers = cfg.workers
-    if workers > 0 and mp.current_process().daemon:  # e.g. inside a DataLoader/Pool worker: no children
+    timing = {"decode_wait_s": 0.0, "codec_s": 0.0, "write_s": 0.0}
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    workers = cfg.workers if windows else 0
+    if workers and mp.current_process().daemon:  # e.g. inside a DataLoader/Pool worker: no children
         log("[prep] running in a daemonic process: decoding in this process (--workers ignored)")
         workers = 0
-    pool = ctx.Pool(workers) if workers > 0 and blocks else None
-    pending, written = [], 0
-    timing = {"decode_wait_s": 0.0, "codec_s": 0.0, "write_s": 0.0}  # wall time of the main process by stage
+    pool = DecodePool(workers, cfg.decode_timeout)
 
-    def submit(b):
-        jobs = [(j, it.audio, audio_cfg) for j, it in enumerate(blocks[b][2])]
-        pending.append(
-            pool.map_async(load_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))) if pool else jobs
-        )
+    def submit(w):
+        k, row, block = windows[w]
+        for j, it in enumerate(block):
+            pool.submit((k, row + j), DecodeJob(it.audio, it.task, audio_cfg, it.start, it.end))
 
+    written = 0
     try:
-        bar = tqdm(total=total, desc="prep", unit="item", disable=not cfg.progress, file=sys.stderr)
-        for b in range(min(2, len(blocks))):
-            submit(b)
-        results: dict[int, tuple] = {}  # shard-local index -> (samples_seconds, codes) or reason
-        for b, (k, base, block) in enumerate(blocks):
-            job = pending.pop(0)
-            if b + 2 < len(blocks):
-                submit(b + 2)  # keep the pool two blocks ahead of the codec
+        bar = tqdm(total=sum(len(w[2]) for w in windows), desc="prep", unit="line", disable=not cfg.progress,
+                   file=sys.stderr)
+        for w in range(min(AHEAD_WINDOWS, len(windows))):
+            submit(w)
+        results: dict[int, object] = {}  # row in shard -> [(seconds, codes)] per piece, or the reason
+        for w, (k, row, block) in enumerate(windows):
+            if w + AHEAD_WINDOWS < len(windows):
+                submit(w + AHEAD_WINDOWS)
             t = time.perf_counter()
-            loaded = job.get() if pool else [load_job(j) for j in job]
-            wavs = {j: w for j, w, _ in loaded if w is not None}
+            loaded = [pool.get((k, row + j)) for j in range(len(block))]
             timing["decode_wait_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            codes = _encode_block(codec, wavs, cfg) if wavs else {}
+            pieces = [p for ps, _ in loaded if ps is not None for p in ps]
+            codes = iter(_encode_segments(codec, pieces, cfg.batch_seconds) if pieces else [])
             timing["codec_s"] += time.perf_counter() - t
-            for j, w, reason in loaded:
-                results[base + j] = reason if w is None else (len(w) / codec.sample_rate, codes[j])
+            for j, (ps, reason) in enumerate(loaded):
+                results[row + j] = (reason if ps is None
+                                    else [(len(p) / codec.sample_rate, next(codes)) for p in ps])
             bar.update(len(block))
-            if base + len(block) == len(shard_items[k]):  # last block of shard k: write it
+            if row + len(block) == len(shard_items[k]):  # last window of shard k: write it
                 t = time.perf_counter()
                 entry = _write_shard(cfg, k, shard_items[k], results, tok, crash_after, written)
                 written += entry["items"]
@@ -271,14 +341,9 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
                 timing["write_s"] += time.perf_counter() - t
         bar.close()
     finally:
-        if pool:
-            pool.terminate()
-            pool.join()
-
-    report = _report(cfg, listing, manifest_rejects, seen, codec, time.time() - t0, mine, shard_items)
-    report["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    sh.write_json_atomic(os.path.join(cfg.out, sh.report_name(cfg.slice_index, cfg.num_slices)), report)
-    return report
+        pool.close()
+        torch.set_num_threads(threads)
+    return timing, pool.restarts
 
 
 def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
@@ -289,19 +354,25 @@ def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
         if isinstance(r, str):
             rejected.append(reject(it.id, it.audio, r, it.line))
             continue
-        seconds, codes = r
-        meta = {
-            "id": it.id,
-            "task": it.task,
-            "split": it.split,
-            "seconds": round(seconds, 4),
-            "speaker": it.speaker,
-            "text": it.text,
-        }
-        writer.add(meta, codes, tok.encode(it.text))
-        if crash_after and written + writer.items >= crash_after:
-            raise RuntimeError(f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})")
-    return writer.finalize({"input": _shard_key(items), "seen": len(items), "rejected": rejected})
+        text_ids = tok.encode(it.text)
+        for w, (seconds, codes) in enumerate(r):
+            meta = {
+                "id": it.id if len(r) == 1 else f"{it.id}#{w}",
+                "task": it.task,
+                "split": it.split,
+                "seconds": round(seconds, 4),
+                "speaker": it.speaker,
+                "text": it.text,
+            }
+            if len(r) > 1 or it.start is not None:  # where the item starts in the file
+                meta["start"] = round((it.start or 0.0) + w * (cfg.window_hop or cfg.max_seconds), 4)
+            writer.add(meta, codes, text_ids)
+            if crash_after and written + writer.items >= crash_after:
+                raise RuntimeError(
+                    f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})"
+                )
+    return writer.finalize({"input": _shard_key(items, os.path.dirname(os.path.abspath(cfg.manifest))),
+                            "seen": len(items), "rejected": rejected})
 
 
 def _report(cfg, listing, manifest_rejects, seen, codec, elapsed, mine, shard_items) -> dict:
@@ -314,16 +385,20 @@ def _report(cfg, listing, manifest_rejects, seen, codec, elapsed, mine, shard_it
             for key in t:
                 t[key] += v[key]
     seconds = sum(e["seconds"] for e in entries)
+    lines = sum(len(shard_items[k]) for k in mine)
+    rejected = (manifest_rejects if first else []) + [r for e in entries for r in e["rejected"]]
     return {
         "manifest": os.path.abspath(cfg.manifest),
         "out": os.path.abspath(cfg.out),
         "slice": [cfg.slice_index, cfg.num_slices],
-        "seen": sum(len(shard_items[k]) for k in mine) + (len(manifest_rejects) if first else 0),
+        "seen": lines + (len(manifest_rejects) if first else 0),
         "manifest_lines": seen,
-        "accepted": sum(e["items"] for e in entries),
-        "rejected": (manifest_rejects if first else []) + [r for e in entries for r in e["rejected"]],
+        "accepted": sum(e["items"] for e in entries),  # items written (a long music line gives several)
+        "accepted_lines": lines - sum(len(e["rejected"]) for e in entries),
+        "rejected": rejected,
         "tasks": {k: dict(v, seconds=round(v["seconds"], 3)) for k, v in sorted(tasks.items())},
         "shards": len(entries),
+        "total_shards": len(shard_items),
         "codec": codec.info(),
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "elapsed_s": round(elapsed, 3),
@@ -342,13 +417,19 @@ def run_cli(args) -> int:
             bandwidth=args.bandwidth,
             codec_checkpoint=args.codec_checkpoint,
             workers=args.workers,
+            threads=args.threads if args.threads is not None else default_threads(args.workers, args.device),
+            decode_timeout=args.decode_timeout,
             min_seconds=args.min_seconds,
             max_seconds=args.max_seconds,
+            window_hop=args.window_hop,
             shard_size=args.shard_size,
             slice_index=i,
             num_slices=n,
-            codec_seed=getattr(args, "codec_seed", 0),
-            device=getattr(args, "device", "cpu"),
+            codec_seed=args.codec_seed,
+            device=args.device,
+            codec_dtype=args.codec_dtype,
+            sort_window=args.sort_window,
+            batch_seconds=args.batch_seconds,
         )
         report = prep(cfg, log=lambda m: print(m, file=sys.stderr))
     except PrepError as e:
@@ -356,8 +437,9 @@ def run_cli(args) -> int:
         return 2
     where = os.path.join(cfg.out, sh.report_name(i, n))
     print(
-        f"[prep] seen {report['seen']}, accepted {report['accepted']}, rejected {len(report['rejected'])} "
-        f"({report['audio_seconds']:.1f} s of audio in {report['elapsed_s']:.1f} s); report: {where}"
+        f"[prep] seen {report['seen']}, accepted {report['accepted']} items from {report['accepted_lines']} "
+        f"lines, rejected {len(report['rejected'])} ({report['audio_seconds']:.1f} s of audio in "
+        f"{report['elapsed_s']:.1f} s); report: {where}"
     )
     for r in report["rejected"][:10]:
         print(f"  rejected {r['id'] or 'line ' + str(r.get('line'))}: {r['reason']}", file=sys.stderr)
@@ -374,3 +456,9 @@ def run_cli(args) -> int:
         )
         return 1
     return 0
+
+
+def default_threads(workers: int, device: str) -> int:
+    """Torch threads for the codec so that threads + decode workers = the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if not str(device).startswith("cpu") else max(1, cpus - workers)

@@ -9,8 +9,11 @@ with its items, audio seconds, tokens and the sha256 of each file. Shard files a
 names and renamed, then the list is rewritten atomically (tmp + rename): a crash mid-shard leaves no partial
 shard listed, and a re-run rebuilds exactly the shards that are missing or fail their checksums.
 
-    python -m data_prep.shards merge OUT [--expect N]   # slice lists -> shards.json + prep_report.json
-    python -m data_prep.shards verify OUT               # check every listed file's sha256
+    python -m data_prep.shards merge OUT [--expect N] [--wait]  # slice lists -> shards.json + report
+    python -m data_prep.shards verify OUT        # size and sha256 of every listed file (= unimoe data verify)
+
+Each list records `total_shards` (of the whole manifest); the merge refuses to write shards.json unless the
+slices cover every index, and names what is missing. Reading is data_prep.shard_reader.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 LIST_NAME = "shards.json"
 REPORT_NAME = "prep_report.json"
+SUFFIXES = (".codes.bin", ".codes.idx", ".text.bin", ".text.idx", ".meta.jsonl")
 _SLICE_RE = re.compile(r"shards\.slice-(\d+)-of-(\d+)\.json$")
 
 
@@ -104,10 +108,11 @@ class ShardWriter:
         self.codes.finalize(self.tmp + ".codes.idx")
         self.text.finalize(self.tmp + ".text.idx")
         self.meta.close()
-        files = {}
-        for suffix in (".codes.bin", ".codes.idx", ".text.bin", ".text.idx", ".meta.jsonl"):
+        files, sizes = {}, {}
+        for suffix in SUFFIXES:
             final = self.name + suffix
             files[final] = sha256_file(self.tmp + suffix)
+            sizes[final] = os.path.getsize(self.tmp + suffix)
             os.replace(self.tmp + suffix, os.path.join(self.out_dir, final))
         entry = {
             "index": self.index,
@@ -118,6 +123,7 @@ class ShardWriter:
             "text_tokens": self.text_tokens,
             "tasks": {k: dict(v, seconds=round(v["seconds"], 3)) for k, v in sorted(self.tasks.items())},
             "files": files,
+            "sizes": sizes,
         }
         entry.update(extra or {})
         return entry
@@ -129,11 +135,14 @@ class ShardWriter:
 
 
 def verify_entry(out_dir: str, entry: dict) -> str | None:
-    """None if every file of the shard exists with its recorded sha256, else the problem."""
+    """None if every file of the shard exists with its recorded size and sha256, else the problem."""
+    sizes = entry.get("sizes", {})
     for fname, digest in entry["files"].items():
         path = os.path.join(out_dir, fname)
         if not os.path.isfile(path):
             return f"missing {fname}"
+        if fname in sizes and os.path.getsize(path) != sizes[fname]:
+            return f"size of {fname} is {os.path.getsize(path)}, expected {sizes[fname]}"
         if sha256_file(path) != digest:
             return f"checksum mismatch for {fname}"
     return None
@@ -144,87 +153,94 @@ def load_list(path: str) -> dict:
         return json.load(f)
 
 
-class ShardSet:
-    """Read access to the shards of one prep output directory (lazy mmap; picklable before first use)."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = os.path.abspath(out_dir)
-        path = os.path.join(self.out_dir, LIST_NAME)
-        if not os.path.isfile(path):
-            slices = glob.glob(os.path.join(self.out_dir, "shards.slice-*.json"))
-            hint = " (slice lists found: run `python -m data_prep.shards merge OUT`)" if slices else ""
-            raise FileNotFoundError(f"no {LIST_NAME} in {self.out_dir}: run `unimoe data prep` first{hint}")
-        self.list = load_list(path)
-        self.shards = sorted(self.list["shards"], key=lambda e: e["index"])
-        self.meta: list[list[dict]] = []
-        for e in self.shards:
-            with open(os.path.join(self.out_dir, e["name"] + ".meta.jsonl"), encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if len(rows) != e["items"]:
-                raise ValueError(
-                    f"{e['name']}.meta.jsonl has {len(rows)} rows, shards.json says {e['items']}"
-                )
-            self.meta.append(rows)
-        self._open: dict[int, tuple] = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open"] = {}
-        return state
-
-    def _datasets(self, s: int):
-        if s not in self._open:
-            ind = _indexed_dataset()
-            prefix = os.path.join(self.out_dir, self.shards[s]["name"])
-            self._open[s] = (ind.IndexedDataset(prefix + ".codes"), ind.IndexedDataset(prefix + ".text"))
-        return self._open[s]
-
-    def get(self, s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes [K, T] int64, text_ids [L] int64) of item j of shard s."""
-        codes_ds, text_ds = self._datasets(s)
-        meta = self.meta[s][j]
-        codes = np.asarray(codes_ds[j], dtype=np.int64).reshape(meta["num_codebooks"], meta["frames"])
-        return codes, np.asarray(text_ds[j], dtype=np.int64)
+def check_coverage(listing: dict, where: str) -> None:
+    """A list that records its total shard count must hold every index below it."""
+    total = listing.get("total_shards")
+    if total is None:
+        return
+    have = {e["index"] for e in listing["shards"]}
+    missing = sorted(set(range(total)) - have)
+    if missing:
+        raise ValueError(
+            f"{where} is incomplete: {len(missing)} of {total} shards missing "
+            f"({', '.join(shard_name(k) for k in missing[:8])}{' ...' if len(missing) > 8 else ''}): "
+            "prep has not finished; run it (or the missing slices) again"
+        )
 
 
-def merge(out_dir: str, expect: int | None = None) -> dict | None:
-    """Merge slice shard lists (and slice reports) into shards.json and prep_report.json.
+class MergeError(ValueError):
+    """The slices do not add up to the whole manifest; the message names what is missing."""
 
-    Returns the merged list, or None (and writes nothing) while fewer than `expect` (default: the N in the
-    slice file names) slice lists exist: every array task may call this; the last one to finish merges.
+
+def merge(out_dir: str, expect: int | None = None, wait: bool = False) -> dict | None:
+    """Merge the slice shard lists (and slice reports) into shards.json and prep_report.json.
+
+    A slice is complete when its report exists (prep removes it when the slice starts and writes it last).
+    With `wait` (every array task calls the merge; the last one to finish merges), incomplete slices are
+    not an error: nothing is written and None is returned. Otherwise, and always once every slice is
+    complete, anything missing raises MergeError naming it: slices without a report, slices made from a
+    different manifest (another total shard count), shard indices not covered.
     """
     lists = sorted(glob.glob(os.path.join(out_dir, "shards.slice-*-of-*.json")))
     if not lists:
         raise FileNotFoundError(f"no slice lists (shards.slice-*-of-*.json) in {out_dir}")
     counts = {int(_SLICE_RE.search(p).group(2)) for p in lists}
-    if len(counts) != 1:
-        raise ValueError(f"slice lists of different job arrays in {out_dir}: N = {sorted(counts)}")
-    n = expect or counts.pop()
-    done = [p for p in lists if os.path.isfile(p.replace("shards.slice-", "prep_report.slice-"))]
-    if len(done) < n:
-        print(f"[merge] {len(done)}/{n} slices complete in {out_dir}; not merging yet")
-        return None
-    parts = [load_list(p) for p in done]
-    for p, part in zip(done[1:], parts[1:]):
+    if len(counts) != 1 or (expect is not None and counts != {expect}):
+        raise MergeError(f"slice lists of different job arrays in {out_dir}: N = {sorted(counts)}"
+                         + (f", expected {expect}" if expect is not None else ""))
+    n = counts.pop()
+    names = [list_name(i, n) for i in range(n)]
+    incomplete = [i for i in range(n) if not os.path.isfile(os.path.join(out_dir, report_name(i, n)))
+                  or not os.path.isfile(os.path.join(out_dir, names[i]))]
+    if incomplete:
+        what = f"{n - len(incomplete)}/{n} slices complete; incomplete: {_slice_ids(incomplete, n)}"
+        if wait:
+            print(f"[merge] {what} in {out_dir}; not merging yet")
+            return None
+        raise MergeError(f"{out_dir}: {what} (no report: not run, still running or crashed): run them "
+                         "(`unimoe data prep --slice i/N`), then merge again")
+    parts = [load_list(os.path.join(out_dir, name)) for name in names]
+    for name, part in zip(names[1:], parts[1:]):
         if part["config"] != parts[0]["config"]:
-            raise ValueError(f"{p} was made with another configuration than {done[0]}")
+            raise MergeError(f"{name} was made with another configuration than {names[0]}")
+    versions = {i: (part.get("total_shards"), part.get("manifest_key")) for i, part in enumerate(parts)}
+    if len(set(versions.values())) != 1 or versions[0][0] is None:
+        groups = {}
+        for i, v in versions.items():
+            groups.setdefault(v, []).append(i)
+        desc = "; ".join(f"{_slice_ids(ids, n)}: {total} shards, manifest {key}" for (total, key), ids in
+                         sorted(groups.items(), key=lambda kv: kv[1]))
+        raise MergeError(f"{out_dir}: the slices were made from different versions of the manifest ({desc}): "
+                         "run the slices made before it changed again, then merge")
+    total = versions[0][0]
     merged = {k: v for k, v in parts[0].items() if k not in ("shards", "slice")}
     merged["shards"] = sorted((e for part in parts for e in part["shards"]), key=lambda e: e["index"])
-    merged["merged_from"] = [os.path.basename(p) for p in done]
-    reports = [load_list(p.replace("shards.slice-", "prep_report.slice-")) for p in done]
+    indices = [e["index"] for e in merged["shards"]]
+    missing = sorted(set(range(total)) - set(indices))
+    if missing or len(indices) != len(set(indices)):
+        raise MergeError(
+            f"{out_dir}: {len(missing)} of {total} shards missing after all slices completed "
+            f"({', '.join(f'{shard_name(k)} (slice {k % n})' for k in missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}): run those slices again, then merge"
+        )
+    merged["merged_from"] = names
+    reports = [load_list(os.path.join(out_dir, report_name(i, n))) for i in range(n)]
     write_json_atomic(os.path.join(out_dir, REPORT_NAME), merge_reports(reports))
     write_json_atomic(os.path.join(out_dir, LIST_NAME), merged)
-    print(
-        f"[merge] {len(merged['shards'])} shards from {len(done)} slices -> "
-        f"{os.path.join(out_dir, LIST_NAME)}"
-    )
+    print(f"[merge] {len(merged['shards'])} shards from {n} slices -> {os.path.join(out_dir, LIST_NAME)}")
     return merged
 
 
+def _slice_ids(slices: list[int], n: int) -> str:
+    return ", ".join(f"{i}/{n}" for i in slices[:16]) + (" ..." if len(slices) > 16 else "")
+
+
 def merge_reports(reports: list[dict]) -> dict:
-    out = {k: v for k, v in reports[0].items() if k not in ("seen", "accepted", "rejected", "tasks", "slice")}
-    out["seen"] = sum(r["seen"] for r in reports)
-    out["accepted"] = sum(r["accepted"] for r in reports)
+    summed = ("seen", "accepted", "accepted_lines", "shards", "decoder_restarts")
+    out = {k: v for k, v in reports[0].items() if k not in (*summed, "rejected", "tasks", "slice", "timing")}
+    for k in summed:
+        if all(k in r for r in reports):
+            out[k] = sum(r[k] for r in reports)
     out["rejected"] = [x for r in reports for x in r["rejected"]]
     tasks: dict[str, dict] = {}
     for r in reports:
@@ -236,28 +252,46 @@ def merge_reports(reports: list[dict]) -> dict:
     return out
 
 
+def verify_dir(out_dir: str, log=print) -> list[tuple[str, str]]:
+    """Full check of a prep output: every listed file's size and sha256, and shard coverage.
+    Returns [(shard or list, problem)]."""
+    path = os.path.join(out_dir, LIST_NAME)
+    listing = load_list(path)
+    bad = []
+    try:
+        check_coverage(listing, path)
+    except ValueError as e:
+        bad.append((LIST_NAME, str(e)))
+    for e in listing["shards"]:
+        err = verify_entry(out_dir, e)
+        if err:
+            bad.append((e["name"], err))
+    for name, err in bad:
+        log(f"{os.path.join(out_dir, name)}: {err}")
+    return bad
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.shards")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge slice shard lists into shards.json")
     m.add_argument("out")
     m.add_argument("--expect", type=int, default=None, help="number of slices (default: from the file names)")
-    v = sub.add_parser("verify", help="check the sha256 of every listed shard file")
+    m.add_argument("--wait", action="store_true",
+                   help="incomplete slices are not an error: exit 0 without merging (for array tasks)")
+    v = sub.add_parser("verify", help="check the size and sha256 of every listed shard file")
     v.add_argument("out")
     args = p.parse_args(argv)
     try:
         if args.cmd == "merge":
-            merge(args.out, args.expect)
+            merge(args.out, args.expect, wait=args.wait)
             return 0
-        bad = [
-            (e["name"], err)
-            for e in load_list(os.path.join(args.out, LIST_NAME))["shards"]
-            if (err := verify_entry(args.out, e))
-        ]
-        for name, err in bad:
-            print(f"{name}: {err}")
+        bad = verify_dir(args.out)
         print(f"[verify] {'FAILED' if bad else 'ok'}")
         return 1 if bad else 0
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,3 +90,41 @@ def test_bad_sources(tmp_path, capsys):
     assert "metadata.csv not found" in capsys.readouterr().err
     assert cli(["data", "import", "--format", "libritts", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert cli(["data", "import", "--format", "jsonl", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_invalid_utf8_is_rejected_and_reported_by_every_importer(tmp_path, capsys):
+    lj = tmp_path / "LJ"
+    _wav(str(lj / "wavs" / "LJ1.wav"))
+    (lj / "metadata.csv").write_bytes(b"LJ1|good line|good line\nLJ2|caf\xe9 au lait|caf\xe9 au lait\n")
+    lt = tmp_path / "LibriTTS" / "train-clean-100" / "1" / "2"
+    for name, text in [("1_2_000000_000000", b"fine"), ("1_2_000001_000000", b"caf\xe9")]:
+        _wav(str(lt / f"{name}.wav"))
+        (lt / f"{name}.normalized.txt").write_bytes(text)
+    js = tmp_path / "caps.jsonl"
+    js.write_bytes(b'{"path": "a.wav", "caption": "ok"}\n{"path": "b.wav", "caption": "caf\xe9 au lait"}\n')
+    cases = [("ljspeech", lj, "metadata.csv line 2: not valid UTF-8 (byte 7)", {"LJ1"}),
+             ("libritts", tmp_path / "LibriTTS",
+              "1_2_000001_000000.normalized.txt: transcript is not valid UTF-8", {"1_2_000000_000000"}),
+             ("jsonl", js, "line 2: not valid UTF-8 (byte 33)", {"a"})]
+    for fmt, src, problem, ids in cases:
+        out = str(tmp_path / f"{fmt}.jsonl")
+        assert cli(["data", "import", "--format", fmt, str(src), "--out", out]) == 0
+        assert problem in capsys.readouterr().err, fmt
+        items = _read(out)
+        assert set(items) == ids and all("\ufffd" not in it.text for it in items.values())
+
+
+def test_libritts_subsets_go_to_their_split(tmp_path):
+    root = tmp_path / "LibriTTS"
+    for subset in ("train-clean-360", "dev-clean", "test-other"):
+        d = root / subset / "7" / "8"
+        name = f"7_8_{subset.split('-')[0]}_000000"
+        _wav(str(d / f"{name}.wav"))
+        (d / f"{name}.normalized.txt").write_text("Some text.")
+    out = str(tmp_path / "libri.jsonl")
+    assert cli(["data", "import", "--format", "libritts", str(root), "--out", out]) == 0
+    assert {k: it.split for k, it in _read(out).items()} == {
+        "7_8_train_000000": "train", "7_8_dev_000000": "valid", "7_8_test_000000": "test"}
+    dev = str(tmp_path / "dev.jsonl")  # the subset folder itself as the source
+    assert cli(["data", "import", "--format", "libritts", str(root / "dev-clean"), "--out", dev]) == 0
+    assert {it.split for it in _read(dev).values()} == {"valid"}

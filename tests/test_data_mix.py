@@ -4,6 +4,7 @@ Run: .venv/bin/pytest tests/test_data_mix.py
 """
 
 import json
+import os
 import pickle
 from collections import Counter
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from data_prep.codec import CodecUnavailable, load_codec
-from data_prep.fixtures import write_corpus
+from data_prep.fixtures import corpus_with_tokenizer
 from data_prep.mix import MixtureReader, build_mix
+from data_prep.mix_index import ITEM_ARRAYS
 from data_prep.prep import PrepConfig, prep
 from data_prep.text import SEP_ID, TASK_TOKEN_IDS, TEXT_PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
 from training.cli import main as cli
@@ -22,11 +24,7 @@ from training.cli import main as cli
 def prepped(tmp_path_factory):
     """6 speech (1 valid) and 3 music (1 valid) clips, prepared with the random codec."""
     root = tmp_path_factory.mktemp("mix")
-    manifest = write_corpus(str(root), speech=6, music=3, seconds=0.3, valid=1)
-    with open(manifest) as f:
-        texts = [json.loads(line)["text"] for line in f]
-    tok = str(root / "spm.model")
-    train_tokenizer(texts, tok, vocab_size=64, log=lambda m: None)
+    manifest, tok = corpus_with_tokenizer(str(root), speech=6, music=3, seconds=0.3, valid=1)
     out = str(root / "prep")
     prep(
         PrepConfig(
@@ -166,3 +164,40 @@ def test_data_of_the_old_random_codec_is_refused_with_rerun_prep(prepped, tmp_pa
     path.write_text(json.dumps(mix))
     with pytest.raises(CodecUnavailable, match="mix.json was made with an older random codec .* re-run"):
         MixtureReader(str(path))
+
+
+def test_index_is_compact_memory_mapped_and_scans_a_directory_once(prepped, tmp_path):
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1})
+    assert mix["dirs"] == [os.path.relpath(out, str(tmp_path))] and mix["version"] == 2
+    assert os.path.getsize(str(tmp_path / "mix.index")) == mix["index"]["bytes"]
+    items = sum(mix["counts"].values())
+    per_item = sum(np.dtype(mix["index"]["arrays"][n]["dtype"]).itemsize for n in ITEM_ARRAYS)
+    assert per_item <= 16
+    r = MixtureReader(path)
+    base = r.arrays["item_shard"]
+    while not isinstance(base, np.memmap):  # a view of the read-only map of the index file
+        base = base.base
+    assert base.filename == str(tmp_path / "mix.index") and base.mode == "r"
+    assert len(r.arrays["shard_index"]) == 3 and len(r.arrays["item_row"]) == items  # 3 shards, listed once
+    for i in range(20):  # lengths come from the index, without reading a shard
+        s = r[i]
+        assert r.lengths(i) == (len(s["text_ids"]), s["codes"].shape[1])
+
+
+def test_mix_json_version_1_reads_the_same_samples(prepped, tmp_path):
+    """A mix.json written before the index existed (absolute dirs, no index) is still read, identically."""
+    _, out, _ = prepped
+    path = str(tmp_path / "mix.json")
+    mix = build_mix([("speech", out), ("music", out)], path, ratio={"speech": 1, "music": 1}, seed=4,
+                    max_items=3)
+    old = {k: v for k, v in mix.items() if k not in ("index", "dirs", "tokenizer_sha256")}
+    old.update(version=1, sources=[{"task": t, "dir": out, "items": 0} for t in ("speech", "music")],
+               tokenizer=os.path.normpath(os.path.join(str(tmp_path), mix["tokenizer"])))
+    with open(tmp_path / "old.json", "w") as f:
+        json.dump(old, f)
+    a, b = MixtureReader(path), MixtureReader(str(tmp_path / "old.json"))
+    for i in range(30):
+        x, y = a[i], b[i]
+        assert x["id"] == y["id"] and np.array_equal(x["codes"], y["codes"])

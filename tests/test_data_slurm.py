@@ -10,22 +10,19 @@ import os
 import pytest
 
 from data_prep import shards as sh
-from data_prep.fixtures import write_corpus
-from data_prep.text import train_tokenizer
+from data_prep.fixtures import corpus_with_tokenizer
 from tests.test_slurm_local import sbatch, slurm, wait_jobs  # noqa: F401  (slurm is a fixture)
 
 pytestmark = pytest.mark.slurm
 
 
 def test_prep_array_merges_slices(slurm, tmp_path):  # noqa: F811
-    manifest = write_corpus(str(tmp_path / "corpus"), speech=3, music=3, seconds=0.3)
-    with open(manifest) as f:
-        texts = [json.loads(line)["text"] for line in f]
-    tok = str(tmp_path / "spm.model")
-    train_tokenizer(texts, tok, vocab_size=48, log=lambda m: None)
+    manifest, tok = corpus_with_tokenizer(str(tmp_path / "corpus"), speech=3, music=3, seconds=0.3,
+                                          vocab_size=48)
     out = str(tmp_path / "prep")
     log = str(tmp_path / "prep-%a.out")
-    env = f"ALL,MANIFEST={manifest},OUT={out},TOKENIZER={tok},CODEC=random,SHARD_SIZE=2,WORKERS=0"
+    env = (f"ALL,NUM_SLICES=2,MANIFEST={manifest},OUT={out},TOKENIZER={tok},CODEC=random,SHARD_SIZE=2,"
+           "WORKERS=0")
     job = sbatch(["--array=0-1", "--cpus-per-task=1", f"--output={log}", f"--export={env}",
                   "slurm/prep_array.sbatch"])
     logs = [log.replace("%a", str(i)) for i in range(2)]

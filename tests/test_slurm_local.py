@@ -300,6 +300,7 @@ def test_prep_array_with_2_tasks_equals_single_process_prep(slurm, tmp_path):
     spm = str(tmp_path / "spm.model")
     train_tokenizer(texts + ["a slow calm piano melody in A minor"], spm, vocab_size=64, log=lambda m: None)
     settings = {"MANIFEST": manifest, "TOKENIZER": spm, "CODEC": "random", "SHARD_SIZE": "2", "WORKERS": "0",
+                "NUM_SLICES": "2",
                 "UNIMOE_ROOT": REPO_ROOT}
     out = str(tmp_path / "array-%A_%a.out")
     job = sbatch(["--array=0-1", "--ntasks=1", "--cpus-per-task=1", f"--output={out}", "--export=ALL",

@@ -116,13 +116,29 @@ def _prep_args(p):
     p.add_argument("--codec", default="encodec_24khz", choices=["encodec_24khz", "random"])
     p.add_argument("--bandwidth", type=float, default=6.0)
     p.add_argument("--codec-checkpoint", default=None)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-seconds", type=float, default=30.0)
+    p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in this process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the codec (default: usable CPUs - workers; 1 with --device cuda)")
+    p.add_argument("--decode-timeout", type=float, default=300.0,
+                   help="seconds one file may take to decode before it is rejected (decoder timed out)")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="longest item; longer music is cut into windows, longer speech is rejected")
     p.add_argument("--min-seconds", type=float, default=0.2)
-    p.add_argument("--shard-size", type=int, default=256, help="items per shard")
+    p.add_argument("--window-hop", type=float, default=None,
+                   help="seconds between the starts of a long music file's windows (default: --max-seconds)")
+    p.add_argument("--shard-size", type=int, default=256, help="manifest lines per shard")
     p.add_argument("--slice", default=None, help="i/n: process the i-th of n manifest slices (job arrays)")
     p.add_argument("--codec-seed", type=int, default=0, help="seed of --codec random")
     p.add_argument("--device", default="cpu", help="where the codec encodes (cpu, cuda, cuda:1)")
+    p.add_argument("--codec-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="encoder precision (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--sort-window", type=int, default=64, help="manifest lines sorted by length together")
+    p.add_argument("--batch-seconds", type=float, default=None,
+                   help="padded audio seconds per codec batch (default: 16 on CPU, 300 on CUDA)")
+
+
+def _verify_args(p):
+    p.add_argument("path", help="a prep output directory (shards.json) or a mix.json")
 
 
 def _mix_args(p):
@@ -162,8 +178,18 @@ def _bench_args(p):
 
 def _bench_prep_args(p):
     _bench_args(p)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=60.0, help="audio seconds to encode")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=60.0, help="audio seconds to encode (uniform 3 s set)")
+    p.add_argument("--mixed-seconds", type=float, default=600.0,
+                   help="audio seconds of the mixed-length set (clips of 1-60 s); 0 skips it")
+
+
+def _bench_reader_args(p):
+    _bench_args(p)
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--shards", type=int, default=2000)
+    p.add_argument("--max-open-shards", type=int, default=64)
+    p.add_argument("--reads", type=int, default=None, help="random reads (default 20000, 2000 with --quick)")
 
 
 COMMANDS = [
@@ -183,6 +209,8 @@ COMMANDS = [
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
+    Command(("data", "verify"), "data_prep.verify:run_cli", "full sha256 check of shards or a mixture",
+            _verify_args),
     Command(("ckpt", "export"), "training.checkpoint.export:export_cli", "ZeRO checkpoint to fp32 model.pt",
             _export_args),
     Command(("ckpt", "reshard"), "training.checkpoint.reshard:reshard_cli",
@@ -193,6 +221,8 @@ COMMANDS = [
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
+    Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",
+            "mixture index size, open shards, random access, token-budget padding", _bench_reader_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
             _bench_args),
     Command(("bench", "plan"), "benchmarks.bench_plan:run_cli", "the planner's memory and time models vs "

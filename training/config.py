@@ -35,10 +35,20 @@ class DataConfig:
     micro_batch_size: int | None = None  # per rank and forward pass; default global / dp (no accumulation)
     cond_drop_prob: float = 0.1  # text conditioning dropped with this probability (classifier-free guidance)
     seed: int = 0
+    # token budget: each micro-batch holds as many samples as fit in batch_tokens padded positions, grouped
+    # by length within the next batch_window samples; null = fixed micro_batch_size samples (training/data.py)
+    batch_tokens: int | None = None
+    batch_window: int = 2048
+    max_open_shards: int = 64  # shards the reader keeps open (one file descriptor each; LRU)
 
     def __post_init__(self):
         if self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ConfigError(f"data.batch_tokens must be >= 1 or null, got {self.batch_tokens}")
+        if self.batch_window < 1 or self.max_open_shards < 1:
+            raise ConfigError(f"data.batch_window and data.max_open_shards must be >= 1, got "
+                              f"{self.batch_window} and {self.max_open_shards}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"data.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
 
@@ -199,6 +209,9 @@ class TrainConfig:
             raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} must be divisible by "
                               f"the data-parallel size {dp}")
         micro = self.micro_batch_size(dp)
+        if self.data.batch_tokens is not None and self.data.batch_window < dp * self.grad_accum(dp):
+            raise ConfigError(f"data.batch_window={self.data.batch_window} must be >= the micro-batches per "
+                              f"step ({dp * self.grad_accum(dp)} = dp x gradient accumulation)")
         if (self.data.global_batch_size // dp) % micro:
             per_rank = self.data.global_batch_size // dp
             raise ConfigError(f"data.micro_batch_size={micro} must divide the per-rank batch {per_rank} "

@@ -167,10 +167,9 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    from data_prep.mix import MixtureReader
     from training.checkpoint import save as ckpt
     from training.cluster.parallel import init_parallel, shutdown
-    from training.data import DistributedBatches, Prefetcher, resolve_train_mix
+    from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
     from training.stages import init_stage_weights, step_losses
@@ -185,7 +184,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             save_config(cfg, os.path.join(out, "config.yaml"))
         # ---- data and model
         mix_path = resolve_train_mix(cfg.data)
-        reader = MixtureReader(mix_path)
+        reader = open_reader(cfg.data, mix_path)
         from data_prep.text import load_tokenizer
         info = dict(reader.codec_info)
         model_cfg = cfg.model_config(text_vocab_size=load_tokenizer(reader.tokenizer_path).vocab_size,
@@ -207,7 +206,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
                   "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
         data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
-                                  pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed)
+                                  pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed,
+                                  batch_tokens=cfg.data.batch_tokens, batch_window=cfg.data.batch_window)
         # ---- resume
         step, skipped, nonfinite_in_row = 0, 0, 0
         _seed_all(cfg.seed * 1000 + 17 + rank)  # per-rank stream (router jitter, dropout)
@@ -280,7 +280,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             dt = time.perf_counter() - t0
             tokens = _global_tokens(batches, pg)
             record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / dt, "skipped": skipped}
+                      "tokens_per_s": tokens / dt, "skipped": skipped,
+                      "padding_fraction": padding_fraction(batches)}  # of rank 0's micro-batches
             if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
                 record["experts_per_token"] = routing["routing/experts_per_token"]
             est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]),
