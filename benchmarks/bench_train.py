@@ -2,6 +2,7 @@
 parameters, in one process on the same batch (forward + backward + AdamW step, plain torch, no DeepSpeed).
 
     unimoe bench train --json [--quick] [--device cuda]
+    unimoe bench train --json --tp 2 | --recompute block     (benchmarks/bench_train_parallel.py)
 
 The dense FFN width = shared experts' width + the MEASURED mean number of routed experts per token (from
 the MoE's routing stats in warm-up) x the routed expert width, so both models spend the same matmul FLOPs
@@ -112,6 +113,14 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 
 def run_cli(args) -> int:
+    if getattr(args, "tp", None) or getattr(args, "recompute", None):
+        from benchmarks.bench_train_parallel import run_recompute, run_tp
+        res = (run_tp(args.tp, args.device, args.quick) if args.tp
+               else run_recompute(args.recompute, args.device, args.quick))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+        if args.json:
+            print(json.dumps(res))
+        return 0
     res = run(quick=args.quick, device=args.device)
     print(f"train step on {res['device']}: MoE {res['moe_tokens_per_s']:.0f} tok/s, dense (equal active, FFN "
           f"width {res['dense_equal_active_ffn_width']}) {res['dense_tokens_per_s']:.0f} tok/s, "

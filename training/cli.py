@@ -147,6 +147,14 @@ def _bench_args(p):
     p.add_argument("--device", default="cpu")
 
 
+def _bench_train_args(p):
+    _bench_args(p)
+    p.add_argument("--tp", type=int, default=None,
+                   help="TP=N (with and without sequence parallelism) beside TP=1, N processes")
+    p.add_argument("--recompute", choices=["none", "block", "moe"], default=None,
+                   help="peak memory and step time of this recompute mode against none")
+
+
 def _bench_prep_args(p):
     _bench_args(p)
     p.add_argument("--workers", type=int, default=2)
@@ -180,8 +188,8 @@ COMMANDS = [
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
-    Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
-            _bench_args),
+    Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step, TP, recompute",
+            _bench_train_args),
 ]
 
 

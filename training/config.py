@@ -75,6 +75,8 @@ class ParallelConfig:
     precision: str = "fp32"  # fp32 | bf16; wins over the ds_config file
     ds_config: str = "ds_configs/zero2_fp32.json"  # absolute, or relative to the working dir or REPO_ROOT
     backend: str | None = None  # None: nccl with CUDA, gloo otherwise
+    # TP > 1: norms and MoE layers work on 1/tp of the tokens (training.model.parallel_regions); None = on
+    sequence_parallel: bool | None = None
 
     def __post_init__(self):
         if self.tp < 1 or self.ep < 1:
@@ -86,6 +88,10 @@ class ParallelConfig:
 
     def ds_config_path(self) -> str:
         return find_file(self.ds_config)
+
+    @property
+    def sequence_parallel_on(self) -> bool:
+        return self.tp > 1 and self.sequence_parallel is not False
 
 
 @dataclass
@@ -103,6 +109,7 @@ class LoggingConfig:
     log_every: int = 1  # metrics.jsonl gets every step; tensorboard every log_every steps
     tensorboard: bool = True
     routing_every: int = 50  # routing stats to tensorboard every N steps
+    peak_flops: float | None = None  # per GPU, for the MFU estimate; None: from the GPU's name (known ones)
 
 
 @dataclass
