@@ -20,24 +20,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.train_inputs import make_batch, tiny_cfg
 from training.metrics import peak_flops
-from training.model import AudioLM, ModelConfig
-from training.model.batch import collate
+from training.model import AudioLM
 from training.model.params import parameter_counts, train_flops_per_token
-
-
-def tiny_cfg(moe: dict | None, ffn: int, num_layers: int, hidden: int) -> ModelConfig:
-    return ModelConfig(num_layers=num_layers, hidden_size=hidden, num_heads=4, ffn_hidden_size=ffn,
-                       num_codebooks=8, codebook_size=1024, delay_pattern="musicgen", text_vocab_size=512,
-                       max_seq_len=4096, moe=moe)
-
-
-def make_batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    samples = [{"id": str(i), "task": ("speech", "music")[i % 2], "text_ids": rng.integers(5, 500, size=16),
-                "codes": rng.integers(0, cfg.codebook_size, size=(cfg.num_codebooks, frames))}
-               for i in range(batch)]
-    return collate(samples, cfg)
 
 
 def _step(model, opt, batch, device):

@@ -55,7 +55,7 @@ def spawn(fn, nprocs: int, **kwargs) -> list:
 
 
 def _model_and_batch(device, quick, recompute="none", cpu_layers=4):
-    from benchmarks.bench_train import make_batch, tiny_cfg
+    from benchmarks.train_inputs import make_batch, tiny_cfg
     from training.model import AudioLM
     on_gpu = device.type == "cuda"
     layers, hidden, ffn = (8, 1024, 4096) if on_gpu else (cpu_layers, 128, 512)
