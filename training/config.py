@@ -76,6 +76,7 @@ class ParallelConfig:
     ds_config: str = "ds_configs/zero2_fp32.json"  # absolute, or relative to the working dir or REPO_ROOT
     backend: str | None = None  # None: nccl with CUDA, gloo otherwise
     # TP > 1: norms and MoE layers work on 1/tp of the tokens (training.model.parallel_regions); None = on
+    # (except under ZeRO-3, which gathers each module's weights itself)
     sequence_parallel: bool | None = None
 
     def __post_init__(self):
@@ -85,13 +86,18 @@ class ParallelConfig:
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"parallel.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.sequence_parallel and self.tp > 1 and self.zero_stage == 3:
+            raise ConfigError("parallel.sequence_parallel with zero_stage=3 is not supported (ZeRO-3 "
+                              "gathers the weights inside each module, where the sequence-parallel gradient "
+                              "sum cannot see them): use zero_stage 1 or 2, or sequence_parallel=false")
 
     def ds_config_path(self) -> str:
         return find_file(self.ds_config)
 
     @property
     def sequence_parallel_on(self) -> bool:
-        return self.tp > 1 and self.sequence_parallel is not False
+        default = self.zero_stage != 3
+        return self.tp > 1 and (default if self.sequence_parallel is None else self.sequence_parallel)
 
 
 @dataclass

@@ -156,6 +156,9 @@ class TensorParallelRegions:
                  if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
         if self.shape is None or not named:
             return module(*args, **kwargs)
+        if any(hasattr(p, "ds_id") for _, p in named):
+            raise RuntimeError("sequence parallelism cannot run under ZeRO-3 (its weights are partitioned "
+                               "until the module's own forward): use ZeRO 1/2 or sequence_parallel=False")
         names, params = zip(*named)
         summed = _SumGradsOverGroup.apply(self.group, *params)
         return torch.func.functional_call(module, dict(zip(names, summed)), args, kwargs)

@@ -19,7 +19,7 @@ Sharded weights carry megatron-core's `tensor_model_parallel` attribute, so Deep
 The column/row layers do no communication of their own: the model calls the region borders of
 training.model.parallel_regions around them. With sequence parallelism (the default for TP > 1) the
 norms and MoE layers between the borders see 1/TP of the tokens, and their parameters' gradients are
-summed over the TP group (one all-reduce per module) before DeepSpeed reduces them over data
+summed over the TP group (one all-reduce per block) before DeepSpeed reduces them over data
 parallelism. Without it (`sequence_parallel=False`) every TP rank runs the MoE layers on all tokens,
 and the router jitter RNG is kept identical across the TP group.
 `shard_state_dict` / `merge_state_dicts` convert between full and TP-sharded state dicts by the same
