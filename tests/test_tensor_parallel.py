@@ -167,9 +167,14 @@ def _tp_jitter(rank, world_size, cfg):
 LR, CLIP, STEPS = 3e-3, 0.5, 3
 
 
+def _routed_pairs(out, cfg):
+    return sum(int(a.selected[:, : cfg.moe_config().num_routed_experts].sum()) for a in out.aux)
+
+
 def _reference_run(cfg, state, dp, steps):
     """The whole model on one rank: per step the mean over the DP ranks' batches of the total loss, the
-    gradient norm, DeepSpeed's clipping rule and AdamW. -> per step ([loss of DP rank d], norm)."""
+    gradient norm, DeepSpeed's clipping rule and AdamW. -> per step ([loss of DP rank d], norm, [routed
+    (token, expert) pairs of DP rank d's batch])."""
     from training.model.batch import collate
     model = AudioLM(cfg).train()
     model.load_state_dict(state)
@@ -185,7 +190,7 @@ def _reference_run(cfg, state, dp, steps):
                 p.grad.div_(clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append(([o.loss.item() for o in outs], norm))
+        history.append(([o.loss.item() for o in outs], norm, [_routed_pairs(o, cfg) for o in outs]))
     return history
 
 
@@ -222,7 +227,7 @@ def _deepspeed_vs_reference(rank, world_size, tp, ep, stages):
             out = engine(collate(make_samples(cfg, 2, seed=100 * step + pg.dp_rank), cfg))
             engine.backward(total_loss(out))
             engine.step()
-            history.append((out.loss.item(), float(engine.get_global_grad_norm())))
+            history.append((out.loss.item(), float(engine.get_global_grad_norm()), _routed_pairs(out, cfg)))
         runs[stage] = history
     experts = sorted(model.layers[1].ffn.experts.keys(), key=int)
     ep_ranks = torch.distributed.get_process_group_ranks(pg.ep_group) if pg.ep_group is not None else None
@@ -233,7 +238,7 @@ def _deepspeed_vs_reference(rank, world_size, tp, ep, stages):
 def _check_against_reference(results):
     for r in results:
         for stage, history in r["runs"].items():
-            for step, ((loss, norm), (ref_losses, ref_norm)) in enumerate(zip(history, r["reference"])):
+            for step, ((loss, norm, _), (ref_losses, ref_norm, _)) in enumerate(zip(history, r["reference"])):
                 assert ref_norm > 2 * CLIP  # clipping is active
                 assert math.isclose(norm, ref_norm, rel_tol=1e-5), (stage, step, norm, ref_norm)
                 ref_loss = ref_losses[r["dp_rank"]]
@@ -246,6 +251,19 @@ def test_tp2_deepspeed_grad_norm_and_clipped_losses_equal_one_rank():
     megatron-core's TP attribute, DeepSpeed counted only TP rank 0's shards in the norm."""
     results = run_distributed(_deepspeed_vs_reference, world_size=2, args=(2, 1, (1, 2)), timeout=240)
     _check_against_reference(results)
+    _check_tokens_travel_once_per_tp_group(results)
+
+
+def _check_tokens_travel_once_per_tp_group(results, tp=2):
+    """At the first step, the (token, expert) pairs the TP ranks of a DP rank route (and send over EP) add up
+    to those of the whole model on that DP rank's batch: each token is routed once per TP group, not once
+    per TP rank."""
+    for first in range(0, len(results), tp):
+        group = results[first: first + tp]
+        want = group[0]["reference"][0][2][group[0]["dp_rank"]]
+        for stage in group[0]["runs"]:
+            pairs = [r["runs"][stage][0][2] for r in group]
+            assert sum(pairs) == want and min(pairs) > 0, (stage, pairs, want)
 
 
 def test_tp2_ep2_deepspeed_grad_norm_and_clipped_losses_equal_one_rank():
@@ -256,3 +274,4 @@ def test_tp2_ep2_deepspeed_grad_norm_and_clipped_losses_equal_one_rank():
     assert [r["ep_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [r["experts"] for r in results] == [["0", "1"], ["0", "1"], ["2", "3"], ["2", "3"]]
     _check_against_reference(results)
+    _check_tokens_travel_once_per_tp_group(results)
