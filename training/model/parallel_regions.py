@@ -96,7 +96,7 @@ class _SumGradsOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         out = list(grads)
-        for dtype in {g.dtype for g in grads}:
+        for dtype in dict.fromkeys(g.dtype for g in grads):  # parameter order: the same on every rank
             idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
             flat = torch.cat([grads[i].reshape(-1) for i in idx])
             dist.all_reduce(flat, group=ctx.group)
