@@ -2,6 +2,7 @@
 parameters, in one process on the same batch (forward + backward + AdamW step, plain torch, no DeepSpeed).
 
     unimoe bench train --json [--quick] [--device cuda]
+    unimoe bench train --json --tp 2 | --recompute block     (benchmarks/bench_train_parallel.py)
 
 The dense FFN width = shared experts' width + the MEASURED mean number of routed experts per token (from
 the MoE's routing stats in warm-up) x the routed expert width, so both models spend the same matmul FLOPs
@@ -19,24 +20,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.train_inputs import make_batch, tiny_cfg
 from training.metrics import peak_flops
-from training.model import AudioLM, ModelConfig
-from training.model.batch import collate
+from training.model import AudioLM
 from training.model.params import parameter_counts, train_flops_per_token
-
-
-def tiny_cfg(moe: dict | None, ffn: int, num_layers: int, hidden: int) -> ModelConfig:
-    return ModelConfig(num_layers=num_layers, hidden_size=hidden, num_heads=4, ffn_hidden_size=ffn,
-                       num_codebooks=8, codebook_size=1024, delay_pattern="musicgen", text_vocab_size=512,
-                       max_seq_len=4096, moe=moe)
-
-
-def make_batch(cfg: ModelConfig, batch: int, frames: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    samples = [{"id": str(i), "task": ("speech", "music")[i % 2], "text_ids": rng.integers(5, 500, size=16),
-                "codes": rng.integers(0, cfg.codebook_size, size=(cfg.num_codebooks, frames))}
-               for i in range(batch)]
-    return collate(samples, cfg)
 
 
 def _step(model, opt, batch, device):
@@ -112,6 +99,14 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 
 def run_cli(args) -> int:
+    if getattr(args, "tp", None) or getattr(args, "recompute", None):
+        from benchmarks.bench_train_parallel import run_recompute, run_tp
+        res = (run_tp(args.tp, args.device, args.quick) if args.tp
+               else run_recompute(args.recompute, args.device, args.quick))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+        if args.json:
+            print(json.dumps(res))
+        return 0
     res = run(quick=args.quick, device=args.device)
     print(f"train step on {res['device']}: MoE {res['moe_tokens_per_s']:.0f} tok/s, dense (equal active, FFN "
           f"width {res['dense_equal_active_ffn_width']}) {res['dense_tokens_per_s']:.0f} tok/s, "

@@ -2,6 +2,7 @@
 
     layer = MoELayer(cfg, ep_group=None)   # ep_group: a DeepSpeed expert-parallel group or None (EP=1)
     out, aux = layer(x, task_ids=None)     # x [..., D]; task_ids [...] long (-1 = ignore) or None
+    layer(x, task_ids, token_group=g)      # sequence parallel: x is this rank's share of the tokens of g
 
 Parameters: "gate.weight" [R + Z + S, D] (fp32 compute), routed experts "experts.<GLOBAL id>.*" (this
 rank's share of the EP group), shared experts "shared.<i>.*". Null experts have no parameters: they are
@@ -122,7 +123,7 @@ class MoELayer(_DeepSpeedMoE):
         deepspeed_compat.from_native_keys(state_dict, prefix, module.first_expert)
 
     # forward ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None, token_group=None):
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -138,7 +139,7 @@ class MoELayer(_DeepSpeedMoE):
 
         def _route(lg):  # small [N, R+Z+S] ops: one CPU thread (moe.serial)
             r = route(lg, cfg)
-            losses = router_losses(lg, r.probs, r.selected, cfg.num_dynamic_experts, valid)
+            losses = router_losses(lg, r.probs, r.selected, cfg.num_dynamic_experts, valid, token_group)
             shared = lg.new_zeros(0) if r.shared_weights is None else r.shared_weights
             return (r.selected, r.weights, shared, r.probs, *losses)
 

@@ -7,29 +7,45 @@ applies the weights (the balance weight decays linearly, 0.025 -> 0.001 over 10k
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from moe.config import MoEConfig
 
 
 def router_losses(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor, num_dynamic: int,
-                  valid: torch.Tensor | None = None):
+                  valid: torch.Tensor | None = None, token_group=None):
     """(balance, z, entropy) as fp32 scalars, averaged over valid tokens.
 
     balance = E * sum_e f_e * P_e, f_e = fraction of tokens that keep candidate e (multi-hot),
     P_e = mean router probability of e renormalised over each token's kept set (reference code).
     z = mean logsumexp(logits)^2 over all gate logits; entropy = mean -sum p log p over the dynamic softmax.
+
+    token_group (sequence parallelism): this rank holds 1/n of the tokens of the group. The token sums
+    are all-reduced, so the values are those of all the group's tokens, while the gradients are this
+    rank's share (the replicated router's gradients are summed over the group, which adds the shares up).
     """
     m = torch.ones_like(probs[:, :1]) if valid is None else valid.reshape(-1, 1).to(probs.dtype)
-    count = m.sum().clamp(min=1.0)
     sel = selected.to(probs.dtype)
     kept = probs * sel
     kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
-    f = (sel * m).sum(0) / count
-    p = (kept * m).sum(0) / count
-    balance = num_dynamic * (f * p).sum()
-    z = (torch.logsumexp(logits, dim=-1).pow(2) * m[:, 0]).sum() / count
-    entropy = (-(probs * probs.clamp(min=1e-30).log()).sum(-1) * m[:, 0]).sum() / count
-    return balance, z, entropy
+    sums = [(kept * m).sum(0), (torch.logsumexp(logits, dim=-1).pow(2) * m[:, 0]).sum(),
+            (-(probs * probs.clamp(min=1e-30).log()).sum(-1) * m[:, 0]).sum()]
+    count, f_sum = m.sum(), (sel * m).sum(0)
+    totals = None
+    if token_group is not None:
+        flat = torch.cat([count.view(1), f_sum] + [t.detach().reshape(-1) for t in sums])
+        dist.all_reduce(flat, group=token_group)
+        count, f_sum = flat[0], flat[1: 1 + f_sum.numel()]
+        totals = flat[1 + f_sum.numel():].split([t.numel() for t in sums])
+    count = count.clamp(min=1.0)
+    f = f_sum / count
+
+    def mean(i):
+        local = sums[i] / count
+        return local if totals is None else local + (totals[i].view_as(local) / count - local).detach()
+
+    balance = num_dynamic * (f * mean(0)).sum()
+    return balance, mean(1), mean(2)
 
 
 def balance_weight(step: int, cfg: MoEConfig) -> float:

@@ -107,3 +107,18 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, o, 110) == pytest.approx(0.55)
     assert lr_at(110, o, 110) == pytest.approx(0.1)
     assert lr_at(500, o, 110) == pytest.approx(0.1)
+
+
+def test_sequence_parallel_defaults_on_with_tp_and_recompute_is_checked():
+    joint = os.path.join(TINY, "joint.yaml")
+    assert load_config(joint, ["parallel.tp=2"]).parallel.sequence_parallel_on
+    off = load_config(joint, ["parallel.tp=2", "parallel.sequence_parallel=false"])
+    assert not off.parallel.sequence_parallel_on
+    assert not load_config(joint).parallel.sequence_parallel_on  # tp 1: nothing to split over
+    dense = os.path.join(TINY, "stage1_speech.yaml")
+    assert not load_config(dense, ["parallel.tp=2", "parallel.zero_stage=3"]).parallel.sequence_parallel_on
+    with pytest.raises(ConfigError, match="sequence_parallel with zero_stage=3"):
+        load_config(dense, ["parallel.tp=2", "parallel.zero_stage=3", "parallel.sequence_parallel=true"])
+    assert load_config(joint, ["model.recompute=block"]).model_config().recompute == "block"
+    with pytest.raises(ConfigError, match="recompute must be one of"):
+        load_config(joint, ["model.recompute=all"]).model_config()

@@ -42,6 +42,30 @@ def test_kv_cache_matches_full_forward(variant):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_multi_token_chunks_on_a_nonempty_cache_match_full_forward(with_valid):
+    """Chunks of 5, 4, 1 and the remaining positions appended to the cache (chunked prefill): each chunk's
+    queries see every cached key plus the causal part of their own chunk."""
+    cfg = tiny_cfg(moe={"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1})
+    model = _model(cfg)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (3, 9), generator=g)
+    b = collate([{"id": "a", "task": "speech", "text_ids": [7, 8, 9], "codes": codes}], cfg)
+    L = int(b["valid"].sum())
+    text, audio, amask = b["text"][:, :L], b["audio"][:, :, :L], b["audio_mask"][:, :L]
+    with torch.no_grad():
+        full, _ = model.forward_logits(text, audio, amask)
+        cache, parts, start = KVCache(cfg.num_layers), [], 0
+        for size in (5, 4, 1, L - 10):
+            end = start + size
+            valid = torch.ones(1, end, dtype=torch.bool) if with_valid else None
+            parts.append(model.forward_logits(text[:, start:end], audio[:, :, start:end], amask[:, start:end],
+                                              valid=valid, cache=cache)[0])
+            start = end
+    assert start == L
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_prompt_matches_unpadded():
     cfg = tiny_cfg()
     model = _model(cfg)

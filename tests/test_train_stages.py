@@ -1,6 +1,7 @@
 """The three-stage curriculum back to back on the demo corpus (tiny configs, 2 gloo ranks, real DeepSpeed),
 each stage starting from the previous stage's checkpoint; and the non-finite guard."""
 
+import math
 import os
 
 import pytest
@@ -50,16 +51,36 @@ def test_curriculum_stage1_stage2_stage3(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    """bf16 on 2 ranks, a checkpoint every 2 steps: NaN steps 2, 5, 6 are skipped and counted; step 2's
+    periodic checkpoint is not written, and the guard stops the run at step 6 (also the last step) without
+    one, so `latest` stays on step 4, the last finite one. MFU is per GPU (world size 2)."""
+    from training.checkpoint.export import model_config_from_meta
+    from training.model.params import parameter_counts, train_flops_per_token
     out = str(tmp_path / "run")
-    p = run(train_cmd("stage1_speech.yaml", out, "optim.max_nonfinite_in_row=2"),
-            env={"UNIMOE_FAULT_NONFINITE": "2,4,5"})
+    p = run(train_cmd("stage1_speech.yaml", out, "--save-every", "2", "optim.max_nonfinite_in_row=2",
+                      "parallel.precision=bf16", "parallel.ds_config=ds_configs/zero2_bf16.json",
+                      "logging.peak_flops=1e12"),
+            env={"UNIMOE_FAULT_NONFINITE": "2,5,6"})
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "2 non-finite steps in a row" in p.stdout
+    assert "2 non-finite steps in a row" in p.stdout and "step 2 is non-finite: no checkpoint" in p.stdout
     m = metrics(out)
-    assert [m[s]["skipped"] for s in sorted(m)] == [0, 1, 1, 2, 3]
-    assert complete_tags(os.path.join(out, "checkpoints"))[-1].endswith("step_00000005")
-    sd, _ = full_state_dict(out)
+    assert [m[s]["skipped"] for s in sorted(m)] == [0, 1, 1, 1, 2, 3]
+    assert [m[s]["grad_norm"] is None for s in sorted(m)] == [False, True, False, False, True, True]
+    tags = complete_tags(os.path.join(out, "checkpoints"))
+    assert [os.path.basename(t) for t in tags] == ["step_00000004"]
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000004"
+    sd, meta = full_state_dict(out)
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    cfg = model_config_from_meta(meta)
+    c = parameter_counts(cfg)
+    for r in m.values():
+        # mfu = tokens_per_s (whole job) / 2 GPUs * flops_per_token(seq) / peak, flops_per_token linear in the
+        # step's (unlogged) padded length: solving for it must give a whole number of positions
+        flops = r["mfu"] * 1e12 * 2 / r["tokens_per_s"]
+        seq = (flops - 6 * (c["active_mean"] - c["embedding"])) / (12 * cfg.num_layers * cfg.hidden_size)
+        assert 2 <= round(seq) <= cfg.max_seq_len and abs(seq - round(seq)) < 1e-3, (r, seq)
+        assert math.isclose(flops, train_flops_per_token(cfg, round(seq)), rel_tol=1e-6)
 
 
 def test_dense_zero3_resume_and_export_match_deepspeed(tmp_path):

@@ -176,6 +176,14 @@ def _bench_args(p):
     p.add_argument("--device", default="cpu")
 
 
+def _bench_train_args(p):
+    _bench_args(p)
+    p.add_argument("--tp", type=int, default=None,
+                   help="TP=N (with and without sequence parallelism) beside TP=1, N processes")
+    p.add_argument("--recompute", choices=["none", "block", "moe"], default=None,
+                   help="peak memory and step time of this recompute mode against none")
+
+
 def _bench_prep_args(p):
     _bench_args(p)
     p.add_argument("--workers", type=int, default=1)
@@ -223,8 +231,8 @@ COMMANDS = [
             _bench_prep_args),
     Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",
             "mixture index size, open shards, random access, token-budget padding", _bench_reader_args),
-    Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
-            _bench_args),
+    Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step, TP, recompute",
+            _bench_train_args),
     Command(("bench", "plan"), "benchmarks.bench_plan:run_cli", "the planner's memory and time models vs "
             "measurement", _bench_args),
 ]

@@ -85,6 +85,9 @@ class ParallelConfig:
     precision: str = "fp32"  # fp32 | bf16; wins over the ds_config file
     ds_config: str = "ds_configs/zero2_fp32.json"  # absolute, or relative to the working dir or REPO_ROOT
     backend: str | None = None  # None: nccl with CUDA, gloo otherwise
+    # TP > 1: norms and MoE layers work on 1/tp of the tokens (training.model.parallel_regions); None = on
+    # (except under ZeRO-3, which gathers each module's weights itself)
+    sequence_parallel: bool | None = None
 
     def __post_init__(self):
         if self.tp < 1 or self.ep < 1:
@@ -93,9 +96,18 @@ class ParallelConfig:
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"parallel.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.sequence_parallel and self.tp > 1 and self.zero_stage == 3:
+            raise ConfigError("parallel.sequence_parallel with zero_stage=3 is not supported (ZeRO-3 "
+                              "gathers the weights inside each module, where the sequence-parallel gradient "
+                              "sum cannot see them): use zero_stage 1 or 2, or sequence_parallel=false")
 
     def ds_config_path(self) -> str:
         return find_file(self.ds_config)
+
+    @property
+    def sequence_parallel_on(self) -> bool:
+        default = self.zero_stage != 3
+        return self.tp > 1 and (default if self.sequence_parallel is None else self.sequence_parallel)
 
 
 @dataclass
@@ -113,6 +125,7 @@ class LoggingConfig:
     log_every: int = 1  # metrics.jsonl gets every step; tensorboard every log_every steps
     tensorboard: bool = True
     routing_every: int = 50  # routing stats to tensorboard every N steps
+    peak_flops: float | None = None  # per GPU, for the MFU estimate; None: from the GPU's name (known ones)
 
 
 @dataclass

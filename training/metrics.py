@@ -1,8 +1,9 @@
 """Run metrics from rank 0: RUN/metrics.jsonl (one JSON object per optimizer step) + tensorboard (RUN/tb).
 
-metrics.jsonl keys: step, loss, loss_<task> (per task present), lr, grad_norm, tokens_per_s, skipped
-(cumulative count of skipped non-finite steps), plus aux-loss terms. On resume from step S the lines after
-S (written by the interrupted run, about to be redone) are dropped, so the file has one line per step.
+metrics.jsonl keys: step, loss, loss_<task> (per task present), lr, grad_norm, tokens_per_s (whole job),
+skipped (cumulative count of skipped non-finite steps), mfu (per GPU, when the peak FLOP/s is known),
+plus aux-loss terms. On resume from step S the lines after S (written by the interrupted run, about to be
+redone) are dropped, so the file has one line per step.
 MoE models add experts_per_token (routed, on steps with routing stats) for `unimoe plan --calibrate`.
 """
 
@@ -26,12 +27,15 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float | None = None) -> float | None:
-    peak = peak_flops()
+def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float | None = None,
+        num_gpus: int = 1, peak: float | None = None) -> float | None:
+    """Model FLOPs utilisation per GPU: `tokens_per_s` is the whole job's throughput, spread over
+    `num_gpus` GPUs (all of them: TP x DP) of `peak` FLOP/s each (default: this GPU's, None on CPU)."""
+    peak = peak or peak_flops()
     if peak is None:
         return None
     from training.model.params import train_flops_per_token
-    return tokens_per_s * train_flops_per_token(model_cfg, seq_len, experts_per_token) / peak
+    return tokens_per_s / num_gpus * train_flops_per_token(model_cfg, seq_len, experts_per_token) / peak
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:

@@ -10,8 +10,10 @@ stage.init_from (training.model.upcycle), freeze the routed experts (stage.freez
 A stage starts from weights only; optimizer and schedule start fresh. `--resume` continues a run.
 
 Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) SIGTERM/SIGUSR1: the step finished and a checkpoint was
-saved, requeue the job; 3 (NONFINITE_EXIT_CODE) too many non-finite steps in a row (checkpoint saved);
-2 bad config or arguments.
+saved, requeue the job; 3 (NONFINITE_EXIT_CODE) too many non-finite steps in a row (no checkpoint: `latest`
+stays on the last finite one); 2 bad config or arguments. A step whose loss or gradient norm is non-finite
+(or whose norm DeepSpeed reports as negative, its invalid-norm sentinel) counts as skipped and is never
+checkpointed; the bf16 DeepSpeed config gets explicit overflow checking and fp32 gradient accumulation.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def _run(args) -> int:
     from training.cluster.parallel import dist_env
     env = dist_env()
     cfg.validate(world_size=env.world_size)
+    _check_gpu_for_rank(env)
     check_init_from(cfg, out, args.resume)
     max_steps = cap_max_steps(args.max_steps, cfg, say=env.rank == 0)
     return train(cfg, out, max_steps=max_steps, resume=args.resume, env=env)
@@ -124,6 +127,14 @@ def cap_max_steps(max_steps: int | None, cfg, say: bool) -> int | None:
               f"(--max-steps only stops earlier); to train longer, override max_steps={max_steps}",
               flush=True)
     return cfg.max_steps
+
+
+def _check_gpu_for_rank(env) -> None:
+    import torch
+    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"rank {env.rank} has local rank {env.local_rank} but this node has "
+                          f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
+                          "(--nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU")
 
 
 def check_init_from(cfg, out: str, resume: str | None) -> None:
@@ -156,7 +167,12 @@ def _ds_config(cfg, pg) -> dict:
               # a huge clip still makes ZeRO compute the norm, which is how it detects non-finite grads
               gradient_clipping=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
     ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
-    ds["bf16"] = {"enabled": cfg.parallel.precision == "bf16"}
+    bf16 = cfg.parallel.precision == "bf16"
+    # overflow checking explicit (DeepSpeed's bf16 default changed between releases): a step with
+    # non-finite gradients is skipped, not applied
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
+    if bf16:  # gradients accumulate over micro-batches (and ZeRO partitions) in fp32
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["fp16"] = {"enabled": False}
     ds["zero_allow_untested_optimizer"] = True
     return ds
@@ -197,7 +213,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             init_stage_weights(model, cfg, model_cfg, log)
         if pg.tp > 1:
             from training.model.tensor_parallel import parallelize
-            parallelize(model)
+            parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on)
         groups = _param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -244,8 +260,9 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             return path
 
         log(f"stage {cfg.stage.stage}: steps {step + 1}..{last} of {cfg.max_steps}, "
-            f"world {pg.env.world_size} "
-            f"(tp {pg.tp}, ep {pg.ep}, dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
+            f"world {pg.env.world_size} on {engine.device} "
+            f"(tp {pg.tp}{' sequence-parallel' if cfg.parallel.sequence_parallel_on else ''}, ep {pg.ep}, "
+            f"dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f} M params "
             f"on rank 0, run dir {out}")
         prefetch = Prefetcher(data)
@@ -273,10 +290,11 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 acc = parts if acc is None else {k: acc.get(k, 0.0) + v for k, v in parts.items()}
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            ok = math.isfinite(grad_norm) and engine.was_step_applied()
-            skipped += 0 if ok else 1
-            nonfinite_in_row = 0 if ok else nonfinite_in_row + 1
+            applied = step_applied(grad_norm, engine.was_step_applied())
+            skipped += 0 if applied else 1
             record, scalars = _reduce_metrics(acc, len(batches), pg)
+            finite = applied and math.isfinite(record["loss"])  # the same on every rank
+            nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
             dt = time.perf_counter() - t0
             tokens = _global_tokens(batches, pg)
             record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
@@ -285,32 +303,52 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
                 record["experts_per_token"] = routing["routing/experts_per_token"]
             est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]),
-                      routing.get("routing/experts_per_token"))
+                      routing.get("routing/experts_per_token"), num_gpus=pg.env.world_size,
+                      peak=cfg.logging.peak_flops)
             if est is not None:
-                scalars["train/mfu_estimate"] = est
+                record["mfu"] = est
             if step % cfg.logging.routing_every == 0 or step == 1:
                 scalars.update(routing)  # this rank's (rank 0's) last micro-batch
             metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
             if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
-                save("non-finite")
                 log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
-                    f"step {step}; checkpoint saved. Lower optim.lr, check the data, or raise "
-                    f"optim.max_nonfinite_in_row.")
+                    f"step {step}; no checkpoint written (latest stays on the last finite one). Lower "
+                    f"optim.lr, check the data, or raise optim.max_nonfinite_in_row.")
                 exit_code = NONFINITE_EXIT_CODE
                 break
-            if step < last and stop.any_rank():
-                save("preempted")
-                log(f"preempted by signal: saved at step {step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
+            preempted = step < last and stop.any_rank()
+            every = cfg.checkpoint.save_every
+            if preempted or step == last or (every and step % every == 0):
+                if finite and _weights_finite(model):
+                    save("preempted" if preempted else "final" if step == last else "periodic")
+                else:
+                    log(f"step {step} is non-finite: no checkpoint (latest stays on the last finite one)")
+            if preempted:
+                log(f"preempted by signal at step {step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
                 exit_code = PREEMPTED_EXIT_CODE
                 break
-            every = cfg.checkpoint.save_every
-            if step == last or (every and step % every == 0):
-                save("final" if step == last else "periodic")
         prefetch.close()
         metrics.close()
         return exit_code
     finally:
         shutdown()
+
+
+def step_applied(grad_norm: float, applied: bool) -> bool:
+    """Did the optimizer step update the weights with finite gradients? DeepSpeed reports an invalid
+    gradient norm as inf/NaN or as its -1 sentinel (older releases, or bf16 without overflow checks)."""
+    return applied and math.isfinite(grad_norm) and grad_norm >= 0
+
+
+def _weights_finite(model) -> bool:
+    """All ranks agree whether every local weight is finite (collective; before a checkpoint)."""
+    import torch
+    import torch.distributed as dist
+    ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    flag = torch.tensor([1.0 if ok else 0.0], device=_comm_device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _param_groups(model, cfg) -> list[dict]:

@@ -1,9 +1,10 @@
 """`--nproc N`: start N local training processes (a workstation without torchrun or SLURM).
 
 Each child runs `python -m training.cli <argv>` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
-set. SIGTERM/SIGUSR1/SIGINT to the parent are forwarded to the children (they save and exit 75); if one
-child fails, the others get FAIL_GRACE_S to exit on their own, then are killed. Returns 75 if any child
-was preempted, else the first positive exit code of a child that ended by itself (0 if all succeeded).
+set (local rank r trains on GPU r when the machine has GPUs, else on CPU). SIGTERM/SIGUSR1/SIGINT to the
+parent are forwarded to the children (they save and exit 75); if one child fails, the others get
+FAIL_GRACE_S to exit on their own, then are killed. Returns 75 if any child was preempted, else the first
+positive exit code of a child that ended by itself (0 if all succeeded).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ def launch_local(argv: list[str], nproc: int) -> int:
     env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
                 "LOCAL_WORLD_SIZE": str(nproc)}
     env_base.setdefault("OMP_NUM_THREADS", "1")
-    if "DS_ACCELERATOR" not in env_base:
-        env_base["DS_ACCELERATOR"] = "cpu"
+    # DS_ACCELERATOR is left to each rank (training.train: cuda when it sees a GPU, else cpu)
     path = env_base.get("PYTHONPATH", "")
     env_base["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
     for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):

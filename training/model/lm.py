@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moe.experts import SwiGLU
 from training.model.delay import DelayPattern
 
 TASKS = ("speech", "music")  # task index = position in this tuple (also the MoE task id)
 IGNORE_INDEX = -100
+RECOMPUTE = ("none", "block", "moe")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -52,6 +54,12 @@ class ModelConfig:
     moe: Any = None
     moe_layers: str | list[int] = "all"
     num_kv_heads: int | None = None        # grouped-query attention; None = num_heads
+    # activation recomputation in training (torch.utils.checkpoint, non-reentrant): "none"; "block" keeps
+    # only each block's input and recomputes the block in backward; "moe" recomputes the MoE FFNs only
+    # (norm + router + dispatch + experts: the largest activations). With expert parallelism the
+    # recomputation runs the MoE layer's all-to-all exchange again (every rank recomputes the same layer
+    # at the same point of its backward, so the exchanges pair up); RNG state (router jitter) is restored.
+    recompute: str = "none"
 
     def __post_init__(self):
         def need(ok, msg):
@@ -68,6 +76,7 @@ class ModelConfig:
         need(self.ffn_hidden_size >= 1, f"ffn_hidden_size must be >= 1, got {self.ffn_hidden_size}")
         need(self.codebook_loss in ("sum", "mean"), f"codebook_loss must be 'sum' or 'mean', "
              f"got {self.codebook_loss!r}")
+        need(self.recompute in RECOMPUTE, f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         self.delays()  # validates delay_pattern against num_codebooks
         ids = self.moe_layer_ids
         need(all(0 <= i < self.num_layers for i in ids),
@@ -190,6 +199,36 @@ class KVCache:
         self.kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.kv]
 
 
+class LocalRegions:
+    """The borders of the tensor-parallel regions when one rank holds the whole model: identities.
+    training.model.parallel_regions.TensorParallelRegions is the TP (and sequence-parallel) version:
+    scatter after the embeddings, enter before column-parallel layers, exit after row-parallel ones,
+    replicated to run a module whose replicated parameters (norms, MoE layers) see this rank's tokens."""
+
+    token_group = None  # process group over which the MoE layers' tokens are split (None: not split)
+
+    def begin(self, batch: int, length: int, cache=None) -> LocalRegions:
+        return self
+
+    def scatter(self, x):
+        return x
+
+    def scatter_ids(self, ids):
+        return ids
+
+    def enter(self, x):
+        return x
+
+    def exit(self, y):
+        return y
+
+    def replicated(self, module, *args, **kwargs):
+        return module(*args, **kwargs)
+
+
+LOCAL = LocalRegions()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -201,9 +240,9 @@ class Attention(nn.Module):
                                   bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
-        B, L, _ = x.shape
-        qkv = self.qkv_proj(x)  # local heads under TP
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, regions=LOCAL):
+        B, L = cos.shape[0], cos.shape[2]  # x may be this rank's share of the tokens (sequence parallel)
+        qkv = self.qkv_proj(regions.enter(x))  # local heads under TP
         kv_width = qkv.shape[-1] // (self.q_per_kv + 2)
         q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_width, kv_width, kv_width], dim=-1)
         q, k, v = (t.view(B, L, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -216,7 +255,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+        return regions.exit(self.o_proj(y.transpose(1, 2).reshape(B, L, -1)))
 
 
 class Block(nn.Module):
@@ -231,14 +270,20 @@ class Block(nn.Module):
             self.ffn = MoELayer(cfg.moe_config(), ep_group=ep_group)
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)  # same names as the routed experts
+        self.recompute_moe = self.is_moe and cfg.recompute == "moe"
 
-    def forward(self, x, cos, sin, mask=None, cache=None, task_ids=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        if self.is_moe:
-            h, aux = self.ffn(self.ffn_norm(x), task_ids)
+    def forward(self, x, cos, sin, mask=None, cache=None, task_ids=None, regions=LOCAL):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, regions)
+        if not self.is_moe:
+            return x + regions.exit(self.ffn(regions.enter(self.ffn_norm(x)))), None
+        if self.recompute_moe and self.training and torch.is_grad_enabled():
+            h, aux = checkpoint(self._moe, x, task_ids, regions.token_group, use_reentrant=False)
         else:
-            h, aux = self.ffn(self.ffn_norm(x)), None
+            h, aux = self._moe(x, task_ids, regions.token_group)
         return x + h, aux
+
+    def _moe(self, x, task_ids, token_group):
+        return self.ffn(self.ffn_norm(x), task_ids, token_group=token_group)
 
 
 def cross_entropy_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -259,8 +304,10 @@ class AudioLM(nn.Module):
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(D, cfg.padded_audio_vocab_size, bias=False)
                                    for _ in range(cfg.num_codebooks))
-        # swapped for megatron-core's vocab-parallel cross entropy by training.model.tensor_parallel
+        # swapped for megatron-core's vocab-parallel cross entropy and the TP borders by
+        # training.model.tensor_parallel
         self.cross_entropy = cross_entropy_per_token
+        self.regions = LOCAL
         self._init_weights()
 
     def _init_weights(self):
@@ -294,6 +341,10 @@ class AudioLM(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + L, device=text.device).expand(B, L)
         mask = None
+        if valid is None and past > 0 and L > 1:
+            # SDPA's is_causal is top-left aligned when queries and keys differ in length: a chunk
+            # after cached positions needs the explicit (bottom-right aligned) mask
+            valid = torch.ones(B, past + L, dtype=torch.bool, device=text.device)
         if valid is not None:
             q_pos = torch.arange(past, past + L, device=text.device)
             k_pos = torch.arange(past + L, device=text.device)
@@ -301,13 +352,21 @@ class AudioLM(nn.Module):
             mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, L, past+L]
             mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed(text, audio, audio_mask)
+        regions = self.regions.begin(B, L, cache)
+        x = regions.scatter(self.embed(text, audio, audio_mask))
+        task_ids = regions.scatter_ids(task_ids)
+        recompute = (self.cfg.recompute == "block" and self.training and torch.is_grad_enabled()
+                     and cache is None)
         aux = []
         for layer in self.layers:
-            x, a = layer(x, cos, sin, mask, cache, task_ids)
+            if recompute:
+                x, a = checkpoint(regions.replicated, layer, x, cos, sin, mask, None, task_ids, regions,
+                                  use_reentrant=False)
+            else:
+                x, a = regions.replicated(layer, x, cos, sin, mask, cache, task_ids, regions)
             if a is not None:
                 aux.append(a)
-        x = self.norm(x)
+        x = regions.enter(regions.replicated(self.norm, x))
         logits = torch.stack([head(x) for head in self.heads], dim=2)
         return logits, aux
 

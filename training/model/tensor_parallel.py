@@ -2,7 +2,7 @@
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)      # training/cluster/parallel.py does this
     model = AudioLM(cfg, ep_group=...)     # same seed on every rank: identical full weights
-    parallelize(model)                     # swaps in megatron-core layers holding this rank's shards
+    parallelize(model, sequence_parallel=True)   # megatron-core layers holding this rank's shards
 
 Sharding (rank r of tp, a shard = the r-th contiguous block of the split dimension):
     attn.qkv_proj   ColumnParallelLinear   rows of q, of k and of v, each sharded by heads
@@ -12,8 +12,16 @@ Sharding (rank r of tp, a shard = the r-th contiguous block of the split dimensi
     text_embed      VocabParallelEmbedding rows (padded text vocab)
     heads.k         ColumnParallelLinear   rows (padded codebook vocab); logits stay vocab-sharded and
                                            the loss is megatron-core's vocab-parallel cross entropy
-Everything else (norms, codebook embeddings, MoE layers) is replicated: an MoE layer sees the full
-tokens on every TP rank and its experts are replicated across the TP group (split over EP only).
+Everything else (norms, codebook embeddings, MoE layers) is replicated; experts are split over EP only.
+Sharded weights carry megatron-core's `tensor_model_parallel` attribute, so DeepSpeed's gradient norm
+(used for clipping and logged) counts every shard once and the replicated weights once.
+
+The column/row layers do no communication of their own: the model calls the region borders of
+training.model.parallel_regions around them. With sequence parallelism (the default for TP > 1) the
+norms and MoE layers between the borders see 1/TP of the tokens, and their parameters' gradients are
+summed over the TP group (one all-reduce per block) before DeepSpeed reduces them over data
+parallelism. Without it (`sequence_parallel=False`) every TP rank runs the MoE layers on all tokens,
+and the router jitter RNG is kept identical across the TP group.
 `shard_state_dict` / `merge_state_dicts` convert between full and TP-sharded state dicts by the same
 rules, `gather_full_state_dict` collects the full one from a running TP group (checkpoint export).
 """
@@ -31,10 +39,12 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
 
 from training.model.lm import IGNORE_INDEX, AudioLM, ModelConfig
+from training.model.parallel_regions import TensorParallelRegions
 
 # (name regex, kind): kind "qkv" = rows split per q/k/v part, 0 = rows, 1 = columns
 _RULES = [
@@ -115,6 +125,7 @@ def check_tp_size(cfg: ModelConfig, tp: int) -> None:
 
 
 class _Column(ColumnParallelLinear):
+    """Built with disable_grad_reduce=True: the input's gradient is reduced by the region border."""
     # megatron's (empty, fp8-only) "_extra_state" entry is left out: state dicts keep the plain names
     get_extra_state, set_extra_state = torch.nn.Module.get_extra_state, torch.nn.Module.set_extra_state
 
@@ -123,14 +134,33 @@ class _Column(ColumnParallelLinear):
 
 
 class _Row(RowParallelLinear):
+    """Returns the partial sums; the region border all-reduces or reduce-scatters them (megatron-core's
+    path for layers whose communication the caller does: explicit_expert_comm with skip_bias_add)."""
     get_extra_state, set_extra_state = torch.nn.Module.get_extra_state, torch.nn.Module.set_extra_state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.explicit_expert_comm = True
 
     def forward(self, x):
         return super().forward(x)[0]
 
 
+def _mark_tensor_parallel(weight: torch.Tensor, dim: int) -> None:
+    """megatron-core's TP attributes (perform_initialization=False leaves them unset): DeepSpeed's
+    is_model_parallel_parameter then counts this shard in the gradient norm on every TP rank."""
+    if getattr(weight, "tensor_model_parallel", False):
+        assert weight.partition_dim == dim, (weight.partition_dim, dim)
+        return
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(weight, attr):
+            delattr(weight, attr)
+    set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
 def megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
-    # CPU-safe settings (shared/ENVIRONMENT.md); on GPU the same flags work, weights are copied in anyway
+    # CPU-safe settings (shared/ENVIRONMENT.md); on GPU the same flags work, weights are copied in anyway.
+    # sequence_parallel stays False here: the region borders (parallel_regions) do the SP communication.
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=False, gradient_accumulation_fusion=False,
                                sequence_parallel=False, params_dtype=dtype)
@@ -156,9 +186,9 @@ def gather_vocab(logits: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
+def parallelize(model: AudioLM, tp_group=None, sequence_parallel: bool = True) -> AudioLM:
     """Replace the TP-able modules of `model` in place with megatron-core layers holding this rank's
-    shard of their current (full) weights. No-op for a TP group of size 1."""
+    shard of their current (full) weights, and install the region borders. No-op for a TP group of 1."""
     tp_group = tp_group or ps.get_tensor_model_parallel_group()
     tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     if tp == 1:
@@ -169,20 +199,21 @@ def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
     mcfg = megatron_config(tp, dtype)
     full = {k: v.detach() for k, v in model.state_dict().items()}
 
-    def column(prefix, lin, gather=False):
+    def column(prefix, lin):
         new = _Column(lin.in_features, lin.out_features, config=mcfg, init_method=_noinit, bias=False,
-                      gather_output=gather, tp_group=tp_group)
-        return _load(new, prefix)
+                      gather_output=False, disable_grad_reduce=True, tp_group=tp_group)
+        return _load(new, prefix, dim=0)
 
     def row(prefix, lin):
         new = _Row(lin.in_features, lin.out_features, config=mcfg, init_method=_noinit, bias=False,
-                   input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
-        return _load(new, prefix)
+                   input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+        return _load(new, prefix, dim=1)
 
-    def _load(new, prefix):
+    def _load(new, prefix, dim):
         name = prefix + ".weight"
         with torch.no_grad():
             new.weight.copy_(shard_tensor(full[name], shard_kind(name), cfg, rank, tp))
+        _mark_tensor_parallel(new.weight, dim)
         return new
 
     for i, block in enumerate(model.layers):
@@ -195,12 +226,13 @@ def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
             block.ffn.down_proj = row(f"{p}.ffn.down_proj", block.ffn.down_proj)
     emb = VocabParallelEmbedding(cfg.padded_text_vocab_size, cfg.hidden_size, init_method=_noinit,
                                  config=mcfg, tp_group=tp_group)
-    model.text_embed = _load(emb, "text_embed")
+    model.text_embed = _load(emb, "text_embed", dim=0)
     for k in range(cfg.num_codebooks):
         model.heads[k] = column(f"heads.{k}", model.heads[k])
     model.cross_entropy = vocab_parallel_ce_per_token
     model.tp_size = tp
-    if cfg.is_moe:
+    model.regions = TensorParallelRegions(tp_group, sequence_parallel)
+    if cfg.is_moe and not sequence_parallel:
         model.register_forward_pre_hook(functools.partial(_sync_rng_across_tp, group=tp_group))
     return model
 

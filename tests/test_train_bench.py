@@ -1,0 +1,50 @@
+"""`unimoe bench train` in its quick modes on CPU: the JSON keys are there and the counted quantities are
+right (no timing asserts). The default mode is the code `--device cuda` runs on a GPU (scripts/gpu_check.sh),
+with an MFU estimate there; MFU per GPU in the trainer is tested in test_train_stages."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from training.metrics import mfu
+from training.model import ModelConfig
+from training.model.params import train_flops_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*flags):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "training.cli", "bench", "train", "--json", "--quick", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mfu_is_per_gpu():
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, codebook_size=13, num_codebooks=2)
+    one = mfu(8000.0, cfg, 100, num_gpus=1, peak=1e12)
+    assert math.isclose(one, 8000.0 * train_flops_per_token(cfg, 100) / 1e12)
+    assert math.isclose(mfu(8000.0, cfg, 100, num_gpus=8, peak=1e12), one / 8)
+    assert mfu(8000.0, cfg, 100) is None  # CPU: no peak known
+
+
+def test_bench_train_moe_vs_dense_and_recompute():
+    res = _bench()
+    assert res["moe_step_s"] > 0 and res["dense_step_s"] > 0 and res["tokens_per_step"] > 0
+    assert res["experts_per_token"] > 0 and res["dense_equal_active_ffn_width"] > 0
+    res = _bench("--recompute", "block")
+    assert res["recompute"] == "block" and res["memory_kind"] == "max RSS delta"
+    assert res["none_peak_mem_mb"] > 0 and res["block_peak_mem_mb"] > 0 and res["block_step_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_train_tp2_token_share():
+    res = _bench("--tp", "2")
+    assert res["moe_token_share_per_tp_rank"] == 0.5  # sequence parallel: half of the tokens per TP rank
+    assert res["moe_token_share_per_tp_rank_without_sp"] == 1.0
+    assert res["tp1_step_s"] > 0 and res["tp2_step_s"] > 0 and res["tp2_without_sp_step_s"] > 0
