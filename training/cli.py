@@ -46,7 +46,7 @@ def _plan_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory or exported model.pt")
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model.safetensors")
     p.add_argument("--task", required=True, choices=["speech", "music"])
     p.add_argument("--text", required=True, help="transcript (speech) or caption (music)")
     p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
@@ -125,14 +125,15 @@ def _mix_args(p):
 
 def _export_args(p):
     p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory (a run dir or one tag)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="model.safetensors (model.json is written beside it)")
 
 
 def _reshard_args(p):
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--ep", type=int, required=True, help="new expert-parallel size")
-    p.add_argument("--dp", type=int, default=None, help="new data-parallel world size (default: same)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", required=True, help="run dir (newest complete checkpoint) or checkpoints/step_*")
+    p.add_argument("--tp", type=int, default=None, help="new tensor-parallel size (default: the same)")
+    p.add_argument("--ep", type=int, default=None, help="new expert-parallel size (default: the same)")
+    p.add_argument("--dp", type=int, default=None, help="new data-parallel size (default: the same)")
+    p.add_argument("--out", required=True, help="new run dir to resume from (--out DIR --resume auto)")
 
 
 def _submit_args(p):
@@ -170,11 +171,10 @@ COMMANDS = [
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
-    Command(("ckpt", "export"), "training.checkpoint.export:export_cli", "ZeRO checkpoint to fp32 model.pt",
-            _export_args),
+    Command(("ckpt", "export"), "training.checkpoint.export:export_cli",
+            "checkpoint to fp32 model.safetensors + model.json", _export_args),
     Command(("ckpt", "reshard"), "training.checkpoint.reshard:reshard_cli",
-            "checkpoint for another EP/DP size",
-            _reshard_args),
+            "checkpoint for another TP/EP/DP layout", _reshard_args),
     Command(("slurm", "submit"), "training.cluster.slurm:run_cli", "submit the curriculum chain",
             _submit_args),
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),

@@ -31,6 +31,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
 
@@ -183,6 +184,8 @@ def parallelize(model: AudioLM, tp_group=None) -> AudioLM:
         name = prefix + ".weight"
         with torch.no_grad():
             new.weight.copy_(shard_tensor(full[name], shard_kind(name), cfg, rank, tp))
+        if not getattr(new.weight, "tensor_model_parallel", False):  # so ZeRO's grad norm counts every shard
+            set_tensor_model_parallel_attributes(new.weight, True, 1 if shard_kind(name) == 1 else 0, 1)
         return new
 
     for i, block in enumerate(model.layers):
