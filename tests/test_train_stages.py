@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.train_runs import metrics, run, train_cmd
-from training.checkpoint.export import full_state_dict
-from training.checkpoint.save import complete_tags, read_meta
+from training.checkpoint.manifest import complete_tags, read_meta
+from training.checkpoint.weights import full_state_dict
 
 pytestmark = pytest.mark.timeout(900)
 STEPS = "max_steps=2"

@@ -182,6 +182,8 @@ COMMANDS = [
             _bench_prep_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",
             _bench_args),
+    Command(("bench", "ckpt"), "benchmarks.bench_ckpt:run_cli", "checkpoint save / resume / reshard cost",
+            _bench_args),
 ]
 
 

@@ -3,6 +3,12 @@ paths are recorded, so a rank knows which files it wrote and that they are on di
 
     writer = install(engine)        # once per engine; DeepSpeed keeps writing its own files and formats
     writer.written.clear(); engine.save_checkpoint(...); writer.written   # this rank's files
+
+Loads are DeepSpeed's, except that the module files (*model_states.pt) are memory-mapped: DeepSpeed
+copies their tensors into the model and drops them, so their pages leave with the mapping instead of
+staying in the heap (measured with benchmarks/bench_ckpt.py). Optimizer files are read as DeepSpeed
+does: it keeps their AdamW moments as the optimizer's state, which must not stay backed by a file that
+retention may delete.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ class SyncedCheckpointEngine(TorchCheckpointEngine):
             f.flush()
             os.fsync(f.fileno())
         self.written.append(path)
+
+    def load(self, path: str, map_location=None):
+        mmap = path.endswith("model_states.pt")
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
 
 
 def install(engine) -> SyncedCheckpointEngine:

@@ -36,7 +36,7 @@ def export_cli(args) -> int:
                  for n, (shape, dtype) in src.shapes.items()]
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         size = write_safetensors(args.out, specs, lambda n: _checked(src, n), {"format": "pt"})
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # ValueError: a tensor that does not fit the header
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {k: v for k, v in src.meta.items() if k != "adam_step"}

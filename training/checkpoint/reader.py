@@ -23,7 +23,7 @@ import os
 import torch
 
 from training.checkpoint.manifest import CheckpointError, find_verified, read_meta
-from training.checkpoint.safetensors_io import read_flat_range
+from training.checkpoint.safetensors_io import SafetensorsReader
 from training.checkpoint.zero_files import ZeroShard, zero3_full_state
 
 KINDS = ("weight", "exp_avg", "exp_avg_sq")
@@ -57,6 +57,7 @@ class Source:
         return tuple(shard_tensor(full, shard_kind(name), self.cfg, tp_rank, tp).shape)
 
     def read_shard(self, name: str, kind: str, tp_rank: int, fragment=None) -> torch.Tensor | None:
+        """TP rank `tp_rank`'s shard of a tensor, or its flat elements fragment = (start, numel)."""
         raise NotImplementedError
 
     def read(self, name: str, kind: str = "weight") -> torch.Tensor | None:
@@ -119,17 +120,17 @@ class DeepSpeedSource(Source):
 
 class ReshardedSource(Source):
     """resharded/tp{t}.safetensors: the tensors TP splits, rank t's shard; resharded/common.safetensors:
-    the rest. Keys "<kind>/<name>", kinds weight, exp_avg, exp_avg_sq; AdamW's step in meta.json."""
+    the rest. Keys "<kind>/<name>", kinds weight, exp_avg, exp_avg_sq; AdamW's step in meta.json. Read
+    with plain file reads into the destination (`out=`): a rank's memory holds only what it keeps."""
 
     def __init__(self, tag_dir: str):
         super().__init__(read_meta(tag_dir), tag_dir)
         self.tp = int(self.meta["layout"].get("tp", 1))
         self._open = {}
 
-    def _file(self, name: str):
-        from safetensors import safe_open
+    def _file(self, name: str) -> SafetensorsReader:
         if name not in self._open:
-            self._open[name] = safe_open(os.path.join(self.where, "resharded", name), framework="pt")
+            self._open[name] = SafetensorsReader(os.path.join(self.where, "resharded", name))
         return self._open[name]
 
     def _file_of(self, name: str, tp_rank: int):
@@ -137,14 +138,13 @@ class ReshardedSource(Source):
         split = shard_kind(name) is not None
         return self._file(f"tp{tp_rank}.safetensors" if split else "common.safetensors")
 
-    def read_shard(self, name, kind, tp_rank, fragment=None):
+    def read_shard(self, name, kind, tp_rank, fragment=None, out=None):
         f = self._file_of(name, tp_rank)
         key = f"{kind}/{name}"
         if key not in f.keys():
             return None
-        if fragment is None:
-            return f.get_tensor(key)
-        return read_flat_range(f.get_slice(key), self.shard_shape(name, tp_rank), *fragment)
+        start, numel = fragment if fragment is not None else (0, None)
+        return f.read(key, start, numel, out)
 
     def adam_step(self) -> int:
         return int(self.meta.get("adam_step", 0))

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from training.checkpoint import deepspeed_io
 from training.checkpoint.client import client_path, load_client
 from training.checkpoint.manifest import CheckpointError, read_meta, verify
 from training.checkpoint.reader import ReshardedSource
@@ -35,8 +36,8 @@ def layout_mismatch(tag_dir: str, saved: dict, layout: dict) -> ConfigError:
     command = (f"unimoe ckpt reshard --ckpt {tag_dir} --tp {layout['tp']} --ep {layout['ep']} "
                f"--dp {layout['dp']} --out NEW_RUN_DIR")
     return ConfigError(f"{tag_dir} was saved at {_describe(saved)}, this run is {_describe(layout)}; "
-                       f"DeepSpeed loads its files only at their own layout. Convert them first:\n    {command}\n"
-                       "then train with --out NEW_RUN_DIR --resume auto")
+                       "DeepSpeed loads its files only at their own layout. Convert them first:\n"
+                       f"    {command}\nthen train with --out NEW_RUN_DIR --resume auto")
 
 
 def resume(engine, pg, tag_dir: str, layout: dict) -> dict:
@@ -50,6 +51,7 @@ def resume(engine, pg, tag_dir: str, layout: dict) -> dict:
     if resharded:
         load_resharded(engine, pg, ReshardedSource(tag_dir))
     else:
+        deepspeed_io.install(engine)
         ckpt_dir, tag = os.path.split(tag_dir.rstrip("/"))
         path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -72,7 +74,7 @@ def _init_zero_optimizer_state(zopt, adam_step: int) -> None:
 def load_resharded(engine, pg, src: ReshardedSource) -> None:
     """Weights and AdamW state by parameter name into an engine with ZeRO 0, 1 or 2 (any EP/DP layout;
     the TP size the tag was resharded for). Reads the module weights of this rank and, for the optimizer,
-    only the fragments of the flat partitions this rank owns."""
+    only the fragments of the flat partitions this rank owns, each straight into its destination."""
     zopt = engine.optimizer if hasattr(engine.optimizer, "single_partition_of_fp32_groups") else None
     stage = engine.zero_optimization_stage()
     if zopt is None and stage != 0:
@@ -83,20 +85,24 @@ def load_resharded(engine, pg, src: ReshardedSource) -> None:
         _init_zero_optimizer_state(zopt, step)
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
-            w = src.read_shard(name, "weight", pg.tp_rank)
-            if tuple(w.shape) != tuple(p.shape):
-                raise CheckpointError(f"{src.where}: {name} has shape {tuple(w.shape)}, this run's model "
-                                      f"wants {tuple(p.shape)} (another model config or TP size)")
-            p.data.copy_(w.to(p.dtype))
+            shape = src.shard_shape(name, pg.tp_rank)
+            if shape != tuple(p.shape):
+                raise CheckpointError(f"{src.where}: {name} has shape {shape}, this run's model wants "
+                                      f"{tuple(p.shape)} (another model config or TP size)")
+            if p.dtype == torch.float32 and p.data.is_contiguous():
+                src.read_shard(name, "weight", pg.tp_rank, out=p.data)
+            else:
+                p.data.copy_(src.read_shard(name, "weight", pg.tp_rank).to(p.dtype))
             mapping = getattr(p, "_hp_mapping", None)
             if zopt is not None and mapping is not None:
                 hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
                 flat = zopt.single_partition_of_fp32_groups[mapping.param_group_index]
-                flat.narrow(0, hp.start, hp.numel).copy_(w.reshape(-1).narrow(0, lp.start, lp.numel))
+                fragment = (lp.start, lp.numel)
+                src.read_shard(name, "weight", pg.tp_rank, fragment, out=flat.narrow(0, hp.start, hp.numel))
                 for kind in OPT_KINDS:
-                    part = src.read_shard(name, kind, pg.tp_rank, (lp.start, lp.numel))
-                    if part is not None:
-                        zopt.optimizer.state[flat][kind].narrow(0, hp.start, hp.numel).copy_(part)
+                    if src.has_optimizer_state(name):
+                        src.read_shard(name, kind, pg.tp_rank, fragment,
+                                       out=zopt.optimizer.state[flat][kind].narrow(0, hp.start, hp.numel))
             elif zopt is None and src.has_optimizer_state(name):  # ZeRO 0: the torch optimizer's own state
                 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
                 base.state[p] = {"step": torch.tensor(float(step)),

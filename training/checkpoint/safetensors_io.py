@@ -55,13 +55,41 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, torch.dtype]]
     return os.path.getsize(path)
 
 
-def read_flat_range(view, shape: tuple, start: int, numel: int) -> torch.Tensor:
-    """Elements [start, start + numel) of the flattened tensor behind a safetensors slice `view`, reading
-    only the rows that hold them."""
-    if len(shape) <= 1:
-        return view[start:start + numel]
-    inner = math.prod(shape[1:])
-    first, last = start // inner, -(-(start + numel) // inner)
-    rows = view[first:last].reshape(-1)
-    offset = start - first * inner
-    return rows[offset:offset + numel]
+class SafetensorsReader:
+    """Reads tensors, or flat ranges of them, with plain file reads straight into the destination tensor:
+    no memory map, so nothing but the destination counts against the process's memory."""
+
+    _DTYPES = {v: k for k, v in DTYPES.items()}
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def read(self, key: str, start: int = 0, numel: int | None = None, out: torch.Tensor | None = None):
+        """Elements [start, start + numel) of the flattened tensor `key` (all of it by default), into
+        `out` (contiguous, of the tensor's dtype) or a new tensor shaped like the stored one."""
+        entry = self.header[key]
+        dtype, shape = self._DTYPES[entry["dtype"]], entry["shape"]
+        whole = start == 0 and numel is None
+        numel = math.prod(shape) - start if numel is None else numel
+        if out is None:
+            out = torch.empty(shape if whole else [numel], dtype=dtype)
+        if out.dtype != dtype or out.numel() != numel or not out.is_contiguous():
+            raise ValueError(f"{self.path}: {key}: cannot read {numel} {dtype} values into "
+                             f"{tuple(out.shape)} {out.dtype}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + entry["data_offsets"][0] + start * dtype.itemsize)
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            while view.nbytes:
+                got = f.readinto(view)
+                if not got:
+                    raise ValueError(f"{self.path}: file ends inside {key}")
+                view = view[got:]
+        return out

@@ -7,7 +7,8 @@
 2. Write: DeepSpeed's own files (`engine.save_checkpoint`, each fsynced by deepspeed_io), then this rank's
    client file (client.py). Nothing else: DeepSpeed's files are the only copy of the training state.
 3. Agree: an all-reduce (MIN) of a per-rank flag "my files are written and fsynced".
-4. Rank 0: meta.json, COMPLETE (every file with its size, manifest.py), `latest`, retention.py's pruning.
+4. Rank 0: meta.json, COMPLETE (every file with its size, manifest.py), `latest`, retention.py's pruning;
+   a barrier, so that every rank returns the path of a complete tag.
 
 Error paths run no collective. A rank whose DeepSpeed write raises leaves with the exception; the others
 fail in the collective they wait in (gloo reports the lost peer; the launcher or srun ends the rest) and
@@ -47,11 +48,6 @@ def _all_reduce(values: list[float], op) -> list[float]:
     return t.cpu().tolist()
 
 
-def free_bytes(path: str) -> int:
-    override = os.environ.get("UNIMOE_FAULT_DISK_FREE")  # tests: pretend the disk is this full
-    return int(override) if override else shutil.disk_usage(path).free
-
-
 def _rank_estimate(engine, pg) -> float:
     """Bytes this rank's share of a checkpoint takes: module weights over their replicas + the ZeRO
     partition of fp32 master weights and two AdamW moments."""
@@ -86,7 +82,7 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
     if pg.is_main and os.path.exists(tag_dir):
         shutil.rmtree(tag_dir)  # a stale or incomplete save of the same step
     need = expected_bytes(engine, pg, ckpt_dir)
-    free = free_bytes(ckpt_dir)
+    free = shutil.disk_usage(ckpt_dir).free
     (room,) = _all_reduce([1.0 if free >= need else 0.0], dist.ReduceOp.MIN)  # also: rmtree before writes
     if room < 1:
         if free < need:
@@ -109,10 +105,12 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
     (agreed,) = _all_reduce([ok], dist.ReduceOp.MIN)
     if agreed < 1:
         raise OSError(f"{tag_dir}: a rank could not write its files; the checkpoint stays incomplete "
-                              "(the previous complete one is still `latest`)")
+                      "(the previous complete one is still `latest`)")
     if pg.is_main:
         write_atomic(os.path.join(tag_dir, "meta.json"), json.dumps(meta, indent=1, default=str))
         write_complete(tag_dir, step)
         write_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        retention.prune(ckpt_dir, ckpt_cfg.keep_last, getattr(ckpt_cfg, "keep_every", 0))
+        retention.prune(ckpt_dir, ckpt_cfg.keep_last, ckpt_cfg.keep_every)
+    if dist.is_initialized():
+        dist.barrier()  # every rank returns once the tag is complete (and leaves save() together)
     return tag_dir

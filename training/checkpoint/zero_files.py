@@ -75,15 +75,15 @@ class ZeroShard:
         the optimizer does not hold."""
         parts = self.index.get(name)
         if parts:
-            flat = torch.cat([self._flat(f, g, kind).narrow(0, start, numel) for f, g, start, numel in parts])
-            if flat.numel() != torch.Size(shape).numel():
-                raise CheckpointError(f"{self.tag_dir}: the ZeRO partitions of {name} hold {flat.numel()} "
-                                      f"values, the model config wants {tuple(shape)}; a partition file is "
-                                      "missing or from another run")
-            return flat.view(shape)
-        if kind != "weight":
+            t = torch.cat([self._flat(f, g, kind).narrow(0, start, numel) for f, g, start, numel in parts])
+        elif kind == "weight":
+            t = self._module_tensor(name).float()
+        else:
             return None
-        return self._module_tensor(name).float().view(shape)
+        if t.numel() != torch.Size(shape).numel():
+            raise CheckpointError(f"{self.tag_dir}: {name} holds {t.numel()} values, the model config wants "
+                                  f"{tuple(shape)}; a file is missing or from another run")
+        return t.reshape(shape)
 
     def _module_tensor(self, name: str) -> torch.Tensor:
         m = _EXPERT.match(name)
