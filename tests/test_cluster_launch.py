@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint.save import rng_state, set_rng_state
+from training.checkpoint.client import rng_state, set_rng_state
 from training.cluster.parallel import cuda_device_index, dist_env, nccl_error_handling_env
 from training.cluster.ports import PORT_RANGE, ephemeral_range, job_port, rendezvous_port
 

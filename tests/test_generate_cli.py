@@ -1,7 +1,7 @@
 """`unimoe generate` from a tiny trained checkpoint: valid WAVs within the length bounds for both tasks,
-the same seed gives the same audio, run dir and exported model.pt agree, clear errors for bad checkpoints;
-`unimoe eval` on the same checkpoint; generation in new processes with other thread counts than prep's; the
-`--max-steps` cap line of the training command.
+the same seed gives the same audio, run dir and exported model.safetensors agree, clear errors for bad
+checkpoints, a pickle file is refused unread; `unimoe eval` on the same checkpoint; generation in new
+processes with other thread counts than prep's; the `--max-steps` cap line of the training command.
 
     .venv/bin/pytest tests/test_generate_cli.py      (trains a tiny MoE model for 2 steps first, ~40 s)
 """
@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from tests.crafted import RunsCode
 from training.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,12 +99,23 @@ def test_generate_in_new_processes_with_other_thread_counts_writes_wavs(run_dir,
 
 
 def test_exported_model_gives_the_same_audio(run_dir, tmp_path):
-    model_pt = str(tmp_path / "model.pt")
-    assert main(["ckpt", "export", "--ckpt", run_dir, "--out", model_pt]) == 0
-    from_run, from_pt = str(tmp_path / "run.wav"), str(tmp_path / "pt.wav")
+    exported = str(tmp_path / "model.safetensors")
+    assert main(["ckpt", "export", "--ckpt", run_dir, "--out", exported]) == 0
+    from_run, from_export = str(tmp_path / "run.wav"), str(tmp_path / "export.wav")
     assert _generate(run_dir, "music", "slow strings", from_run, seed=7, num=1) == 0
-    assert _generate(model_pt, "music", "slow strings", from_pt, seed=7, num=1) == 0
-    np.testing.assert_array_equal(_read(from_run)[0], _read(from_pt)[0])
+    assert _generate(exported, "music", "slow strings", from_export, seed=7, num=1) == 0
+    np.testing.assert_array_equal(_read(from_run)[0], _read(from_export)[0])
+
+
+def test_a_pickle_model_is_refused_unread(tmp_path, capsys):
+    """A crafted model.pt whose unpickling would run code: generate refuses it and the code does not run."""
+    marker = str(tmp_path / "code_ran")
+    crafted = str(tmp_path / "model.pt")
+    torch.save({"model": {}, "meta": RunsCode(marker)}, crafted)
+    assert _generate(crafted, "speech", "hi", str(tmp_path / "x.wav"), seed=0, num=1) == 2
+    err = capsys.readouterr().err
+    assert f"{crafted}: not read" in err and "safetensors" in err
+    assert not os.path.exists(marker)
 
 
 def test_clear_errors_for_missing_incomplete_and_incompatible(run_dir, tmp_path, capsys):
@@ -119,15 +131,16 @@ def test_clear_errors_for_missing_incomplete_and_incompatible(run_dir, tmp_path,
     assert _generate(str(incomplete), "speech", "hi", out, seed=0, num=1) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
-    model_pt = str(tmp_path / "model.pt")
-    assert main(["ckpt", "export", "--ckpt", run_dir, "--out", model_pt]) == 0
-    blob = torch.load(model_pt, weights_only=False)
-    blob["meta"]["model_config"]["num_layers"] += 1  # a config the weights do not match
-    torch.save(blob, model_pt)
+    exported = str(tmp_path / "model.safetensors")
+    assert main(["ckpt", "export", "--ckpt", run_dir, "--out", exported]) == 0
+    meta_path = str(tmp_path / "model.json")
+    meta = json.load(open(meta_path))
+    meta["model_config"]["num_layers"] += 1  # a config the weights do not match
+    json.dump(meta, open(meta_path, "w"))
     capsys.readouterr()
-    assert _generate(model_pt, "speech", "hi", out, seed=0, num=1) == 2
+    assert _generate(exported, "speech", "hi", out, seed=0, num=1) == 2
     err = capsys.readouterr().err
-    assert "cannot load this checkpoint" in err and "model.pt" in err
+    assert "model.safetensors" in err and "layers.2." in err
     assert not os.path.exists(out)
 
 

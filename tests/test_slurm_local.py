@@ -182,7 +182,7 @@ def curriculum(slurm, tmp_path_factory):
 
 
 def test_tiny_curriculum_chain_completes_with_afterok(curriculum):
-    from training.checkpoint.save import find_checkpoint
+    from training.checkpoint.manifest import find_checkpoint
 
     ids, infos, runs = curriculum["ids"], curriculum["infos"], curriculum["runs"]
     states = {name: infos[j]["JobState"] for name, j in ids.items()}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.train_runs import metrics, run, train_cmd
-from training.checkpoint.export import full_state_dict
-from training.checkpoint.save import complete_tags, read_meta
+from training.checkpoint.manifest import complete_tags, read_meta
+from training.checkpoint.weights import full_state_dict
 
 pytestmark = pytest.mark.timeout(900)
 STEPS = "max_steps=2"
@@ -54,7 +54,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     """bf16 on 2 ranks, a checkpoint every 2 steps: NaN steps 2, 5, 6 are skipped and counted; step 2's
     periodic checkpoint is not written, and the guard stops the run at step 6 (also the last step) without
     one, so `latest` stays on step 4, the last finite one. MFU is per GPU (world size 2)."""
-    from training.checkpoint.export import model_config_from_meta
+    from training.checkpoint.reader import model_config_from_meta
     from training.model.params import parameter_counts, train_flops_per_token
     out = str(tmp_path / "run")
     p = run(train_cmd("stage1_speech.yaml", out, "--save-every", "2", "optim.max_nonfinite_in_row=2",

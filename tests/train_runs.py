@@ -27,9 +27,15 @@ def start(cmd: list[str], env: dict | None = None, log: str | None = None) -> su
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
-    return p
+    """Run to the end; on a timeout kill the whole process group (the launcher and every rank) and raise."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def metrics(run_dir: str) -> dict[int, dict]:
@@ -72,3 +78,11 @@ def assert_same_losses(a: dict, b: dict, steps, tol: float = 1e-6) -> None:
         for key in ("loss", "grad_norm"):
             assert abs(a[s][key] - b[s][key]) <= tol * max(1.0, abs(a[s][key])), \
                 f"step {s} {key}: {a[s][key]} vs {b[s][key]}"
+
+
+FAULTS = os.path.join(ROOT, "tests", "faults")
+
+
+def fault_env(**variables: str) -> dict:
+    """Environment that loads tests/faults/sitecustomize.py in every process, with its variables set."""
+    return {"PYTHONPATH": FAULTS + os.pathsep + ROOT, **variables}

@@ -59,7 +59,7 @@ def _plan_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory or exported model.pt")
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model.safetensors")
     p.add_argument("--task", required=True, choices=["speech", "music"])
     p.add_argument("--text", required=True, help="transcript (speech) or caption (music)")
     p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
@@ -154,14 +154,15 @@ def _mix_args(p):
 
 def _export_args(p):
     p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory (a run dir or one tag)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="model.safetensors (model.json is written beside it)")
 
 
 def _reshard_args(p):
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--ep", type=int, required=True, help="new expert-parallel size")
-    p.add_argument("--dp", type=int, default=None, help="new data-parallel world size (default: same)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", required=True, help="run dir (newest complete checkpoint) or checkpoints/step_*")
+    p.add_argument("--tp", type=int, default=None, help="new tensor-parallel size (default: the same)")
+    p.add_argument("--ep", type=int, default=None, help="new expert-parallel size (default: the same)")
+    p.add_argument("--dp", type=int, default=None, help="new data-parallel size (default: the same)")
+    p.add_argument("--out", required=True, help="new run dir to resume from (--out DIR --resume auto)")
 
 
 def _submit_args(p):
@@ -219,11 +220,10 @@ COMMANDS = [
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
     Command(("data", "verify"), "data_prep.verify:run_cli", "full sha256 check of shards or a mixture",
             _verify_args),
-    Command(("ckpt", "export"), "training.checkpoint.export:export_cli", "ZeRO checkpoint to fp32 model.pt",
-            _export_args),
+    Command(("ckpt", "export"), "training.checkpoint.export:export_cli",
+            "checkpoint to fp32 model.safetensors + model.json", _export_args),
     Command(("ckpt", "reshard"), "training.checkpoint.reshard:reshard_cli",
-            "checkpoint for another EP/DP size",
-            _reshard_args),
+            "checkpoint for another TP/EP/DP layout", _reshard_args),
     Command(("slurm", "submit"), "training.cluster.slurm:run_cli", "submit the curriculum chain",
             _submit_args),
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
@@ -235,6 +235,8 @@ COMMANDS = [
             _bench_train_args),
     Command(("bench", "plan"), "benchmarks.bench_plan:run_cli", "the planner's memory and time models vs "
             "measurement", _bench_args),
+    Command(("bench", "ckpt"), "benchmarks.bench_ckpt:run_cli", "checkpoint save / resume / reshard cost",
+            _bench_args),
 ]
 
 

@@ -114,10 +114,12 @@ class ParallelConfig:
 class CheckpointConfig:
     save_every: int = 1000  # steps; 0 = only at the end and on preemption
     keep_last: int = 3  # complete checkpoints kept in RUN/checkpoints (older ones are deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, forever; 0 = none
 
     def __post_init__(self):
-        if self.save_every < 0 or self.keep_last < 1:
-            raise ConfigError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.save_every < 0 or self.keep_last < 1 or self.keep_every < 0:
+            raise ConfigError("checkpoint.save_every and checkpoint.keep_every must be >= 0 and "
+                              "checkpoint.keep_last >= 1")
 
 
 @dataclass

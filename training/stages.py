@@ -12,7 +12,7 @@ from training.model import TASKS
 
 
 def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
-    from training.checkpoint.export import full_state_dict, load_into_model
+    from training.checkpoint.weights import full_state_dict, load_into_model, load_weights
     stage, sources = cfg.stage.stage, cfg.stage.init_from
     if stage in (0, 1) and not sources:
         return
@@ -30,8 +30,7 @@ def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
         return
     if len(sources) != 1:
         raise ValueError(f"stage {stage}: stage.init_from must name one run (got {sources})")
-    sd, meta = full_state_dict(sources[0])
-    load_into_model(model, sd, sources[0])
+    meta = load_weights(model, sources[0])  # only the tensors this rank holds
     log(f"stage {stage}: weights from {sources[0]} (step {meta.get('step')}, stage {meta.get('stage')})")
 
 

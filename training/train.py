@@ -10,10 +10,12 @@ stage.init_from (training.model.upcycle), freeze the routed experts (stage.freez
 A stage starts from weights only; optimizer and schedule start fresh. `--resume` continues a run.
 
 Exit codes: 0 done; 75 (PREEMPTED_EXIT_CODE) SIGTERM/SIGUSR1: the step finished and a checkpoint was
-saved, requeue the job; 3 (NONFINITE_EXIT_CODE) too many non-finite steps in a row (no checkpoint: `latest`
-stays on the last finite one); 2 bad config or arguments. A step whose loss or gradient norm is non-finite
-(or whose norm DeepSpeed reports as negative, its invalid-norm sentinel) counts as skipped and is never
-checkpointed; the bf16 DeepSpeed config gets explicit overflow checking and fp32 gradient accumulation.
+saved, requeue the job (also: the final save was refused for lack of disk space); 3
+(NONFINITE_EXIT_CODE) too many non-finite steps in a row (no checkpoint: `latest` stays on the last
+finite one); 2 bad config or arguments, or a checkpoint that is missing files or cannot be read
+safely. A step whose loss or gradient norm is non-finite (or whose norm DeepSpeed reports as negative,
+its invalid-norm sentinel) counts as skipped and is never checkpointed; the bf16 DeepSpeed config gets
+explicit overflow checking and fp32 gradient accumulation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import signal
 import sys
 import time
 
+from training.checkpoint.manifest import CheckpointError
 from training.cluster.launch import launch_local
 from training.config import ConfigError, load_config, save_config
 
@@ -88,6 +91,9 @@ def run_cli(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
+    except CheckpointError as e:  # missing, truncated or unreadable checkpoint files
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
 
 
 def _run(args) -> int:
@@ -141,13 +147,13 @@ def check_init_from(cfg, out: str, resume: str | None) -> None:
     """A stage that starts from earlier runs needs their complete checkpoints (unless it resumes itself)."""
     if not cfg.stage.init_from:
         return
-    from training.checkpoint.save import find_checkpoint
+    from training.checkpoint.manifest import find_checkpoint
     if resume is not None and find_checkpoint(out if resume == "auto" else resume) is not None:
         return
     for src in cfg.stage.init_from:
         if not os.path.isfile(src) and find_checkpoint(src) is None:
             raise ConfigError(f"stage.init_from: {src} has no complete checkpoint; run the previous stage "
-                              "first or point at its run dir / checkpoint tag / exported model.pt")
+                              "first or point at its run dir / checkpoint tag / exported model.safetensors")
 
 
 def _seed_all(seed: int) -> None:
@@ -183,7 +189,9 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    from training.checkpoint import client as ckpt_client
     from training.checkpoint import save as ckpt
+    from training.checkpoint.resume import resume as resume_checkpoint
     from training.cluster.parallel import init_parallel, shutdown
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
@@ -194,6 +202,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     pg = init_parallel(cfg.parallel, env)
     rank = pg.env.rank
     log = (lambda *a: print("[unimoe train]", *a, flush=True)) if pg.is_main else (lambda *a: None)
+    finished = False
     try:
         if pg.is_main:
             os.makedirs(out, exist_ok=True)
@@ -228,16 +237,16 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         step, skipped, nonfinite_in_row = 0, 0, 0
         _seed_all(cfg.seed * 1000 + 17 + rank)  # per-rank stream (router jitter, dropout)
         if resume_dir is not None:
-            client = ckpt.resume(engine, pg, resume_dir, layout)
+            client = resume_checkpoint(engine, pg, resume_dir, layout)
             step, skipped = client["step"], client["skipped"]
             nonfinite_in_row = client["nonfinite_in_row"]
             data.load_state_dict(client["data"])
             if client.get("rng") is not None:
-                ckpt.set_rng_state(client["rng"])
+                ckpt_client.set_rng_state(client["rng"])
             else:
                 _seed_all(cfg.seed * 1000 + 17 + rank + 7919 * step)
             log(f"resumed {resume_dir} at step {step} ("
-                f"{'DeepSpeed files' if client['resumed_native'] else 'portable state, new layout'})")
+                f"{'DeepSpeed files' if client['resumed_native'] else 'resharded state'})")
         metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step)
         metrics.log_text("config", "    " + json.dumps(cfg.to_dict(), indent=1).replace("\n", "\n    "), step)
         last = min(max_steps or cfg.max_steps, cfg.max_steps)
@@ -248,15 +257,14 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
 
         def save(reason: str) -> str:
             client = {"step": step, "skipped": skipped, "nonfinite_in_row": nonfinite_in_row,
-                      "data": data.state_dict(), "rng": ckpt.rng_state(), "config": cfg.to_dict(),
+                      "data": data.state_dict(), "rng": ckpt_client.rng_state(), "config": cfg.to_dict(),
                       "reason": reason}
             if step in _fault_steps("UNIMOE_FAULT_KILL_IN_SAVE"):
                 engine.save_checkpoint(os.path.join(out, ckpt.CKPT_SUBDIR), tag=ckpt.tag_name(step),
                                        client_state=client, save_latest=False)
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash after DeepSpeed wrote, before COMPLETE
-            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step},
-                             cfg.checkpoint.keep_last)
-            log(f"saved {path} ({reason})")
+            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step}, cfg.checkpoint)
+            log(f"saved {path} ({reason})" if path else f"checkpoint of step {step} ({reason}) refused")
             return path
 
         log(f"stage {cfg.stage.stage}: steps {step + 1}..{last} of {cfg.max_steps}, "
@@ -320,7 +328,9 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             every = cfg.checkpoint.save_every
             if preempted or step == last or (every and step % every == 0):
                 if finite and _weights_finite(model):
-                    save("preempted" if preempted else "final" if step == last else "periodic")
+                    path = save("preempted" if preempted else "final" if step == last else "periodic")
+                    if path is None and step == last:  # the final save was refused for lack of space:
+                        exit_code = PREEMPTED_EXIT_CODE  # requeue once there is room
                 else:
                     log(f"step {step} is non-finite: no checkpoint (latest stays on the last finite one)")
             if preempted:
@@ -329,9 +339,11 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 break
         prefetch.close()
         metrics.close()
+        finished = True
         return exit_code
     finally:
-        shutdown()
+        if finished:  # an error leaves with no collective: a barrier could pair with a peer's pending one
+            shutdown()
 
 
 def step_applied(grad_norm: float, applied: bool) -> bool:
@@ -376,7 +388,7 @@ def _param_groups(model, cfg) -> list[dict]:
 
 
 def _resume_dir(resume: str | None, out: str) -> str | None:
-    from training.checkpoint.save import find_checkpoint
+    from training.checkpoint.manifest import find_checkpoint
     if resume is None:
         return None
     if resume == "auto":

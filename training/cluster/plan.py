@@ -90,7 +90,7 @@ def evaluate(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
 
 # ---------------------------------------------------------------------------------------------- calibrate
 def _run_layout(run_dir: str) -> dict:
-    from training.checkpoint.save import find_checkpoint, read_meta
+    from training.checkpoint.manifest import find_checkpoint, read_meta
     tag = find_checkpoint(run_dir)
     if tag is None:
         raise ConfigError(f"--calibrate {run_dir}: no complete checkpoint there, so the run's layout (GPUs, "

@@ -1,6 +1,6 @@
 """`unimoe eval`: validation loss per task and per codebook, and the routing report.
 
-    unimoe eval --ckpt RUN_DIR|CKPT_DIR|model.pt --data valid/mix.json [--out DIR]
+    unimoe eval --ckpt RUN_DIR|CKPT_DIR|model.safetensors --data valid/mix.json [--out DIR]
 
 Writes to OUT (default <ckpt>/eval): eval.json (losses), routing.json (training/eval/routing_report.py),
 routing_load.png and routing_capacity.png (heatmaps), and tb/ (tensorboard scalars and the same

@@ -1,10 +1,10 @@
 """`unimoe generate`: checkpoint -> sampled codes -> codec decode -> WAV.
 
-    unimoe generate --ckpt RUN_DIR|CKPT_DIR|model.pt --task speech --text "hello there" --out a.wav
-    unimoe generate --ckpt model.pt --task music --text "a calm piano melody in A minor" --out b.wav --num 4
+    unimoe generate --ckpt RUN_DIR|CKPT_DIR|model.safetensors --task speech --text "hello" --out a.wav
+    unimoe generate --ckpt model.safetensors --task music --text "a calm piano melody" --out b.wav --num 4
 
-The checkpoint (a run dir, one ZeRO tag dir or an exported model.pt, via
-training.checkpoint.export.load_for_inference) records the codec and the sentencepiece model it was trained
+The checkpoint (a run dir, one ZeRO tag dir or an exported model.safetensors, via
+training.checkpoint.weights.load_for_inference) records the codec and the sentencepiece model it was trained
 with; both are loaded from there (`--codec-checkpoint` points to the codec weights when they moved).
 Sampling is training.model.generate.generate (KV cache, per-task classifier-free guidance, top-k/top-p,
 temperature); the same --seed gives the same audio.
@@ -27,15 +27,16 @@ class GenerateError(RuntimeError):
 
 
 def load_checkpoint(ckpt: str):
-    """-> (model, meta) via training.checkpoint.export.load_for_inference; errors say what is wrong."""
-    from training.checkpoint.export import load_for_inference
+    """-> (model, meta) via training.checkpoint.weights.load_for_inference; errors say what is wrong."""
+    from training.checkpoint.manifest import CheckpointError
+    from training.checkpoint.weights import load_for_inference
 
     if not os.path.exists(ckpt):
         raise GenerateError(f"--ckpt {ckpt} does not exist (give a run dir, a checkpoints/step_* dir or an "
-                            f"exported model.pt)")
+                            f"exported model.safetensors)")
     try:
         return load_for_inference(ckpt)
-    except FileNotFoundError as e:  # no complete tag: a run that has not saved yet, or a save cut short
+    except CheckpointError as e:  # no complete tag, missing/truncated files, a pickle file: the reason
         raise GenerateError(f"{e}; if a save was interrupted, the tag lacks its COMPLETE marker: use an "
                             f"older tag or resume the run") from None
     except (ValueError, KeyError, TypeError, NotImplementedError, RuntimeError) as e:
