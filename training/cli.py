@@ -147,6 +147,11 @@ def _bench_args(p):
     p.add_argument("--device", default="cpu")
 
 
+def _bench_moe_args(p):
+    _bench_args(p)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters and activations")
+
+
 def _bench_prep_args(p):
     _bench_args(p)
     p.add_argument("--workers", type=int, default=2)
@@ -177,7 +182,7 @@ COMMANDS = [
             _reshard_args),
     Command(("slurm", "submit"), "training.cluster.slurm:run_cli", "submit the curriculum chain",
             _submit_args),
-    Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
+    Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_moe_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step",

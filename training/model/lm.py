@@ -186,9 +186,6 @@ class KVCache:
         self.kv[layer] = (k, v)
         return k, v
 
-    def index_select(self, index: torch.Tensor):
-        self.kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.kv]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
