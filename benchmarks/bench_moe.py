@@ -14,6 +14,9 @@ function as our experts (moe.experts.grouped_swiglu, one group): like for like.
 `speedup_vs_deepspeed` / `speedup_vs_megatron`: their top-2 time / ours in top-2 mode (no null, no shared).
 megatron-core's MoELayer needs CUDA (its dispatcher uses CUDA streams); elsewhere its error is reported.
 `dropped_tokens`: tokens whose output differs from a reference that runs every expert on every token.
+On CPU, `one_thread_cpu_time` gives the same ratios in process CPU time with one intra-op thread: the work
+each variant does, robust to other processes on a shared machine (with two threads, every parallel region
+of a layer with many GEMMs waits for a preempted thread when the cores are oversubscribed).
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ class BenchSize:
     gate_std: float = 0.1  # router init: logits of std ~ gate_std * sqrt(hidden), a peaked, trained-like gate
     warmup: int = 2
     iters: int = 15  # interleaved rounds
+    cpu_iters: int = 5  # rounds of the one-thread CPU-time measurement (CPU only)
 
 
 QUICK = BenchSize(tokens=2048, hidden=256, ffn=256, shared_ffn=128)
-TINY = BenchSize(tokens=64, hidden=32, ffn=32, shared_ffn=16, warmup=1, iters=1)
-GPU = BenchSize(tokens=16384, hidden=2048, ffn=1408, shared_ffn=704, iters=20)  # ~paper-like widths
+TINY = BenchSize(tokens=64, hidden=32, ffn=32, shared_ffn=16, warmup=1, iters=1, cpu_iters=1)
+GPU = BenchSize(tokens=16384, hidden=2048, ffn=2752, shared_ffn=1376, iters=20)  # the released widths
 
 
 def _sync(device):
@@ -120,6 +124,9 @@ def _megatron(size: BenchSize, device, dtype):
     _init_single_process_group(device)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+    if device.type == "cuda":  # megatron's CUDA RNG tracker, as its own training scripts set it up
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(num_layers=1, hidden_size=size.hidden, num_attention_heads=4,
                             ffn_hidden_size=size.ffn, moe_ffn_hidden_size=size.ffn,
                             num_moe_experts=size.experts, moe_router_topk=2, gated_linear_unit=True,
@@ -146,8 +153,8 @@ def _dropped_tokens(layer: MoELayer, x: torch.Tensor) -> int:
     return int((err > 0.1).sum())
 
 
-def _time_interleaved(fns: dict, warmup: int, iters: int, device) -> dict[str, list[float]]:
-    """Seconds per call for each function, calls interleaved round by round."""
+def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.perf_counter):
+    """Seconds (of `clock`) per call for each function, calls interleaved round by round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -155,15 +162,35 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device) -> dict[str, l
     for _ in range(iters):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
 def _median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(num, den))
+
+
+def _ratios(times: dict, flop_scale: float) -> dict:
+    """The JSON's ratios from per-round times (the dense variants scaled to the exact width)."""
+    times = {k: [t * flop_scale for t in v] if k.startswith("dense") else v for k, v in times.items()}
+    vs_k2 = {f"speedup_vs_{k.split('_')[0]}": _median_ratio(times[k], times["ours_k2"])
+             if k in times else None for k in ("deepspeed_top2", "megatron_top2")}
+    return {"overhead_vs_dense": _median_ratio(times["ours"], times["dense"]),
+            "overhead_vs_dense_linear": _median_ratio(times["ours"], times["dense_linear"]), **vs_k2,
+            "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
+
+
+def _one_thread_cpu_time(fns: dict, iters: int, flop_scale: float) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = _time_interleaved(fns, 1, iters, torch.device("cpu"), clock=time.process_time)
+    finally:
+        torch.set_num_threads(threads)
+    return _ratios(times, flop_scale)
 
 
 def _step_fn(module, x, g, unpack):
@@ -228,15 +255,8 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32",
     log(f"timing {list(fns)} on {size.tokens} tokens, hidden {size.hidden}, {size.experts} experts of "
         f"{size.ffn}, {dtype} on {device}, dense-equivalent width {width:.0f} (timed at {dense_width}), "
         f"{size.iters} interleaved rounds")
-    times = _time_interleaved(fns, size.warmup, size.iters, dev)
-    for name in ("dense", "dense_linear"):
-        times[name] = [t * flop_scale for t in times[name]]
-    median_ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    tps = {name: 1000 * size.tokens / ms for name, ms in median_ms.items()}
-
-    def vs_k2(name):
-        return _median_ratio(times[name], times["ours_k2"]) if name in times else None
-
+    ratios = _ratios(_time_interleaved(fns, size.warmup, size.iters, dev), flop_scale)
+    tps = {name: 1000 * size.tokens / ms for name, ms in ratios["median_ms"].items()}
     result.update({
         "ours_tokens_per_s": tps["ours"],
         "dense_equiv_tokens_per_s": tps["dense"],
@@ -244,17 +264,15 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32",
         "ours_k2_tokens_per_s": tps["ours_k2"],
         "deepspeed_topk_tokens_per_s": tps.get("deepspeed_top2"),
         "megatron_tokens_per_s": tps.get("megatron_top2"),
-        "overhead_vs_dense": _median_ratio(times["ours"], times["dense"]),
-        "overhead_vs_dense_linear": _median_ratio(times["ours"], times["dense_linear"]),
-        "speedup_vs_deepspeed": vs_k2("deepspeed_top2"),
-        "speedup_vs_megatron": vs_k2("megatron_top2"),
+        **ratios,
         "deepspeed_dropped_fraction": ds_dropped,
         "mean_experts_per_token": st["experts_per_token"],
         "null_share": st["null_share"],
         "dropped_tokens": dropped,
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
-        "median_ms": median_ms,
+        "one_thread_cpu_time": (_one_thread_cpu_time(fns, size.cpu_iters, flop_scale) if dev.type == "cpu"
+                                else None),
         "config": {"tokens": size.tokens, "hidden": size.hidden, "expert_ffn": size.ffn,
                    "routed_experts": size.experts, "null_experts": 1, "shared_experts": size.shared,
                    "shared_ffn": size.shared_ffn, "top_p": 0.7, "gate_std": size.gate_std,
@@ -262,7 +280,8 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32",
                    "ours_k2": f"{size.experts} routed, 0 null, 0 shared, min_k = max_k = 2",
                    "deepspeed": "deepspeed.moe.layer.MoE k=2, capacity_factor 1.25, drop_tokens, 1 process",
                    "megatron": "megatron-core MoELayer, top-2, alltoall dispatcher, dropless, SequentialMLP",
-                   "warmup": size.warmup, "iters": size.iters, "device": device, "dtype": dtype,
+                   "warmup": size.warmup, "iters": size.iters, "cpu_iters": size.cpu_iters,
+                   "device": device, "dtype": dtype,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                    "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
@@ -282,6 +301,9 @@ def run_cli(args) -> int:
                 "speedup_vs_megatron", "deepspeed_dropped_fraction", "mean_experts_per_token",
                 "dropped_tokens"):
         print(f"{key:>30}: {result[key]}")
+    for key, value in (result["one_thread_cpu_time"] or {}).items():
+        if key != "median_ms":
+            print(f"{key + ' (1 thread, CPU s)':>40}: {value}")
     for key in ("deepspeed_error", "megatron_error"):
         if key in result:
             print(f"{key:>30}: {result[key]}")

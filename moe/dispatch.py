@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 def permute(selected_TR: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_ids [M], expert_ids [M]) of the kept (token, expert) pairs, sorted by expert. num_pairs (M,
-    known on the host) gives the output its size without a device-to-host sync."""
+    known on the host) gives the output its size without a device-to-host sync (on CUDA: torch >= 2.6)."""
     # (expert, token) index pairs of the transposed mask, in row-major order: sorted by expert, stable
     expert_ids, token_ids = torch.nonzero_static(selected_TR.t(), size=num_pairs).unbind(1)
     return token_ids, expert_ids

@@ -42,7 +42,7 @@ def grouped_mm(x_MD: torch.Tensor, w: list[torch.Tensor], counts: list[int],
     counts on x's device (needed for the CUTLASS kernel only)."""
     if len(w) == 1:
         return x_MD @ w[0].t()
-    if offs is not None and cutlass_grouped_mm(x_MD):
+    if offs is not None and x_MD.shape[0] and cutlass_grouped_mm(x_MD):
         # [G, F, D] viewed as [G, D, F]: the column-major right operand the kernel wants
         return torch._grouped_mm(x_MD, torch.stack(w).transpose(-2, -1), offs=offs)
     return torch.cat([xg @ wg.t() for xg, wg in zip(x_MD.split(counts), w)])

@@ -33,6 +33,7 @@ def test_bench_moe_tiny_prints_json_last():
     assert 0.0 <= result["deepspeed_dropped_fraction"] <= 1.0
     assert result["dense_linear_tokens_per_s"] > 0 and result["overhead_vs_dense_linear"] > 0
     assert result["config"]["dtype"] == "fp32"
+    assert result["one_thread_cpu_time"]["overhead_vs_dense"] > 0
     # megatron-core's MoELayer either ran or says why not
     assert result["megatron_tokens_per_s"] is not None or "cannot run" in result["megatron_error"]
     assert (result["speedup_vs_megatron"] is None) == (result["megatron_tokens_per_s"] is None)
