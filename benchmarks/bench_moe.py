@@ -9,7 +9,7 @@ median of the per-round ratios (load that drifts between rounds hits all variant
 
 `overhead_vs_dense`: our time / the time of one dense SwiGLU whose width is the measured mean active
 routed width plus the shared experts' width (the FLOPs the layer must spend), run through the same
-function as our experts (moe.experts.grouped_swiglu, one group): like for like.
+function as our experts and shared experts (moe.experts.swiglu): like for like.
 `overhead_vs_dense_linear`: the same against a dense SwiGLU of nn.Linear modules.
 `speedup_vs_deepspeed` / `speedup_vs_megatron`: their top-2 time / ours in top-2 mode (no null, no shared).
 megatron-core's MoELayer needs CUDA (its dispatcher uses CUDA streams); elsewhere its error is reported.
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from moe.config import MoEConfig
-from moe.experts import SwiGLU, grouped_swiglu
+from moe.experts import SwiGLU, swiglu
 from moe.layer import MoELayer
 from moe.router import gate_logits, route
 
@@ -90,11 +90,10 @@ def _ours(size: BenchSize, device, dtype, **kw) -> MoELayer:
 
 
 class _DenseSameKernel(SwiGLU):
-    """The dense FFN through the experts' own function (one group)."""
+    """The dense FFN through the experts' own function (moe.experts.swiglu)."""
 
     def forward(self, x):
-        return grouped_swiglu(x, [x.shape[0]], None, [self.gate_proj.weight], [self.up_proj.weight],
-                              [self.down_proj.weight])
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 def _deepspeed_top2(size: BenchSize, device, dtype):

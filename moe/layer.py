@@ -26,7 +26,7 @@ from torch import nn
 from moe import deepspeed_compat
 from moe.config import MoEConfig
 from moe.dispatch import all_to_all, exchange_counts, permute, segment_perm, unpermute
-from moe.experts import SwiGLU, expert_weights, grouped_swiglu
+from moe.experts import SwiGLU, expert_weights, grouped_swiglu, swiglu
 from moe.losses import router_losses
 from moe.router import gate_logits, route
 from moe.stats import routing_stats
@@ -37,9 +37,9 @@ class MoEAux:
     balance_loss: torch.Tensor  # unweighted fp32 scalars
     z_loss: torch.Tensor
     entropy_loss: torch.Tensor
-    selected: torch.Tensor  # bool [N, R + Z] raw routing decisions (detached), N = flattened tokens
-    probs: torch.Tensor  # fp32 [N, R + Z] dynamic softmax (detached)
-    task_ids: torch.Tensor | None  # long [N] or None
+    selected: torch.Tensor  # bool [T, R + Z] raw routing decisions (detached), T = flattened tokens
+    probs: torch.Tensor  # fp32 [T, R + Z] dynamic softmax (detached)
+    task_ids: torch.Tensor | None  # long [T] or None
     num_routed: int
     collapse_threshold: float
 
@@ -151,8 +151,7 @@ class MoELayer(_DeepSpeedMoE):
         if not len(self.shared):
             return torch.zeros_like(x_TD)
         w_gate, w_up, w_down = expert_weights(self.shared)
-        return grouped_swiglu(x_TD, [x_TD.shape[0]], None, [torch.cat(w_gate)], [torch.cat(w_up)],
-                              [torch.cat(w_down, dim=1)], block_gates=gates)
+        return swiglu(x_TD, torch.cat(w_gate), torch.cat(w_up), torch.cat(w_down, dim=1), gates)
 
     def _routed_local(self, x_TD: torch.Tensor, selected_TR: torch.Tensor):
         """All routed experts on this rank -> (outputs [M, D] of the pairs sorted by expert, token ids,

@@ -1,6 +1,6 @@
-"""The grouped GEMM the experts run on, against a per-expert reference: outputs and all gradients, fp32 and
-bf16, with empty experts; both kernels (the per-group loop, and torch._grouped_mm on the stacked weights,
-the call a GPU makes, which also runs on CPU).
+"""The grouped experts against a per-expert reference: outputs and all gradients, fp32 and bf16, with empty
+experts; both paths (the per-expert loop, and torch._grouped_mm on the stacked weights, the call a GPU makes,
+which also runs on CPU). And the block-gated SwiGLU of the shared experts.
 
 Run: .venv/bin/pytest tests/test_moe_experts.py
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import moe.experts
-from moe.experts import grouped_swiglu
+from moe.experts import grouped_swiglu, swiglu
 
 COUNTS = [5, 0, 3, 0, 7, 1]  # experts 1 and 3 get no rows
 D, FF = 16, 24
@@ -42,9 +42,12 @@ def _per_expert_reference(x, weights):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_swiglu_equals_per_expert_reference(kernel, dtype, monkeypatch):
     monkeypatch.setattr(moe.experts, "cutlass_grouped_mm", lambda x: kernel == "torch._grouped_mm")
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, weights, g_out = _inputs(dtype)
     offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
     out = grouped_swiglu(x, COUNTS, offs, *weights)
+    assert len(calls) == (3 if kernel == "torch._grouped_mm" else 0)  # one per projection, all experts
     out.backward(g_out)
     ours = [x.grad] + [w.grad for ws in weights for w in ws]
 
@@ -70,8 +73,8 @@ def test_block_gates_scale_each_concatenated_swiglu():
     parts = [[torch.randn(FF, D, generator=g), torch.randn(FF, D, generator=g),
               torch.randn(D, FF, generator=g)] for _ in range(2)]
     gates = torch.rand(9, 2, generator=g)
-    out = grouped_swiglu(x, [9], None, [torch.cat([p[0] for p in parts])], [torch.cat([p[1] for p in parts])],
-                         [torch.cat([p[2] for p in parts], dim=1)], block_gates=gates)
+    out = swiglu(x, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                 torch.cat([p[2] for p in parts], dim=1), block_gates=gates)
     expect = sum(gates[:, b: b + 1] * F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
                  for b, (wg, wu, wd) in enumerate(parts))
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
