@@ -51,9 +51,9 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
 
 def build_engine(tc, pg):
-    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from moe.deepspeed_compat import initialize as initialize_engine
     from training.config import find_file
     from training.model import AudioLM
     torch.manual_seed(0)
@@ -64,8 +64,8 @@ def build_engine(tc, pg):
         ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
               gradient_clipping=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-4), config=ds,
-                                      dist_init_required=False)
+    engine, *_ = initialize_engine(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-4), config=ds,
+                                   dist_init_required=False)
     return engine
 
 

@@ -1,23 +1,28 @@
 """MoE layer throughput, forward + backward: ours (Top-P, dropless) vs a dense FFN of the same active width,
-DeepSpeed's top-2 MoE (capacity factor 1.25), ours in fixed top-2 mode, and megatron-core's MoELayer.
+ours in fixed top-2 mode vs DeepSpeed's top-2 MoE (capacity factor 1.25) and megatron-core's MoELayer.
 
-    unimoe bench moe --json [--quick] [--device cuda]
+    unimoe bench moe --json [--quick] [--device cuda] [--dtype bf16]
 
 Prints a few lines, then (with --json) one JSON object as the last line. All variants run on the same
-inputs in one process; iterations are interleaved (ours, dense, ...) after warm-up and medians reported.
-`overhead_vs_dense` = our time per token / the time per token of one dense SwiGLU FFN whose width is the
-measured mean active routed width plus the shared experts' width (the physical limit of the layer).
-On CPU the JSON also gives the page faults of each variant (memory glibc handed back to the kernel and
-touched again: the dense FFN's large activations pay far more of it than our pieces) and, measured last,
-`without_page_faults`: ours vs dense once freed memory stays in the heap, the comparison of compute only.
+inputs in one process; rounds are interleaved (ours, dense, ...) after warm-up, and each ratio is the
+median of the per-round ratios (load that drifts between rounds hits all variants alike).
+
+`overhead_vs_dense`: our time / the time of one dense SwiGLU whose width is the measured mean active
+routed width plus the shared experts' width (the FLOPs the layer must spend), run through the same
+function as our experts and shared experts (moe.experts.swiglu): like for like.
+`overhead_vs_dense_linear`: the same against a dense SwiGLU of nn.Linear modules.
+`speedup_vs_deepspeed` / `speedup_vs_megatron`: their top-2 time / ours in top-2 mode (no null, no shared).
+megatron-core's MoELayer needs CUDA (its dispatcher uses CUDA streams); elsewhere its error is reported.
+`dropped_tokens`: tokens whose output differs from a reference that runs every expert on every token.
+On CPU, `one_thread_cpu_time` gives the same ratios in process CPU time with one intra-op thread: the work
+each variant does, robust to other processes on a shared machine (with two threads, every parallel region
+of a layer with many GEMMs waits for a preempted thread when the cores are oversubscribed).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import os
 import statistics
 import time
@@ -27,14 +32,11 @@ import torch
 import torch.distributed as dist
 
 from moe.config import MoEConfig
-from moe.experts import SwiGLU
+from moe.experts import SwiGLU, swiglu
 from moe.layer import MoELayer
+from moe.router import gate_logits, route
 
-try:
-    import resource
-except ImportError:  # not on every platform: page faults are then reported as 0
-    resource = None
-PAGE_MB = mmap.PAGESIZE / 2 ** 20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -47,12 +49,13 @@ class BenchSize:
     shared_ffn: int = 256
     gate_std: float = 0.1  # router init: logits of std ~ gate_std * sqrt(hidden), a peaked, trained-like gate
     warmup: int = 2
-    iters: int = 15  # interleaved wall-clock rounds; ratios are medians of per-round ratios
-    cpu_iters: int = 5  # rounds of the one-thread CPU-time measurement
+    iters: int = 15  # interleaved rounds
+    cpu_iters: int = 5  # rounds of the one-thread CPU-time measurement (CPU only)
 
 
-QUICK = BenchSize(tokens=2048, hidden=256, ffn=256, shared_ffn=128, warmup=2, iters=15)
+QUICK = BenchSize(tokens=2048, hidden=256, ffn=256, shared_ffn=128)
 TINY = BenchSize(tokens=64, hidden=32, ffn=32, shared_ffn=16, warmup=1, iters=1, cpu_iters=1)
+GPU = BenchSize(tokens=16384, hidden=2048, ffn=2752, shared_ffn=1376, iters=20)  # the released widths
 
 
 def _sync(device):
@@ -60,7 +63,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _init_single_process_group():
+def _init_single_process_group(device):
+    """A 1-process group (nccl on CUDA): DeepSpeed's and megatron-core's MoE layers want one."""
     if dist.is_initialized():
         return
     import socket
@@ -68,74 +72,88 @@ def _init_single_process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def _ours(size: BenchSize, device, **kw) -> MoELayer:
+def _ours(size: BenchSize, device, dtype, **kw) -> MoELayer:
     kw = {"num_shared_experts": size.shared, **kw}
     cfg = MoEConfig(hidden_size=size.hidden, routed_ffn_size=size.ffn, shared_ffn_size=size.shared_ffn,
                     num_routed_experts=size.experts, **kw)
-    layer = MoELayer(cfg).to(device)
+    layer = MoELayer(cfg)
     with torch.no_grad():
         layer.gate.weight.normal_(std=size.gate_std)
-    return layer.train()
+    return layer.to(device, dtype).train()
 
 
-def _deepspeed_top2(size: BenchSize, device):
+class _DenseSameKernel(SwiGLU):
+    """The dense FFN through the experts' own function (moe.experts.swiglu)."""
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+def _deepspeed_top2(size: BenchSize, device, dtype):
     import deepspeed
     from deepspeed.moe.layer import MoE
 
-    _init_single_process_group()
-    deepspeed.init_distributed(dist_backend="gloo")
+    _init_single_process_group(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     layer = MoE(hidden_size=size.hidden, expert=SwiGLU(size.hidden, size.ffn), num_experts=size.experts,
                 ep_size=1, k=2, capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4,
                 drop_tokens=True)
     layer.set_deepspeed_parallelism()
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.normal_(std=size.gate_std)
-    return layer.to(device).train()
+    layer = layer.to(device, dtype).train()
+    layer.deepspeed_moe.gate.wg.float()  # its gate computes in fp32
+    return layer
 
 
-def _megatron(size: BenchSize, device):
-    """megatron-core's MoELayer (alltoall dispatcher, top-2, dropless); raises if it cannot run here."""
+def _megatron(size: BenchSize, device, dtype):
+    """megatron-core's MoELayer (alltoall dispatcher, top-2, dropless, SequentialMLP experts)."""
     from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoE
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _init_single_process_group()
+    _init_single_process_group(device)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+    if device.type == "cuda":  # megatron's CUDA RNG tracker, as its own training scripts set it up
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(num_layers=1, hidden_size=size.hidden, num_attention_heads=4,
                             ffn_hidden_size=size.ffn, moe_ffn_hidden_size=size.ffn,
                             num_moe_experts=size.experts, moe_router_topk=2, gated_linear_unit=True,
                             activation_func=torch.nn.functional.silu, add_bias_linear=False,
                             moe_token_dispatcher_type="alltoall", use_cpu_initialization=True,
-                            params_dtype=torch.float32, moe_aux_loss_coeff=0.0, bias_activation_fusion=False)
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
+                            params_dtype=dtype, bf16=dtype == torch.bfloat16, moe_aux_loss_coeff=0.0,
+                            bias_activation_fusion=False)
     spec = get_gpt_layer_local_spec(num_experts=size.experts, moe_grouped_gemm=False)
-    layer = MegatronMoE(cfg, spec.submodules.mlp.submodules).to(device)
-    return layer.train()
+    return MegatronMoE(cfg, spec.submodules.mlp.submodules).to(device).train()
 
 
-def _dense_width(mean_experts: float, size: BenchSize) -> float:
-    return mean_experts * size.ffn + size.shared * size.shared_ffn
+def _dropped_tokens(layer: MoELayer, x: torch.Tensor) -> int:
+    """Tokens whose output differs from every routed expert run on every token, weighted by the same
+    routing (eval mode: no jitter), plus the shared experts."""
+    layer.eval()
+    with torch.no_grad():
+        out, _ = layer(x)
+        r = route(gate_logits(x, layer.gate.weight), layer.cfg)
+        ref = layer._shared_experts(x, r.shared_weights).float()
+        for e, expert in enumerate(layer.local_experts):
+            ref += r.weights[:, e: e + 1] * expert(x).float()
+    layer.train()
+    err = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-6)
+    return int((err > 0.1).sum())
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.perf_counter,
-                      faults: dict | None = None) -> dict[str, list[float]]:
-    """Seconds of `clock` per call for each function, calls interleaved round by round (load drift
-    hits all variants alike). `faults`, if given, receives each call's minor page faults in MB: memory
-    the allocator handed back to the kernel and touched again, a cost that depends on the allocator."""
+def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.perf_counter):
+    """Seconds (of `clock`) per call for each function, calls interleaved round by round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -143,61 +161,35 @@ def _time_interleaved(fns: dict, warmup: int, iters: int, device, clock=time.per
     for _ in range(iters):
         for name, fn in fns.items():
             _sync(device)
-            f0, t0 = _minor_faults(), clock()
+            t0 = clock()
             fn()
             _sync(device)
             times[name].append(clock() - t0)
-            if faults is not None:
-                faults.setdefault(name, []).append((_minor_faults() - f0) * PAGE_MB)
     return times
 
 
 def _median_ratio(num: list[float], den: list[float]) -> float:
-    """Median of the per-round ratios num / den: robust to load that drifts between rounds."""
     return statistics.median(n / d for n, d in zip(num, den))
 
 
-def _median_ms(times: dict[str, list[float]]) -> dict[str, float]:
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+def _ratios(times: dict, flop_scale: float) -> dict:
+    """The JSON's ratios from per-round times (the dense variants scaled to the exact width)."""
+    times = {k: [t * flop_scale for t in v] if k.startswith("dense") else v for k, v in times.items()}
+    vs_k2 = {f"speedup_vs_{k.split('_')[0]}": _median_ratio(times[k], times["ours_k2"])
+             if k in times else None for k in ("deepspeed_top2", "megatron_top2")}
+    return {"overhead_vs_dense": _median_ratio(times["ours"], times["dense"]),
+            "overhead_vs_dense_linear": _median_ratio(times["ours"], times["dense_linear"]), **vs_k2,
+            "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()}}
 
 
-def _keep_freed_memory() -> str | None:
-    """glibc: keep freed blocks in the heap instead of returning them to the kernel, so reused memory is
-    not faulted in again. None on success, else why not. Changes the process: call it last."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError as e:
-        return f"no glibc ({e})"
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-          and libc.mallopt(m_top_pad, 256 << 20))
-    return None if ok else "mallopt refused the settings"
-
-
-def _without_page_faults(fns: dict, size: BenchSize, device, flop_scale: float) -> dict:
-    """ours vs dense again once freed memory stays in the heap: the comparison without the
-    allocator-dependent page-fault cost (which, with glibc's defaults, the dense FFN pays far more of)."""
-    why = _keep_freed_memory()
-    if why is not None:
-        return {"error": why}
-    faults: dict[str, list[float]] = {}
-    t = _time_interleaved({k: fns[k] for k in ("ours", "dense")}, size.warmup, size.iters, device,
-                          faults=faults)
-    t["dense"] = [x * flop_scale for x in t["dense"]]
-    return {"overhead_vs_dense": _median_ratio(t["ours"], t["dense"]), "median_ms": _median_ms(t),
-            "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()}}
-
-
-def _cpu_time_one_thread(fns: dict, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Process CPU seconds per call with one intra-op thread: the work each variant does, robust to
-    other processes on a shared machine (wall clock with 2 threads is not: barrier waits of the many
-    small parallel regions of a MoE layer grow with oversubscription)."""
+def _one_thread_cpu_time(fns: dict, iters: int, flop_scale: float) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _time_interleaved(fns, warmup, iters, torch.device("cpu"), clock=time.process_time)
+        times = _time_interleaved(fns, 1, iters, torch.device("cpu"), clock=time.process_time)
     finally:
         torch.set_num_threads(threads)
+    return _ratios(times, flop_scale)
 
 
 def _step_fn(module, x, g, unpack):
@@ -206,39 +198,43 @@ def _step_fn(module, x, g, unpack):
     def step():
         for p in params:
             p.grad = None
-        xi = x.detach().requires_grad_()
-        out = unpack(module(xi))
+        out = unpack(module(x.detach().requires_grad_()))
         out.backward(g)
 
     return step
 
 
-def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool = True,
+def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32", with_deepspeed: bool = True,
         with_megatron: bool = True, log=print) -> dict:
-    dev = torch.device(device)
+    dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)
-    x = torch.randn(size.tokens, size.hidden, device=dev)
-    g = torch.randn(size.tokens, size.hidden, device=dev)
+    x = torch.randn(size.tokens, size.hidden, device=dev, dtype=dt)
+    g = torch.randn(size.tokens, size.hidden, device=dev, dtype=dt)
 
-    ours = _ours(size, dev)
+    ours = _ours(size, dev, dt)
+    dropped = _dropped_tokens(ours, x)
     with torch.no_grad():
         _, aux = ours(x)
     st = aux.stats
-    # The dense FFN gets a GEMM-friendly width (multiple of 64; odd widths run up to ~15% slower per
-    # FLOP on CPU) and its time is scaled by exact / rounded width, i.e. compared at equal FLOPs.
-    width = _dense_width(st["experts_per_token"], size)
+    # The dense FFN gets a GEMM-friendly width (a multiple of 64; odd widths run up to ~15% slower per FLOP
+    # on CPU); its time is scaled by exact / rounded width, i.e. compared at equal FLOPs.
+    width = st["experts_per_token"] * size.ffn + size.shared * size.shared_ffn
     dense_width = max(64, 64 * round(width / 64))
     flop_scale = width / dense_width
-    dense = SwiGLU(size.hidden, dense_width).to(dev)
-    ours_k2 = _ours(size, dev, num_null_experts=0, num_shared_experts=0, min_k=2, max_k=2)
+    torch.manual_seed(1)
+    dense = _DenseSameKernel(size.hidden, dense_width).to(dev, dt)
+    dense_linear = SwiGLU(size.hidden, dense_width).to(dev, dt)
+    dense_linear.load_state_dict(dense.state_dict())
+    ours_k2 = _ours(size, dev, dt, num_null_experts=0, num_shared_experts=0, min_k=2, max_k=2)
     fns = {"ours": _step_fn(ours, x, g, lambda o: o[0]), "dense": _step_fn(dense, x, g, lambda o: o),
+           "dense_linear": _step_fn(dense_linear, x, g, lambda o: o),
            "ours_k2": _step_fn(ours_k2, x, g, lambda o: o[0])}
 
-    result = {"deepspeed_topk_tokens_per_s": None, "megatron_tokens_per_s": None}
+    result = {}
     ds_dropped = None
     if with_deepspeed:
         try:
-            ds = _deepspeed_top2(size, dev)
+            ds = _deepspeed_top2(size, dev, dt)
             fns["deepspeed_top2"] = _step_fn(ds, x.unsqueeze(0), g.unsqueeze(0), lambda o: o[0])
             with torch.no_grad():
                 ds(x.unsqueeze(0))
@@ -246,85 +242,67 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", with_deepspeed: bool
             cap = max(math.ceil(size.tokens / size.experts * 1.25 * 2), 4)
             ds_dropped = float((counts - cap).clamp(min=0).sum() / (2 * size.tokens))
         except Exception as e:  # reported, not hidden
-            result["deepspeed_error"] = f"{type(e).__name__}: {e}"
+            result["deepspeed_error"] = f"{type(e).__name__}: {e}"[:300]
     if with_megatron:
         try:
-            mg = _megatron(size, dev)
-            step = _step_fn(mg, x.unsqueeze(1), g.unsqueeze(1), lambda o: o[0])
-            step()  # fails here on CPU if the dispatcher needs CUDA
-            fns["megatron"] = step
+            step = _step_fn(_megatron(size, dev, dt), x.unsqueeze(1), g.unsqueeze(1), lambda o: o[0])
+            step()  # fails here on CPU: the dispatcher needs CUDA
+            fns["megatron_top2"] = step
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             result["megatron_error"] = f"megatron-core MoELayer cannot run on {device}: {msg}"[:300]
     log(f"timing {list(fns)} on {size.tokens} tokens, hidden {size.hidden}, {size.experts} experts of "
-        f"{size.ffn}, dense-equivalent width {width:.0f} (timed at {dense_width}), "
-        f"{size.iters} interleaved iterations")
-    faults: dict[str, list[float]] = {}
-    times = _time_interleaved(fns, size.warmup, size.iters, dev, faults=faults)
-    times["dense"] = [t * flop_scale for t in times["dense"]]
-    median_ms = _median_ms(times)
-    tps = {name: 1000 * size.tokens / ms for name, ms in median_ms.items()}
-    overhead = _median_ratio(times["ours"], times["dense"])
-    speedup = (_median_ratio(times["deepspeed_top2"], times["ours_k2"]) if "deepspeed_top2" in times
-               else None)
-    cpu = {}
-    if dev.type == "cpu":
-        ct = _cpu_time_one_thread({k: fns[k] for k in ("ours", "dense", "ours_k2", "deepspeed_top2")
-                                   if k in fns}, 1, size.cpu_iters)
-        ct["dense"] = [t * flop_scale for t in ct["dense"]]
-        cpu["overhead_vs_dense"] = _median_ratio(ct["ours"], ct["dense"])
-        if "deepspeed_top2" in ct:
-            cpu["speedup_vs_deepspeed"] = _median_ratio(ct["deepspeed_top2"], ct["ours_k2"])
-        cpu["median_ms"] = _median_ms(ct)
-    no_faults = _without_page_faults(fns, size, dev, flop_scale) if dev.type == "cpu" else {}
-
+        f"{size.ffn}, {dtype} on {device}, dense-equivalent width {width:.0f} (timed at {dense_width}), "
+        f"{size.iters} interleaved rounds")
+    ratios = _ratios(_time_interleaved(fns, size.warmup, size.iters, dev), flop_scale)
+    tps = {name: 1000 * size.tokens / ms for name, ms in ratios["median_ms"].items()}
     result.update({
         "ours_tokens_per_s": tps["ours"],
         "dense_equiv_tokens_per_s": tps["dense"],
-        "deepspeed_topk_tokens_per_s": tps.get("deepspeed_top2"),
+        "dense_linear_tokens_per_s": tps["dense_linear"],
         "ours_k2_tokens_per_s": tps["ours_k2"],
-        "megatron_tokens_per_s": tps.get("megatron"),
-        "overhead_vs_dense": overhead,
-        "speedup_vs_deepspeed": speedup,
+        "deepspeed_topk_tokens_per_s": tps.get("deepspeed_top2"),
+        "megatron_tokens_per_s": tps.get("megatron_top2"),
+        **ratios,
         "deepspeed_dropped_fraction": ds_dropped,
         "mean_experts_per_token": st["experts_per_token"],
         "null_share": st["null_share"],
-        "dropped_tokens": 0,  # dropless by construction: every (token, routed expert) pair is computed
+        "dropped_tokens": dropped,
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
-        "median_ms": median_ms,
-        # freshly faulted memory per step (glibc returns large freed blocks to the kernel): part of each
-        # variant's time, and allocator-dependent (jemalloc/tcmalloc or MALLOC_* settings change it)
-        "page_faults_mb_per_step": {k: statistics.median(v) for k, v in faults.items()},
-        "one_thread_cpu_time": cpu,
-        "without_page_faults": no_faults,
+        "one_thread_cpu_time": (_one_thread_cpu_time(fns, size.cpu_iters, flop_scale) if dev.type == "cpu"
+                                else None),
         "config": {"tokens": size.tokens, "hidden": size.hidden, "expert_ffn": size.ffn,
                    "routed_experts": size.experts, "null_experts": 1, "shared_experts": size.shared,
                    "shared_ffn": size.shared_ffn, "top_p": 0.7, "gate_std": size.gate_std,
-                   "mode": "training (input jitter on), forward + backward, fp32",
+                   "mode": f"training (input jitter on), forward + backward, {dtype}",
                    "ours_k2": f"{size.experts} routed, 0 null, 0 shared, min_k = max_k = 2",
                    "deepspeed": "deepspeed.moe.layer.MoE k=2, capacity_factor 1.25, drop_tokens, 1 process",
-                   "warmup": size.warmup, "iters": size.iters, "cpu_iters": size.cpu_iters, "device": device,
+                   "megatron": "megatron-core MoELayer, top-2, alltoall dispatcher, dropless, SequentialMLP",
+                   "warmup": size.warmup, "iters": size.iters, "cpu_iters": size.cpu_iters,
+                   "device": device, "dtype": dtype,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                    "load_avg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
     })
     return result
 
 
 def run_cli(args) -> int:
-    size = QUICK if args.quick else BenchSize()
+    on_gpu = args.device.startswith("cuda")
+    size = QUICK if args.quick else (GPU if on_gpu else BenchSize())
     if getattr(args, "tiny", False):
         size = TINY
-    result = run(size, device=args.device)
-    for key in ("ours_tokens_per_s", "dense_equiv_tokens_per_s", "ours_k2_tokens_per_s",
-                "deepspeed_topk_tokens_per_s", "megatron_tokens_per_s", "overhead_vs_dense",
-                "speedup_vs_deepspeed", "deepspeed_dropped_fraction", "mean_experts_per_token"):
+    result = run(size, device=args.device, dtype=getattr(args, "dtype", "fp32"))
+    for key in ("ours_tokens_per_s", "dense_equiv_tokens_per_s", "dense_linear_tokens_per_s",
+                "ours_k2_tokens_per_s", "deepspeed_topk_tokens_per_s", "megatron_tokens_per_s",
+                "overhead_vs_dense", "overhead_vs_dense_linear", "speedup_vs_deepspeed",
+                "speedup_vs_megatron", "deepspeed_dropped_fraction", "mean_experts_per_token",
+                "dropped_tokens"):
         print(f"{key:>30}: {result[key]}")
-    for key, value in result["one_thread_cpu_time"].items():
+    for key, value in (result["one_thread_cpu_time"] or {}).items():
         if key != "median_ms":
-            print(f"{key + ' (1 thread, CPU s)':>30}: {value}")
-    if "overhead_vs_dense" in result["without_page_faults"]:
-        print(f"{'overhead_vs_dense (no faults)':>30}: {result['without_page_faults']['overhead_vs_dense']}")
+            print(f"{key + ' (1 thread, CPU s)':>40}: {value}")
     for key in ("deepspeed_error", "megatron_error"):
         if key in result:
             print(f"{key:>30}: {result[key]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-EXCHANGES = ("auto", "all_to_all", "p2p")
+COMBINE_WEIGHTS = ("renormalize", "raw", "reference")
 
 
 @dataclass
@@ -20,7 +20,12 @@ class MoEConfig:
     top_p: float = 0.7
     min_k: int = 1  # bounds on the number of dynamic candidates kept per token (null included)
     max_k: int | None = None  # None: no upper bound; min_k == max_k: plain top-k
-    renormalize: bool = True  # weights / sum over the kept set incl. null (paper Eq. 3); False: raw softmax
+    # Combine weights of the kept candidates (moe.router.combine_weights, which says what each does to the
+    # gate's gradient): "renormalize" p / sum over the kept set incl. null (paper Eq. 3); "raw" the softmax
+    # itself (Huang et al. 2024); "reference" the released code's (near-ties within a relative 2 * tie_eps
+    # share, the rest 1 each, then renormalised: about 1/k per kept candidate).
+    combine_weights: str = "renormalize"
+    tie_eps: float = 0.01  # "reference" only: the released config's router_jitter_noise
     gate_shared: bool = True  # shared experts gated by the same router (reference code); False: weight 1
     input_jitter: float = 0.01  # multiplicative U(1-eps, 1+eps) noise on the router input in training
     # Losses (weights are applied by moe.losses.combine_aux, the layer returns unweighted values).
@@ -31,8 +36,6 @@ class MoEConfig:
     entropy_loss_weight: float = 0.0
     # Stats: routing collapse when the normalised entropy of the routed load falls below this.
     collapse_entropy_threshold: float = 0.5
-    # Expert parallelism: how tokens travel ("auto": all_to_all_single, p2p send/recv on gloo).
-    ep_exchange: str = "auto"
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -60,8 +63,9 @@ class MoEConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(0.0 <= self.collapse_entropy_threshold <= 1.0,
              f"collapse_entropy_threshold must be in [0, 1], got {self.collapse_entropy_threshold}")
-        need(self.ep_exchange in EXCHANGES,
-             f"ep_exchange must be one of {EXCHANGES}, got {self.ep_exchange!r}")
+        need(self.combine_weights in COMBINE_WEIGHTS,
+             f"combine_weights must be one of {COMBINE_WEIGHTS}, got {self.combine_weights!r}")
+        need(self.tie_eps >= 0, f"tie_eps must be >= 0, got {self.tie_eps}")
 
     @property
     def num_dynamic_experts(self) -> int:
@@ -70,10 +74,6 @@ class MoEConfig:
     @property
     def num_gate_outputs(self) -> int:
         return self.num_routed_experts + self.num_null_experts + self.num_shared_experts
-
-    @property
-    def fixed_k(self) -> bool:
-        return self.max_k is not None and self.min_k == self.max_k
 
     def to_dict(self) -> dict:
         return asdict(self)

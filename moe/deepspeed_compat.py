@@ -19,13 +19,26 @@ Because the engine finds it with `isinstance(module, MoE)`:
     parallel(ep_size)` (or let the engine create it) and pass `groups._get_expert_parallel_group(
     "ep_size_<N>")` to `MoELayer(cfg, ep_group=...)`; `set_deepspeed_parallelism` checks that they match.
 
-Names: in the module, routed experts are `<layer>.experts.<GLOBAL id>.{gate,up,down}_proj.weight`
-(rank r of an EP group of n holds ids [r*R/n, (r+1)*R/n)). DeepSpeed's `_save_moe_checkpoint` instead
-expects `...deepspeed_moe.experts.deepspeed_experts.<LOCAL id>...` (and crashes on anything else).
-`install()` (called by every MoELayer) wraps `DeepSpeedEngine._save_moe_checkpoint` so that, during that
-call only, `MoELayer.state_dict()` reports its experts in DeepSpeed's native local naming; a permanent
-`load_state_dict` pre-hook on MoELayer maps DeepSpeed's native local names back to our global names.
-Nothing else in DeepSpeed is changed.
+Our engine: `initialize(...)` (the arguments of `deepspeed.initialize`) builds a `MoEEngine`, a
+DeepSpeedEngine subclass, for every model holding MoELayers; nothing in DeepSpeed changes for other
+engines. It differs from DeepSpeed's engine in three places:
+  * Names. In the module, routed experts are `<layer>.experts.<GLOBAL id>.{gate,up,down}_proj.weight`
+    (rank r of an EP group of n holds ids [r*R/n, (r+1)*R/n)). DeepSpeed's `_save_moe_checkpoint` instead
+    expects `...deepspeed_moe.experts.deepspeed_experts.<LOCAL id>...` (and crashes on anything else):
+    during that call only, MoELayer.state_dict() reports its experts in that native naming; a load_state_dict
+    pre-hook on MoELayer maps the native names back to ours.
+  * Frozen experts (stage 2: requires_grad False, in no optimizer group). DeepSpeed's optimizer wrappers
+    (ZeRO 1/2, bf16, fp16) assert that a model with MoE layers has an optimizer group marked `moe`; with
+    every expert frozen there is none, and nothing for the expert-data-parallel groups to reduce, so the
+    optimizer is built as for a dense model (`_configure_optimizer`). The engine itself still knows the
+    MoE layers (per-expert checkpoint files).
+  * Checkpoints with frozen experts: ZeRO-2 also copies every frozen parameter into the main model file
+    ("frozen_param_fragments"), which data-parallel rank 0 writes with its own EP rank's experts only, and
+    load_checkpoint would then look every rank's frozen experts up there. Frozen experts are saved in their
+    per-expert files like trainable ones, so `save_checkpoint` leaves the frozen copies out when every
+    frozen parameter is an expert.
+The temporary swap of `deepspeed.DeepSpeedEngine` in `initialize` is how `deepspeed.initialize` (which
+has no engine-class argument) builds our subclass; it is restored before `initialize` returns.
 
 What `engine.save_checkpoint(dir, tag)` writes (ZeRO-1/2, any EP size, tp/mp rank 00)
 -----------------------------------------------------------------------------------
@@ -54,6 +67,8 @@ import os
 import re
 
 import torch
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _NATIVE_VIEW = contextvars.ContextVar("unimoe_ds_native_view", default=False)
@@ -80,24 +95,45 @@ def from_native_keys(state_dict: dict, prefix: str, first_expert: int) -> None:
         state_dict[f"{prefix}experts.{first_expert + int(lid)}.{rest}"] = state_dict.pop(key)
 
 
-def install() -> None:
-    """Wrap DeepSpeedEngine._save_moe_checkpoint once (idempotent) to save our layers in native naming."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
+class MoEEngine(DeepSpeedEngine):
+    """DeepSpeedEngine for models holding moe.layer.MoELayer (see the module docstring)."""
 
-    original = DeepSpeedEngine._save_moe_checkpoint
-    if getattr(original, "_unimoe_wrapped", False):
-        return
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        experts_all_frozen = self.has_moe_layers and not any(
+            is_moe_param(p) and p.requires_grad for p in self.module.parameters())
+        if not experts_all_frozen:
+            return super()._configure_optimizer(client_optimizer, model_parameters)
+        self.has_moe_layers = False  # read by the optimizer wrappers' constructors only
+        try:
+            return super()._configure_optimizer(client_optimizer, model_parameters)
+        finally:
+            self.has_moe_layers = True
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False):
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        exclude = exclude_frozen_parameters or (bool(frozen) and all(is_moe_param(p) for p in frozen))
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
+                                       save_latest=save_latest, exclude_frozen_parameters=exclude)
 
     def _save_moe_checkpoint(self, *args, **kwargs):
         token = _NATIVE_VIEW.set(True)
         try:
-            return original(self, *args, **kwargs)
+            return super()._save_moe_checkpoint(*args, **kwargs)
         finally:
             _NATIVE_VIEW.reset(token)
 
-    _save_moe_checkpoint._unimoe_wrapped = True
-    _save_moe_checkpoint.__wrapped__ = original
-    DeepSpeedEngine._save_moe_checkpoint = _save_moe_checkpoint
+
+def initialize(**kwargs):
+    """deepspeed.initialize(**kwargs) with a MoEEngine as the engine; returns what it returns."""
+    import deepspeed
+
+    original = deepspeed.DeepSpeedEngine
+    deepspeed.DeepSpeedEngine = MoEEngine
+    try:
+        return deepspeed.initialize(**kwargs)
+    finally:
+        deepspeed.DeepSpeedEngine = original
 
 
 def expert_files_to_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:

@@ -1,13 +1,17 @@
-"""The Dynamic-Capacity MoE feed-forward layer (Top-P routing over routed + null experts, shared experts).
+"""The Dynamic-Capacity MoE feed-forward layer: route -> permute -> grouped experts -> unpermute.
 
-    layer = MoELayer(cfg, ep_group=None)   # ep_group: a DeepSpeed expert-parallel group or None (EP=1)
+    layer = MoELayer(cfg, ep_group=None)   # ep_group: a DeepSpeed expert-parallel group, or None (local)
     out, aux = layer(x, task_ids=None)     # x [..., D]; task_ids [...] long (-1 = ignore) or None
     layer(x, task_ids, token_group=g)      # sequence parallel: x is this rank's share of the tokens of g
 
 Parameters: "gate.weight" [R + Z + S, D] (fp32 compute), routed experts "experts.<GLOBAL id>.*" (this
 rank's share of the EP group), shared experts "shared.<i>.*". Null experts have no parameters: they are
-routing columns whose output is zero, never computed and never sent. Dispatch is dropless (moe.dispatch).
-How DeepSpeed treats this layer (gradient groups, checkpoint files): see moe/deepspeed_compat.py.
+routing columns whose output is zero, never computed and never sent. The forward is a plain function of
+x (and task_ids), so activation checkpointing can recompute it.
+
+One host sync per forward: the per-expert pair counts (with EP, together with the counts the other ranks
+send), which size the permutation and the all-to-all splits. Routing stats (`aux.stats`) copy to the host
+only when read. How DeepSpeed treats this layer (gradient groups, checkpoint files): moe/deepspeed_compat.py.
 """
 
 from __future__ import annotations
@@ -22,19 +26,10 @@ from torch import nn
 
 from moe import deepspeed_compat
 from moe.config import MoEConfig
-from moe.dispatch import (
-    Plan,
-    exchange,
-    exchange_counts,
-    gather,
-    resolve_exchange,
-    scatter_add,
-    segment_perm,
-)
-from moe.experts import SwiGLU, grouped_swiglu, swiglu
+from moe.dispatch import all_to_all, exchange_counts, permute, segment_perm, unpermute
+from moe.experts import SwiGLU, expert_weights, grouped_swiglu, swiglu
 from moe.losses import router_losses
 from moe.router import gate_logits, route
-from moe.serial import one_thread, serial
 from moe.stats import routing_stats
 
 
@@ -43,9 +38,9 @@ class MoEAux:
     balance_loss: torch.Tensor  # unweighted fp32 scalars
     z_loss: torch.Tensor
     entropy_loss: torch.Tensor
-    selected: torch.Tensor  # bool [N, R + Z] raw routing decisions (detached), N = flattened tokens
-    probs: torch.Tensor  # fp32 [N, R + Z] dynamic softmax (detached)
-    task_ids: torch.Tensor | None  # long [N] or None
+    selected: torch.Tensor  # bool [T, R + Z] raw routing decisions (detached), T = flattened tokens
+    probs: torch.Tensor  # fp32 [T, R + Z] dynamic softmax (detached)
+    task_ids: torch.Tensor | None  # long [T] or None
     num_routed: int
     collapse_threshold: float
 
@@ -84,7 +79,6 @@ class MoELayer(_DeepSpeedMoE):
             p.allreduce = False
             p.group_name = self.expert_group_name
         self.reset_parameters()
-        deepspeed_compat.install()
         self.register_state_dict_post_hook(MoELayer._state_dict_hook)
         self.register_load_state_dict_pre_hook(MoELayer._load_hook)
 
@@ -126,71 +120,70 @@ class MoELayer(_DeepSpeedMoE):
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None, token_group=None):
         cfg = self.cfg
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        n_tok = x.shape[0]
+        x_TD = x.reshape(-1, shape[-1])
         if task_ids is not None:
             task_ids = task_ids.reshape(-1)
-            if task_ids.numel() != n_tok:
-                raise ValueError(f"MoELayer: task_ids has {task_ids.numel()} entries for {n_tok} tokens "
-                                 f"(it must have x's leading shape {tuple(shape[:-1])})")
-        # fp32 gate (and fp32 jitter: 1 +- 0.01 is not representable in bf16)
-        logits = gate_logits(x.float(), self.gate.weight.float(), cfg.input_jitter if self.training else 0.0)
+            if task_ids.numel() != x_TD.shape[0]:
+                raise ValueError(f"MoELayer: task_ids has {task_ids.numel()} entries for {x_TD.shape[0]} "
+                                 f"tokens (it must have x's leading shape {tuple(shape[:-1])})")
+        # 1. route: fp32 gate, Top-P over routed + null, combine weights
+        logits = gate_logits(x_TD, self.gate.weight, cfg.input_jitter if self.training else 0.0)
+        r = route(logits, cfg)
         valid = None if task_ids is None else task_ids >= 0
-
-        def _route(lg):  # small [N, R+Z+S] ops: one CPU thread (moe.serial)
-            r = route(lg, cfg)
-            losses = router_losses(lg, r.probs, r.selected, cfg.num_dynamic_experts, valid, token_group)
-            shared = lg.new_zeros(0) if r.shared_weights is None else r.shared_weights
-            return (r.selected, r.weights, shared, r.probs, *losses)
-
-        selected, weights, shared_w, probs, balance, z, ent = serial(_route, logits)
-        with one_thread():
-            plan = Plan(selected, cfg.num_routed_experts)
-            pair_idx = plan.expert_ids * n_tok + plan.token_ids
-        # combine weight of each pair, expert-major like the pairs: a 1-D gather from weights.T
-        (w,) = serial(lambda wt: (wt.t().reshape(-1).index_select(0, pair_idx),), weights)
-        shared_out = None
-        if len(self.shared):
-            shared_out = self._shared_forward(x, shared_w if shared_w.numel() else None)
-        # routed outputs, each times its combine weight, are added onto the shared experts' output
-        if self.ep_size == 1:  # gather, experts and scatter-add fused, piece by piece
-            out = grouped_swiglu(x, plan.counts.tolist(), self.local_experts, index=plan.token_ids,
-                                 row_weights=w, base=shared_out)
+        balance, z, entropy = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid,
+                                            token_group)
+        # 2. shared experts, always on: the output the routed experts are added onto
+        out = self._shared_experts(x_TD, r.shared_weights)
+        # 3. permute -> grouped experts -> unpermute; the combine weights are applied here, at home
+        selected_TR = r.selected[:, : cfg.num_routed_experts]
+        if self.ep_group is None:
+            y_MD, token_ids, expert_ids = self._routed_local(x_TD, selected_TR)
         else:
-            y_sorted = self._expert_parallel(gather(x, plan), w, plan.counts)
-            out = scatter_add(y_sorted, plan, base=shared_out)
+            y_MD, token_ids, expert_ids = self._routed_expert_parallel(x_TD, selected_TR)
+        w_M = r.weights.reshape(-1).index_select(0, token_ids * cfg.num_dynamic_experts + expert_ids)
+        out = unpermute(out, y_MD, token_ids, w_M)
 
-        aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=ent, selected=selected.detach(),
-                     probs=probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
+        aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=entropy, selected=r.selected.detach(),
+                     probs=r.probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
                      collapse_threshold=cfg.collapse_entropy_threshold)
         return out.reshape(shape), aux
 
-    def _shared_forward(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """sum_s g_s * shared_s(x) as ONE wide SwiGLU: weights concatenated, gate g_s applied to the
-        activations of expert s's block (down is linear, so scaling before it is the same)."""
-        gate_w = [e.gate_proj.weight for e in self.shared]
-        up_w = [e.up_proj.weight for e in self.shared]
-        down_w = [e.down_proj.weight for e in self.shared]
-        if len(self.shared) == 1:
-            return swiglu(x, gate_w[0], up_w[0], down_w[0], block_gates=gates)
-        return swiglu(x, torch.cat(gate_w), torch.cat(up_w), torch.cat(down_w, dim=1), block_gates=gates)
+    def _shared_experts(self, x_TD: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """sum_s g_s * shared_s(x): the shared experts side by side along F, one SwiGLU."""
+        if not len(self.shared):
+            return torch.zeros_like(x_TD)
+        w_gate, w_up, w_down = expert_weights(self.shared)
+        return swiglu(x_TD, torch.cat(w_gate), torch.cat(w_up), torch.cat(w_down, dim=1), gates)
 
-    def _expert_parallel(self, x_sorted: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Send each (token, expert) row and its combine weight to the rank holding the expert, run,
-        bring the weighted results back."""
-        n, n_local = self.ep_size, self.num_local_experts
-        method = resolve_exchange(self.cfg.ep_exchange, self.ep_group)
-        recv = exchange_counts(counts, self.ep_group, method)  # [n * L]: from rank s for my expert l
-        host = torch.cat([counts, recv]).tolist()
-        send_c, recv_c = host[: n * n_local], host[n * n_local:]
-        send_splits = [sum(send_c[r * n_local: (r + 1) * n_local]) for r in range(n)]
-        recv_splits = [sum(recv_c[s * n_local: (s + 1) * n_local]) for s in range(n)]
-        local_counts = [sum(recv_c[s * n_local + e] for s in range(n)) for e in range(n_local)]
+    def _routed_local(self, x_TD: torch.Tensor, selected_TR: torch.Tensor):
+        """All routed experts on this rank -> (outputs [M, D] of the pairs sorted by expert, token ids,
+        expert ids)."""
+        counts = selected_TR.sum(0)
+        host_counts = counts.tolist()  # the host sync
+        token_ids, expert_ids = permute(selected_TR, sum(host_counts))
+        y_MD = grouped_swiglu(x_TD.index_select(0, token_ids), host_counts, counts.cumsum(0).to(torch.int32),
+                              *expert_weights(self.local_experts))
+        return y_MD, token_ids, expert_ids
 
-        x_recv = exchange(x_sorted, send_splits, recv_splits, self.ep_group, method)
-        w_recv = exchange(w.unsqueeze(1), send_splits, recv_splits, self.ep_group, method)
-        perm = segment_perm(recv.view(n, n_local))  # (source, expert) order -> (expert, source) order
-        # pair p of my experts reads received row perm[p] and writes its output back to that row
-        y_recv = grouped_swiglu(x_recv, local_counts, self.local_experts, index=perm,
-                                row_weights=w_recv.squeeze(1).index_select(0, perm))
-        return exchange(y_recv, recv_splits, send_splits, self.ep_group, method)
+    def _routed_expert_parallel(self, x_TD: torch.Tensor, selected_TR: torch.Tensor):
+        """Rank r holds global experts [r * L, (r + 1) * L); the same result as `_routed_local`."""
+        n, L, group = self.ep_size, self.num_local_experts, self.ep_group
+        # 1. counts first: recv[s * L + l] = rank s's pairs for my local expert l
+        counts = selected_TR.sum(0)
+        recv = exchange_counts(counts, group)
+        host = torch.cat([counts, recv]).tolist()  # the host sync
+        send_c, recv_c = host[: n * L], host[n * L:]
+        send_splits = [sum(send_c[r * L: (r + 1) * L]) for r in range(n)]
+        recv_splits = [sum(recv_c[s * L: (s + 1) * L]) for s in range(n)]
+        local_counts = [sum(recv_c[s * L + e] for s in range(n)) for e in range(L)]
+        # 2. permute: sorted by global expert, the pairs are grouped by destination rank
+        token_ids, expert_ids = permute(selected_TR, sum(send_c))
+        # 3. the tokens travel; the rows received (by source rank) are run by local expert
+        x_recv = all_to_all(x_TD.index_select(0, token_ids), send_splits, recv_splits, group)
+        perm = segment_perm(recv.view(n, L), sum(recv_splits))
+        offs = recv.view(n, L).sum(0).cumsum(0).to(torch.int32)
+        y = grouped_swiglu(x_recv.index_select(0, perm), local_counts, offs,
+                           *expert_weights(self.local_experts))
+        # 4. back in the order received, and home
+        y_recv = torch.empty_like(y).index_copy_(0, perm, y)
+        return all_to_all(y_recv, recv_splits, send_splits, group), token_ids, expert_ids

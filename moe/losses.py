@@ -57,7 +57,8 @@ def balance_weight(step: int, cfg: MoEConfig) -> float:
 
 
 def combine_aux(aux_list, step: int, cfg: MoEConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted total of the router losses (mean over layers) and a dict of floats for logging."""
+    """Weighted total of the router losses (mean over layers) and a dict of floats for logging (one
+    device-to-host copy for all of them)."""
     if not aux_list:
         return torch.zeros(()), {}
     bal = torch.stack([a.balance_loss for a in aux_list]).mean()
@@ -69,6 +70,6 @@ def combine_aux(aux_list, step: int, cfg: MoEConfig) -> tuple[torch.Tensor, dict
         total = total + cfg.z_loss_weight * z
     if cfg.entropy_loss_weight > 0:
         total = total + cfg.entropy_loss_weight * ent
-    logs = {"balance_loss": float(bal.detach()), "z_loss": float(z.detach()),
-            "entropy_loss": float(ent.detach()), "balance_weight": w, "aux_loss": float(total.detach())}
+    values = torch.stack([bal, z, ent, total]).detach().tolist()
+    logs = dict(zip(("balance_loss", "z_loss", "entropy_loss", "aux_loss"), values), balance_weight=w)
     return total, logs

@@ -1,4 +1,5 @@
-"""Run a function on N gloo processes on CPU and collect what each rank returns.
+"""Run a function on N gloo processes on CPU (or N NCCL processes, one GPU each) and collect what each
+rank returns.
 
     def _check(rank, world_size, x):
         ...                      # torch.distributed is initialised (gloo)
@@ -31,7 +32,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out_dir: str,
-            env: dict[str, str]) -> None:
+            env: dict[str, str], backend: str) -> None:
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -39,7 +40,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
     torch.set_num_threads(1)
     result_path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
         dist.barrier()  # a rank that exits right after collectives can abort its peers
@@ -52,14 +55,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), timeout: float = 300,
-                    env: dict[str, str] | None = None) -> list[Any]:
-    """Spawn `world_size` gloo ranks running `fn(rank, world_size, *args)`; return their results."""
+                    env: dict[str, str] | None = None, backend: str = "gloo") -> list[Any]:
+    """Spawn `world_size` ranks (gloo on CPU; "nccl": one GPU each) running `fn(rank, world_size, *args)`;
+    return their results."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="unimoe-dist-") as out_dir:
         port = free_port()
-        child_env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, child_env),
-                             daemon=False) for r in range(world_size)]
+        accelerator = "cuda" if backend == "nccl" else "cpu"
+        child_env = {"DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1", **(env or {})}
+        procs = [ctx.Process(target=_worker, daemon=False,
+                             args=(r, world_size, port, fn, args, out_dir, child_env, backend))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:

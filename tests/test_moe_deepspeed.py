@@ -1,21 +1,27 @@
-"""A model holding MoELayer under deepspeed.initialize with ZeRO-2, EP=2 on 2 gloo ranks.
+"""A model holding MoELayer under our DeepSpeed engine (moe.deepspeed_compat.initialize) with ZeRO-2, EP=2 on
+2 gloo ranks.
 
 Checks: the engine treats the layer as MoE; after a few AdamW steps every parameter (experts included)
 equals an EP=1 torch reference trained on both ranks' batches (so experts on different ranks were never
 averaged together); the loss goes down; save_checkpoint writes one file per GLOBAL expert and no expert
 tensor in the main model file; load_checkpoint restores the weights, also into an EP=1 engine.
+Stage 2's frozen experts: no gradients, no optimizer state, bit-identical after training, checkpoints
+save and load; and DeepSpeed's own engine is left as it was.
 Run: .venv/bin/pytest tests/test_moe_deepspeed.py
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe.config import MoEConfig
+from moe.deepspeed_compat import initialize
 from moe.layer import MoELayer
 from tests.distributed import run_distributed
+from training.stages import optimizer_param_groups
 
 D, STEPS, LR = 16, 4, 1e-2
 
@@ -63,7 +69,7 @@ def _train(rank, world_size, ckpt_dir):
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "params"})
     opt = torch.optim.AdamW(param_groups, lr=LR, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config())
+    engine, *_ = initialize(model=model, optimizer=opt, config=_ds_config())
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
 
     losses = []
@@ -94,8 +100,7 @@ def _train(rank, world_size, ckpt_dir):
     model1 = Toy(None)
     groups1 = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model1.parameters()), "name": "params"})
-    engine1, *_ = deepspeed.initialize(model=model1, optimizer=torch.optim.AdamW(groups1, lr=LR),
-                                       config=_ds_config())
+    engine1, *_ = initialize(model=model1, optimizer=torch.optim.AdamW(groups1, lr=LR), config=_ds_config())
     engine1.load_checkpoint(ckpt_dir, tag="t1", load_optimizer_states=False, load_lr_scheduler_states=False,
                             load_module_only=True)
     ep1 = engine1.module.state_dict()
@@ -132,3 +137,54 @@ def test_zero2_ep2_matches_ep1_reference_and_checkpoints(tmp_path):
     merged = expert_files_to_state_dict(tag_dir)
     assert sorted(merged) == sorted(f"ffn.experts.{g}.{n}_proj.weight" for g in range(4)
                                     for n in ("gate", "up", "down"))
+
+
+def _train_frozen(rank, world_size, ckpt_dir):
+    import deepspeed
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    groups._create_expert_and_data_parallel(2)
+    torch.manual_seed(0)
+    model = Toy(groups._get_expert_parallel_group("ep_size_2"))
+    upcycled = {k: v.clone() for k, v in model.state_dict().items()}
+    stage2 = SimpleNamespace(stage=SimpleNamespace(freeze_experts=True), is_moe=True)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, stage2), lr=LR)
+    engine, *_ = initialize(model=model, optimizer=opt, config=_ds_config())
+    expert_grads = []
+    for step in range(STEPS):
+        loss = engine(*_data(rank, step))
+        engine.backward(loss)
+        expert_grads += [p.grad is not None for p in model.ffn.experts.parameters()]
+        engine.step()
+    zopt = engine.optimizer
+    n_state = sum(t.numel() for st in zopt.optimizer.state.values() for t in st.values() if t.dim())
+    totals = torch.tensor([n_state], dtype=torch.float64)
+    dist.all_reduce(totals)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.save_checkpoint(ckpt_dir, tag="t1")
+    dist.barrier()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    engine.load_checkpoint(ckpt_dir, tag="t1")
+    return {"experts_unchanged": all(torch.equal(after[k], upcycled[k]) for k in after if ".experts." in k),
+            "gate_changed": not torch.equal(after["ffn.gate.weight"], upcycled["ffn.gate.weight"]),
+            "expert_grads": expert_grads, "experts_in_optimizer": any(
+                is_moe_param(p) for g in zopt.bit16_groups for p in g),
+            "adam_state_numel": float(totals), "has_moe": engine.has_moe_layers,
+            "non_expert_numel": sum(p.numel() for p in model.parameters() if not is_moe_param(p)),
+            "reload_equal": all(torch.equal(v, after[k]) for k, v in model.state_dict().items()),
+            "ds_engine_class": deepspeed.DeepSpeedEngine.__name__}
+
+
+def test_frozen_experts_have_no_gradients_no_optimizer_state_and_stay_bit_identical(tmp_path):
+    results = run_distributed(_train_frozen, world_size=2, args=(str(tmp_path / "ckpt"),))
+    for res in results:
+        assert res["has_moe"] and res["experts_unchanged"] and res["gate_changed"]
+        assert not any(res["expert_grads"]) and not res["experts_in_optimizer"]
+        # exp_avg + exp_avg_sq of the non-expert parameters, partitioned over 2 ranks (+ alignment padding)
+        assert 2 * res["non_expert_numel"] <= res["adam_state_numel"] <= 2 * res["non_expert_numel"] + 64
+        assert res["reload_equal"]
+        assert res["ds_engine_class"] == "DeepSpeedEngine"  # our engine class was swapped in for one call

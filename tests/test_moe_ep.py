@@ -1,8 +1,8 @@
 """Expert parallelism: EP=2 on 2 gloo ranks equals EP=1 for outputs and all gradients.
 
-Cases (each for both transports, all_to_all_single and point-to-point): a random batch where expert 3
-receives no token, a batch where every token on every rank picks only the null expert, and a batch where
-rank 0's tokens are all null while rank 1's are not (rank 0 sends nothing but still serves its experts).
+Cases: a random batch where expert 3 receives no token, a batch where every token on every rank picks only
+the null expert, and a batch where rank 0's tokens are all null while rank 1's are not (rank 0 sends
+nothing but still serves its experts).
 Run: .venv/bin/pytest tests/test_moe_ep.py
 """
 
@@ -16,14 +16,14 @@ from tests.distributed import run_distributed
 D = 12
 
 
-def _cfg(method):
+def _cfg():
     return MoEConfig(hidden_size=D, routed_ffn_size=6, shared_ffn_size=4, num_routed_experts=4,
-                     num_null_experts=1, num_shared_experts=1, input_jitter=0.0, ep_exchange=method)
+                     num_null_experts=1, num_shared_experts=1, input_jitter=0.0)
 
 
 def _reference_state(case):
     torch.manual_seed(0)
-    ref = MoELayer(_cfg("auto"))
+    ref = MoELayer(_cfg())
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(std=0.5)
@@ -54,14 +54,14 @@ def _run_case(layer, x, g_out):
     return out.detach(), grads, aux
 
 
-def _ep_vs_reference(rank, world_size, methods):
+def _ep_vs_reference(rank, world_size):
     group = dist.new_group([0, 1])
     report = {}
-    for method, case in [(m, c) for m in methods for c in ("empty_expert", "all_null", "null_on_rank0")]:
+    for case in ("empty_expert", "all_null", "null_on_rank0"):
         sd = _reference_state(case)
-        ref = MoELayer(_cfg(method))
+        ref = MoELayer(_cfg())
         ref.load_state_dict(sd)
-        ep = MoELayer(_cfg(method), ep_group=group)
+        ep = MoELayer(_cfg(), ep_group=group)
         assert sorted(ep.experts.keys()) == [str(2 * rank), str(2 * rank + 1)]
         ep.load_state_dict({k: v for k, v in sd.items()
                             if not k.startswith("experts.") or k.split(".")[1] in ep.experts})
@@ -76,23 +76,21 @@ def _ep_vs_reference(rank, world_size, methods):
             want = ref_all[name] if name.startswith("experts.") else ref_local[name]
             diffs[name] = (grad - want).abs().max().item()
             diffs[name + ":norm"] = want.norm().item()
-        report[method, case] = {"diffs": diffs, "routed": int(aux.selected[:, :4].sum()),
+        report[case] = {"diffs": diffs, "routed": int(aux.selected[:, :4].sum()),
                         "expert3": int(aux.selected[:, 3].sum())}
     return report
 
 
-def test_ep2_equals_ep1_both_transports():
-    methods = ("all_to_all", "p2p")
-    results = run_distributed(_ep_vs_reference, world_size=2, args=(methods,))
+def test_ep2_equals_ep1():
+    results = run_distributed(_ep_vs_reference, world_size=2)
     for rank, report in enumerate(results):
-        for (method, case), rec in report.items():
+        for case, rec in report.items():
             bad = {k: v for k, v in rec["diffs"].items() if not k.endswith(":norm") and v > 1e-5}
-            assert not bad, f"{method} rank {rank} case {case}: {bad}"
-    for m in methods:  # the cases test what they claim
-        assert all(r[m, "empty_expert"]["expert3"] == 0 and r[m, "empty_expert"]["routed"] > 0
-                   for r in results)
-        assert all(r[m, "all_null"]["routed"] == 0 for r in results)
-        assert results[0][m, "null_on_rank0"]["routed"] == 0
-        assert results[1][m, "null_on_rank0"]["routed"] > 0
-        # rank 0 serves experts 0-1 with rank 1's tokens only: its expert grads are not zero
-        assert results[0][m, "null_on_rank0"]["diffs"]["experts.0.gate_proj.weight:norm"] > 0
+            assert not bad, f"rank {rank} case {case}: {bad}"
+    # the cases test what they claim
+    assert all(r["empty_expert"]["expert3"] == 0 and r["empty_expert"]["routed"] > 0 for r in results)
+    assert all(r["all_null"]["routed"] == 0 for r in results)
+    assert results[0]["null_on_rank0"]["routed"] == 0
+    assert results[1]["null_on_rank0"]["routed"] > 0
+    # rank 0 serves experts 0-1 with rank 1's tokens only: its expert grads are not zero
+    assert results[0]["null_on_rank0"]["diffs"]["experts.0.gate_proj.weight:norm"] > 0

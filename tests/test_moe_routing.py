@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe.config import MoEConfig
-from moe.router import gate_logits, jitter_noise, route, top_p_select
+from moe.router import route, top_p_select
 
 
 def _cfg(**kw):
@@ -55,7 +55,7 @@ def test_renormalised_weights_include_null():
     r = route(_logits([[0.5, 0.1, 0.1, 0.3]]), cfg)
     assert r.selected.tolist() == [[True, False, False, True]]
     assert torch.allclose(r.weights, torch.tensor([[0.625, 0.0, 0.0, 0.375]]))
-    raw = route(_logits([[0.5, 0.1, 0.1, 0.3]]), _cfg(renormalize=False))
+    raw = route(_logits([[0.5, 0.1, 0.1, 0.3]]), _cfg(combine_weights="raw"))
     assert torch.allclose(raw.weights, torch.tensor([[0.5, 0.0, 0.0, 0.3]]))
 
 
@@ -101,36 +101,69 @@ def test_random_batch_matches_per_token_rule():
 @pytest.mark.parametrize("bad, match", [
     (dict(top_p=0.0), "top_p"), (dict(min_k=0), "min_k"), (dict(min_k=3, max_k=2), "max_k"),
     (dict(max_k=9), "max_k"), (dict(num_routed_experts=0), "num_routed_experts"),
-    (dict(ep_exchange="mpi"), "ep_exchange"),
+    (dict(combine_weights="softmax"), "combine_weights"), (dict(tie_eps=-0.1), "tie_eps"),
 ])
 def test_config_errors_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**bad)
 
 
-def test_jitter_noise_is_uniform_on_its_interval():
-    noise = jitter_noise(torch.ones(1000, 64), 0.01)
-    assert noise.dtype == torch.float32 and noise.shape == (1000, 64)
-    assert noise.min() >= 0.99 and noise.max() <= 1.01
-    # U(-1, 1) after rescaling, in each of the four 16-bit lanes that one 64-bit draw gives
-    lanes = ((noise.double() - 1.0) / 0.01).reshape(-1, 4)
-    assert lanes.mean(0).abs().max() < 0.03  # std of a lane mean: 0.577 / sqrt(16000) = 0.0046
-    assert (lanes.std(0) - 1 / math.sqrt(3)).abs().max() < 0.01
-    assert len(torch.unique(noise)) > 30000  # 16-bit resolution, not a handful of levels
+def released_code_multipliers(scores, k, eps):
+    """The released code's sparsemixer (ignore_differentiable_router: its non-training path) for one token,
+    transcribed loop for loop: {candidate: multiplier} of the k candidates it picks."""
+    masked_scores, out = scores.clone(), {}
+    for _ in range(k):
+        threshold = masked_scores.max()
+        factor = scores.abs().clamp(min=threshold.abs())
+        masked_gates = masked_scores.masked_fill((threshold - scores) / factor > 2 * eps, float("-inf"))
+        sel = int(masked_scores.argmax())
+        out[sel] = torch.softmax(masked_gates, -1)[sel]
+        masked_scores = masked_scores.clone()
+        masked_scores[sel] = float("-inf")
+    return out
 
 
-def test_jittered_gate_matches_autograd_with_the_same_noise():
-    x, w, g = torch.randn(37, 24), torch.randn(11, 24), torch.randn(37, 11)
-    torch.manual_seed(3)
-    noise = jitter_noise(x, 0.2)
-    x_ref, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = (x_ref * noise) @ w_ref.t()
-    (ref * g).sum().backward()
-    torch.manual_seed(3)  # the same draw inside gate_logits
-    x_ours, w_ours = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ours = gate_logits(x_ours, w_ours, 0.2)
-    (ours * g).sum().backward()
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad)
-    torch.testing.assert_close(w_ours.grad, w_ref.grad)
-    torch.testing.assert_close(gate_logits(x, w), x @ w.t())
+def test_reference_weights_match_the_released_code():
+    """Random logits, a quarter of the rows with near-ties (within the 2 * eps window or just outside)."""
+    torch.manual_seed(0)
+    cfg = _cfg(num_routed_experts=6, num_null_experts=2, top_p=0.8, combine_weights="reference")
+    logits = torch.randn(64, 8) * 2
+    logits[::4, 1] = logits[::4, 0] * (1 - torch.linspace(0.0, 0.05, 16))  # ties, near-ties, no ties
+    logits[1::4, 3] = logits[1::4, 2] + 0.001
+    r = route(logits, cfg)
+    shared_window = 0
+    for t in range(64):
+        kept = torch.nonzero(r.selected[t]).flatten().tolist()
+        m = released_code_multipliers(logits[t], len(kept), cfg.tie_eps)
+        assert sorted(m) == kept
+        expect = torch.zeros(8)
+        for i, v in m.items():
+            expect[i] = v / sum(m.values())
+        torch.testing.assert_close(r.weights[t], expect)
+        shared_window += any(v < 1 for v in m.values())
+    assert shared_window >= 8  # the ties did land in the window
+
+
+def _gate_grad(cfg, logits):
+    """d(sum_i w_i c_i)/d logits for fixed random expert 'outputs' c."""
+    logits = logits.clone().requires_grad_()
+    r = route(logits, cfg)
+    (r.weights * torch.arange(1.0, logits.shape[1] + 1)).sum().backward()
+    return r, logits.grad
+
+
+def test_what_each_combine_mode_does_to_the_gate_gradient():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])  # keeps 0 and 1 (0.59 + 0.22 >= 0.7), drops 2 and 3
+    r, g = _gate_grad(_cfg(), logits)
+    assert r.selected.tolist() == [[True, True, False, False]]
+    assert g[0, :2].abs().min() > 0.1 and g[0, 2:].abs().max() < 1e-6  # kept logits only
+    torch.testing.assert_close(g[0].sum(), torch.tensor(0.0))  # shift-invariant
+    r, g = _gate_grad(_cfg(combine_weights="raw"), logits)
+    assert g[0, 2:].abs().min() > 1e-3  # the dropped candidates' logits get gradient too
+    assert r.weights.sum() < 1
+    r, g = _gate_grad(_cfg(combine_weights="reference"), logits)
+    torch.testing.assert_close(r.weights, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))  # 1/k, no ties
+    assert g.abs().max() < 1e-6  # the routed outputs teach the gate nothing
+    near = torch.tensor([[2.0, 1.99, 0.5, -1.0]])  # a near-tie: the multipliers depend on the logits
+    r, g = _gate_grad(_cfg(combine_weights="reference"), near)
+    assert r.weights[0, 0] < 0.5 and g[0, :2].abs().min() > 1e-3

@@ -54,13 +54,12 @@ def _train(cfg, model_cfg, steps, nan_step, rank):
 
     from training.cluster.parallel import init_parallel
     from training.model import AudioLM
-    from training.stages import step_losses
-    from training.train import _param_groups
+    from training.stages import optimizer_param_groups, step_losses
 
     pg = init_parallel(cfg.parallel)
     torch.manual_seed(0)
     model = AudioLM(model_cfg, ep_group=pg.ep_group)
-    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=1e-3)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, pg), mpu=pg.mpu)
     log = []
     for step, micro in steps.items():

@@ -1,5 +1,6 @@
-"""Upcycling dense specialists into the MoE model: expert weights are the specialists' FFN slices, the
-numbers must fit, and the per-task loss right after upcycling is compared with the specialists'."""
+"""Upcycling dense specialists into the MoE model: expert weights are the specialists' FFN slices (our 2 x 4
+and the paper's 4 x 2 layouts), the numbers must fit, and the per-task loss right after upcycling is
+compared with the specialists'."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from training.model import AudioLM, ModelConfig
 from training.model.batch import collate
-from training.model.upcycle import expert_slices, upcycle, upcycle_state_dict
+from training.model.upcycle import experts_per_specialist, upcycle, upcycle_state_dict
 
 BASE = dict(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, num_codebooks=2, codebook_size=16,
             delay_pattern="musicgen", text_vocab_size=32, vocab_pad_multiple=8, max_seq_len=96)
@@ -27,27 +28,28 @@ def _specialists(n):
     return out
 
 
-def test_experts_are_specialist_slices():
-    specs = _specialists(2)
-    cfg = moe_cfg()
+@pytest.mark.parametrize("n_spec, per_spec", [(2, 4), (4, 2)])  # ours, the paper's (released width F / 4)
+def test_experts_are_specialist_slices(n_spec, per_spec):
+    specs = _specialists(n_spec)
+    width = BASE["ffn_hidden_size"] // 4
+    cfg = moe_cfg(n_routed=n_spec * per_spec, width=width)
     model = upcycle(specs, cfg)
-    slices = expert_slices(cfg, 2)
-    assert slices == 2
+    assert experts_per_specialist(cfg, n_spec) == per_spec
     for layer in range(cfg.num_layers):
         ffn = model.layers[layer].ffn
         for s, spec in enumerate(specs):
             dense = spec.layers[layer].ffn
-            for j in range(slices):
-                e = ffn.experts[str(s * slices + j)]
-                rows = slice(j * 32, (j + 1) * 32)
+            for j in range(per_spec):  # expert s * P + j = quarter j of specialist s
+                e = ffn.experts[str(s * per_spec + j)]
+                rows = slice(j * width, (j + 1) * width)
                 assert torch.equal(e.gate_proj.weight, dense.gate_proj.weight[rows])
                 assert torch.equal(e.up_proj.weight, dense.up_proj.weight[rows])
                 assert torch.equal(e.down_proj.weight, dense.down_proj.weight[:, rows])
-            # the specialist's experts together are its dense FFN
-            x = torch.randn(5, cfg.hidden_size)
-            total = sum(ffn.experts[str(s * slices + j)](x) for j in range(slices))
-            torch.testing.assert_close(total, dense(x), atol=1e-5, rtol=1e-5)
-    avg = (specs[0].layers[0].attn.qkv_proj.weight + specs[1].layers[0].attn.qkv_proj.weight) / 2
+            if per_spec * width == BASE["ffn_hidden_size"]:  # all quarters: together the dense FFN
+                x = torch.randn(5, cfg.hidden_size)
+                total = sum(ffn.experts[str(s * per_spec + j)](x) for j in range(per_spec))
+                torch.testing.assert_close(total, dense(x), atol=1e-5, rtol=1e-5)
+    avg = sum(spec.layers[0].attn.qkv_proj.weight for spec in specs) / n_spec
     torch.testing.assert_close(model.layers[0].attn.qkv_proj.weight, avg)
     # fresh gate/shared: deterministic from the seed
     again = upcycle_state_dict(specs, cfg, seed=0)
@@ -56,9 +58,9 @@ def test_experts_are_specialist_slices():
 
 def test_three_specialists_and_errors():
     specs = _specialists(3)
-    assert expert_slices(moe_cfg(n_routed=6), 3) == 2
+    assert experts_per_specialist(moe_cfg(n_routed=6), 3) == 2
     upcycle(specs, moe_cfg(n_routed=6))
-    with pytest.raises(ValueError, match=r"num_routed_experts=4 must equal n_specialists \* slices = 3 \* 2"):
+    with pytest.raises(ValueError, match="num_routed_experts=4 must be a multiple of the number of spec"):
         upcycle(specs, moe_cfg(n_routed=4))
     with pytest.raises(ValueError, match="routed_ffn_size=24 must divide"):
         upcycle(specs, moe_cfg(n_routed=6, width=24))

@@ -185,6 +185,11 @@ def _bench_train_args(p):
                    help="peak memory and step time of this recompute mode against none")
 
 
+def _bench_moe_args(p):
+    _bench_args(p)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters and activations")
+
+
 def _bench_prep_args(p):
     _bench_args(p)
     p.add_argument("--workers", type=int, default=1)
@@ -226,7 +231,7 @@ COMMANDS = [
             "checkpoint for another TP/EP/DP layout", _reshard_args),
     Command(("slurm", "submit"), "training.cluster.slurm:run_cli", "submit the curriculum chain",
             _submit_args),
-    Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_args),
+    Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_moe_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
     Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",

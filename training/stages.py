@@ -34,6 +34,23 @@ def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
     log(f"stage {stage}: weights from {sources[0]} (step {meta.get('step')}, stage {meta.get('stage')})")
 
 
+def optimizer_param_groups(model, cfg) -> list[dict]:
+    """AdamW param groups. Stage 2's routed experts (stage.freeze_experts) are frozen for real: requires_grad
+    False and in no group, so they get no weight gradients, no optimizer state and no gradient reduction.
+    For an MoE model DeepSpeed's helper splits the rest into non-expert and expert ("moe") groups; with
+    every expert frozen there is no "moe" group, which DeepSpeed's own engine refuses and
+    moe.deepspeed_compat.MoEEngine (built by its `initialize`) accepts."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+    if cfg.stage.freeze_experts:
+        for p in model.parameters():
+            if is_moe_param(p):
+                p.requires_grad_(False)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "main"}]
+    if cfg.is_moe:
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
 def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True):
     """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
 

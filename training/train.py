@@ -187,8 +187,8 @@ def _ds_config(cfg, pg) -> dict:
 def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None, env=None) -> int:
     import torch
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
 
+    from moe.deepspeed_compat import initialize as initialize_engine
     from training.checkpoint import client as ckpt_client
     from training.checkpoint import save as ckpt
     from training.checkpoint.resume import resume as resume_checkpoint
@@ -196,7 +196,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
-    from training.stages import init_stage_weights, step_losses
+    from training.stages import init_stage_weights, optimizer_param_groups, step_losses
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
@@ -223,11 +223,11 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         if pg.tp > 1:
             from training.model.tensor_parallel import parallelize
             parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on)
-        groups = _param_groups(model, cfg)
+        groups = optimizer_param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg, pg),
-                                               mpu=pg.mpu, dist_init_required=False)
+        engine, _, _, _ = initialize_engine(model=model, optimizer=optimizer, config=_ds_config(cfg, pg),
+                                            mpu=pg.mpu, dist_init_required=False)
         layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
                   "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
         data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
@@ -276,16 +276,16 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         prefetch = Prefetcher(data)
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
         on_gpu = engine.device.type != "cpu"
-        exit_code = 0
+        exit_code, experts_per_token = 0, None
         while step < last:
             step += 1
             lr = lr_at(step, cfg.optim, total)
             for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0 if group.get("frozen") else lr
+                group["lr"] = lr
             t0 = time.perf_counter()
             batches = prefetch.next_step()
             acc, routing = None, {}
-            want_routing = step % cfg.logging.routing_every == 0 or step == 1 or on_gpu
+            want_routing = step % cfg.logging.routing_every == 0 or step == 1
             for mb in batches:
                 if on_gpu:
                     mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
@@ -308,11 +308,11 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens / dt, "skipped": skipped,
                       "padding_fraction": padding_fraction(batches)}  # of rank 0's micro-batches
+            experts_per_token = routing.get("routing/experts_per_token", experts_per_token)  # last measured
             if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
-                record["experts_per_token"] = routing["routing/experts_per_token"]
-            est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]),
-                      routing.get("routing/experts_per_token"), num_gpus=pg.env.world_size,
-                      peak=cfg.logging.peak_flops)
+                record["experts_per_token"] = experts_per_token
+            est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]), experts_per_token,
+                      num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
             if est is not None:
                 record["mfu"] = est
             if step % cfg.logging.routing_every == 0 or step == 1:
@@ -361,30 +361,6 @@ def _weights_finite(model) -> bool:
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _param_groups(model, cfg) -> list[dict]:
-    """One AdamW group (split by DeepSpeed into non-expert / expert groups for MoE models). Stage 2's frozen
-    routed experts go to their own group with lr 0 and a hook that zeroes their gradients, so they neither
-    move nor count in the clipping norm. (requires_grad=False is not an option: DeepSpeed's ZeRO insists on a
-    non-empty MoE param group for a model with MoE layers.) Their gradients are still computed."""
-    import torch
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    def is_expert(p):
-        return getattr(p, "allreduce", True) is False
-
-    frozen = [p for p in model.parameters() if cfg.stage.freeze_experts and is_expert(p)]
-    for p in frozen:
-        p.register_hook(lambda g: torch.zeros_like(g))
-    ids = {id(p) for p in frozen}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": rest, "name": "main"}]
-    if frozen:
-        groups.append({"params": frozen, "name": "frozen_experts", "frozen": True})
-    if cfg.is_moe:
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return [g for g in groups if g["params"]]
 
 
 def _resume_dir(resume: str | None, out: str) -> str | None:

@@ -195,9 +195,6 @@ class KVCache:
         self.kv[layer] = (k, v)
         return k, v
 
-    def index_select(self, index: torch.Tensor):
-        self.kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.kv]
-
 
 class LocalRegions:
     """The borders of the tensor-parallel regions when one rank holds the whole model: identities.

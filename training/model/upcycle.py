@@ -1,12 +1,16 @@
 """Upcycling (paper, stage 2): dense specialists -> one MoE AudioLM.
 
-For every MoE layer, specialist s's FFN (width F) is cut into `slices = F / routed_ffn_size` contiguous
-slices of its hidden dimension; slice j becomes routed expert s * slices + j (specialist by specialist):
-    expert.gate_proj = gate_proj[j*Fr:(j+1)*Fr, :]   expert.up_proj = up_proj[j*Fr:(j+1)*Fr, :]
-    expert.down_proj = down_proj[:, j*Fr:(j+1)*Fr]
-so the sum of a specialist's experts is its dense FFN. Attention, norms, embeddings, heads (and the FFN
-of layers that stay dense) are the average of the specialists. The router gate and the shared experts
-start fresh (normal(0, init_std) from `seed`, identical on every rank).
+For every MoE layer, each of the S specialists gives P = num_routed_experts / S routed experts (specialist
+by specialist: expert s * P + j is specialist s's j-th). Expert j is the contiguous slice of width
+Fr = routed_ffn_size of the specialist's FFN hidden dimension (width F) that starts at (j * Fr) mod F,
+the released code's round robin:
+    expert.gate_proj = gate_proj[o:o+Fr, :]   expert.up_proj = up_proj[o:o+Fr, :]
+    expert.down_proj = down_proj[:, o:o+Fr]   (o = (j * Fr) mod F)
+Our 2 x 4 with Fr = F / 4: each specialist's FFN cut into its 4 quarters, whose sum is the dense FFN. The
+paper's 4 x 2 with the released width F / 4: quarters 0 and 1 of each specialist (P * Fr < F leaves the
+rest out; P * Fr > F repeats slices). Attention, norms, embeddings, heads (and the FFN of layers that
+stay dense) are the average of the specialists. The router gate and the shared experts start fresh
+(normal(0, init_std) from `seed`, identical on every rank).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ def _plain_state_dict(spec) -> dict:
     return {k: v.detach().float().cpu() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def expert_slices(cfg: ModelConfig, n_specialists: int) -> int:
-    """How many routed experts each specialist contributes; raises when the numbers do not fit."""
+def experts_per_specialist(cfg: ModelConfig, n_specialists: int) -> int:
+    """P, the routed experts each specialist contributes; raises when the numbers do not fit."""
     kw = cfg.moe_kwargs()
     n_routed, width = int(kw.get("num_routed_experts", 8)), int(kw["routed_ffn_size"])
     F = cfg.ffn_hidden_size
@@ -37,13 +41,16 @@ def expert_slices(cfg: ModelConfig, n_specialists: int) -> int:
     if F % width:
         raise ValueError(f"upcycle: moe.routed_ffn_size={width} must divide the specialists' "
                          f"ffn_hidden_size={F} (each expert is one contiguous slice of a dense FFN)")
-    slices = F // width
-    if n_routed != n_specialists * slices:
-        raise ValueError(f"upcycle: moe.num_routed_experts={n_routed} must equal n_specialists * slices = "
-                         f"{n_specialists} * {slices} (ffn_hidden_size {F} / routed_ffn_size {width}); "
-                         f"set num_routed_experts={n_specialists * slices} or routed_ffn_size="
-                         f"{F * n_specialists // n_routed if n_routed else '?'}")
-    return slices
+    if n_routed % n_specialists:
+        raise ValueError(f"upcycle: moe.num_routed_experts={n_routed} must be a multiple of the number of "
+                         f"specialists {n_specialists} (each gives the same number of experts)")
+    return n_routed // n_specialists
+
+
+def expert_slice(j: int, width: int, ffn: int) -> slice:
+    """The hidden-dimension slice of a specialist's FFN that becomes its j-th expert."""
+    start = (j * width) % ffn
+    return slice(start, start + width)
 
 
 def upcycle_state_dict(specialists: list, moe_cfg: ModelConfig, seed: int = 0) -> dict:
@@ -51,7 +58,7 @@ def upcycle_state_dict(specialists: list, moe_cfg: ModelConfig, seed: int = 0) -
     if not moe_cfg.is_moe:
         raise ValueError("upcycle: the target ModelConfig has no MoE layers (set model.moe / moe_layers)")
     sds = [_plain_state_dict(s) for s in specialists]
-    slices = expert_slices(moe_cfg, len(sds))
+    per_specialist = experts_per_specialist(moe_cfg, len(sds))
     keys = set(sds[0])
     for i, sd in enumerate(sds[1:], 1):
         if set(sd) != keys:
@@ -71,10 +78,10 @@ def upcycle_state_dict(specialists: list, moe_cfg: ModelConfig, seed: int = 0) -
         if m and int(m.group(1)) in moe_layers:
             layer, proj = int(m.group(1)), m.group(2)
             for s, sd in enumerate(sds):
-                for j in range(slices):
-                    rows = slice(j * width, (j + 1) * width)
+                for j in range(per_specialist):
+                    rows = expert_slice(j, width, moe_cfg.ffn_hidden_size)
                     w = sd[k][:, rows] if proj == "down_proj" else sd[k][rows]
-                    out[f"layers.{layer}.ffn.experts.{s * slices + j}.{proj}.weight"] = w.clone()
+                    out[f"layers.{layer}.ffn.experts.{s * per_specialist + j}.{proj}.weight"] = w.clone()
         else:
             floating = sds[0][k].is_floating_point()
             out[k] = torch.stack([sd[k] for sd in sds]).mean(0) if floating else sds[0][k]
