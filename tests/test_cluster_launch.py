@@ -66,7 +66,10 @@ def test_rendezvous_port_moves_past_a_port_in_use():
 
 
 def test_nccl_async_error_handling_uses_torchs_current_name(monkeypatch):
-    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    # setenv first, so monkeypatch records the variable and removes what the code sets (a plain delenv of
+    # an absent variable records nothing, and the value set below would leak into later tests' jobs)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "unset-me")
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
     monkeypatch.setenv("NCCL_ASYNC_ERROR_HANDLING", "3")
     nccl_error_handling_env()
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"

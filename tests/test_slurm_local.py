@@ -242,7 +242,7 @@ def test_two_node_stage_with_ep2_preempted_requeues_and_resumes_to_the_same_loss
     text = _logs([log])
     assert info["JobState"] == "COMPLETED", text
     assert hostnames(info["NodeList"]) == two_nodes and "2 tasks on 2 node(s)" in text, text
-    assert "world 2 (tp 1, ep 2, dp 2" in text, text  # the experts split over the two nodes
+    assert "world 2 on cpu (tp 1, ep 2, dp 2" in text, text  # the experts split over the two nodes
     assert int(info["Restarts"]) == 1, f"the job was not requeued (did it finish before the signal?)\n{text}"
     assert "requeueing job" in text and re.search(r"resumed .* at step [1-5]\b", text), text
     reference = os.path.join(curriculum["runs"], "stage3")
