@@ -19,10 +19,11 @@ fp32; tensors the code computes in fp32 count 4):
     of the fused attention (4 per head): linear in the sequence length (no [L, L] matrix);
   - dense SwiGLU: its input (bD) and 4 F-wide tensors (gate out, silu, up out, their product);
   - MoE layer: its input (bD), the jittered fp32 router input and its noise (8D), the shared experts'
-    two hidden tensors (2 b S*Fs) and gates, the router's fp32 intermediates (about 10 (R+Z) + 2 G + 10
-    floats, G = gate outputs), and per routed (token, expert) pair the expert's two hidden tensors
-    (2 b Fr), its combine weight and 24 bytes of indices; with EP > 1 each pair also keeps its
-    received token row (bD) and 8 more bytes of indices. Pairs per token: the MAXIMUM number of routed
+    five hidden tensors (5 b S*Fs: gate out, silu, up out, their product, the product times the block
+    gates) and gates, the router's fp32 intermediates (about 10 (R+Z) + 2 G + 10 floats, G = gate
+    outputs), and per routed (token, expert) pair its gathered token row and its output row (2 b D), the
+    expert's four hidden tensors (4 b Fr, as in the dense SwiGLU), its combine weight and 24 bytes of
+    indices (8 more with EP > 1: the segment permutation). Pairs per token: the MAXIMUM number of routed
     experts Top-P can pick (an untrained or collapsing router comes close to it; balanced over EP ranks);
   - output: the final norm, the heads' input, fp32 log-probabilities of the K codebook heads
     (4 K V / TP), the logits held by the model output (b K V / TP), target and index bookkeeping.
@@ -147,9 +148,9 @@ def activation_terms(w: Workload, tp: int, ep: int, experts_per_token: float | N
     moe = moe_pairs = 0.0
     if m.is_moe:
         s = _moe_sizes(m)
-        moe = norm + (b * (D + 2 * s["shared_total"] + s["shared"]) + 8 * D
+        moe = norm + (b * (D + 5 * s["shared_total"] + s["shared"]) + 8 * D
                       + 4 * (10 * s["dynamic"] + 2 * s["gates"] + 10) + s["dynamic"] + s["gates"]) / sp
-        per_pair = 2 * s["routed_ffn"] * b + b + 24 + ((D * b + 8) if ep > 1 else 0)
+        per_pair = (2 * D + 4 * s["routed_ffn"]) * b + b + 24 + (8 if ep > 1 else 0)
         k = max_routed_per_token(m) if experts_per_token is None else experts_per_token
         moe_pairs = k * per_pair / sp
         moe += moe_pairs
