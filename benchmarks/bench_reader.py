@@ -48,6 +48,8 @@ def _private_dirty_kb() -> int:
 
 
 def random_access(mix: str, reads: int, max_open: int, seed: int = 0) -> dict:
+    import data_prep.codec  # noqa: F401  (torch: ~130 MB written once per process, not the reader's cost)
+
     base_fd, base_dirty = _count("/proc/self/fd"), _private_dirty_kb()
     reader = MixtureReader(mix, max_open_shards=max_open)
     idx = np.random.default_rng(seed).integers(0, len(reader), size=reads)  # within one epoch
