@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -42,7 +43,9 @@ def model_shapes(cfg) -> dict[str, tuple[tuple, torch.dtype]]:
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-class Source:
+class Source(ABC):
+    """What every source gives: the model config and shapes from its meta, tensors by name."""
+
     tp = 1
 
     def __init__(self, meta: dict, where: str):
@@ -56,9 +59,9 @@ class Source:
         full = torch.empty(self.shapes[name][0], device="meta")
         return tuple(shard_tensor(full, shard_kind(name), self.cfg, tp_rank, tp).shape)
 
+    @abstractmethod
     def read_shard(self, name: str, kind: str, tp_rank: int, fragment=None) -> torch.Tensor | None:
         """TP rank `tp_rank`'s shard of a tensor, or its flat elements fragment = (start, numel)."""
-        raise NotImplementedError
 
     def read(self, name: str, kind: str = "weight") -> torch.Tensor | None:
         """The full tensor (TP shards joined); None for a moment this checkpoint does not hold."""
@@ -74,9 +77,9 @@ class Source:
     def adam_step(self) -> int:
         return 0
 
+    @abstractmethod
     def stored_names(self) -> set[str]:
         """The tensor names the files hold (to catch files that do not match the meta's model config)."""
-        raise NotImplementedError
 
     def has_optimizer_state(self, name: str) -> bool:
         return False
