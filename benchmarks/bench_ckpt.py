@@ -25,12 +25,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import asdict
 
 import torch
+
+from training.cluster.ports import free_port
 
 FULL = {"num_layers": 5, "hidden_size": 768, "num_heads": 12, "ffn_hidden_size": 3072, "max_seq_len": 512}
 QUICK = {"num_layers": 2, "hidden_size": 128, "num_heads": 4, "ffn_hidden_size": 512, "max_seq_len": 256}
@@ -144,9 +145,7 @@ def _worker(rank: int, world: int, port: int, phase: str, model: dict, ep: int, 
 
 def _spawn(phase: str, model: dict, ep: int, work: str) -> list[dict]:
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_worker, args=(2, port, phase, model, ep, work), nprocs=2, start_method="spawn")
     return [json.load(open(os.path.join(work, f"{phase}.rank{r}.json"))) for r in range(2)]
 

@@ -67,11 +67,9 @@ def _init_single_process_group(device):
     """A 1-process group (nccl on CUDA): DeepSpeed's and megatron-core's MoE layers want one."""
     if dist.is_initialized():
         return
-    import socket
+    from training.cluster.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
                        ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)

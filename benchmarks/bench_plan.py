@@ -25,7 +25,7 @@ import json
 
 import torch
 
-from benchmarks.bench_train import make_batch
+from benchmarks.train_inputs import make_batch
 from training.cluster.plan_memory import Workload, activations
 from training.model import AudioLM, ModelConfig
 

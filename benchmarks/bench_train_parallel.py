@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -25,11 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from training.cluster.ports import free_port
 
 
 def _worker(rank, nprocs, port, out_dir, fn, kwargs):
@@ -49,7 +44,7 @@ def _worker(rank, nprocs, port, out_dir, fn, kwargs):
 def spawn(fn, nprocs: int, **kwargs) -> list:
     """Run fn(rank, nprocs, **kwargs) on nprocs fresh processes (one process group); their results."""
     with tempfile.TemporaryDirectory(prefix="unimoe-bench-") as out_dir:
-        mp.start_processes(_worker, args=(nprocs, _free_port(), out_dir, fn, kwargs), nprocs=nprocs,
+        mp.start_processes(_worker, args=(nprocs, free_port(), out_dir, fn, kwargs), nprocs=nprocs,
                            start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
 

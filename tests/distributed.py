@@ -15,7 +15,6 @@ rank fails the caller with that rank's traceback; a hang fails after `timeout` s
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -24,11 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from training.cluster.ports import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out_dir: str,

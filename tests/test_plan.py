@@ -217,7 +217,8 @@ def test_cli_prints_layouts_fastest_first_and_rejects_impossible_ones(tmp_path, 
 
 def test_gpu_presets_change_memory_limit_and_speed(tmp_path):
     _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=2048"])
-    plans = {g: build_plan(cfg, 8, GPUS[g], Assumptions(), None, "c") for g in GPUS}
+    w = workload_from_config(cfg)
+    plans = {g: build_plan(cfg, w, 8, GPUS[g], Assumptions(), "c") for g in GPUS}
     best = {g: plans[g]["layouts"][0]["time"]["step_s"] for g in GPUS}
     assert best["A100-80G"] > best["H100-80G"] >= best["H200"]
     assert plans["H200"]["gpu"]["memory_gib"] > 130

@@ -26,7 +26,6 @@ from training.cluster.plan_memory import (
     max_routed_per_token,
     memory_per_gpu,
     parameter_split,
-    planner_model_config,
     workload_from_config,
 )
 from training.cluster.plan_time import GPUS, Assumptions, Hardware, Layout, mean_experts_per_token, step_time
@@ -49,7 +48,7 @@ def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]
     if world % tp:
         return [f"tp={tp} does not divide {world} GPUs"]
     dp = world // tp
-    mcfg = planner_model_config(cfg)
+    mcfg = cfg.model_config()
     if mcfg.num_heads % tp:
         problems.append(f"tp={tp} does not divide model.num_heads={mcfg.num_heads}")
     if mcfg.num_kv_heads % tp:
@@ -74,7 +73,7 @@ def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]
 def all_layouts(cfg: TrainConfig, world: int) -> list[Candidate]:
     """Every tp | world and ep | dp (ep = 1 only for a dense model), with why each one fails."""
     out = []
-    moe = planner_model_config(cfg).is_moe
+    moe = cfg.is_moe
     for tp in divisors(world):
         dp = world // tp
         for ep in divisors(dp) if moe else [1]:
@@ -177,10 +176,9 @@ def _table_row(r: dict, mark: str) -> str:
             f"{t['tokens_per_s']:>10.0f} {t['mfu']:>5.3f} | {places}")
 
 
-def build_plan(cfg: TrainConfig, world: int, hw: Hardware, a: Assumptions, seq_len: int | None,
-               name: str, calibration: dict | None = None) -> dict:
-    """Everything `unimoe plan` prints, as a dict (also the --json output)."""
-    w = workload_from_config(cfg, seq_len)
+def build_plan(cfg: TrainConfig, w: Workload, world: int, hw: Hardware, a: Assumptions, name: str,
+               calibration: dict | None = None) -> dict:
+    """Everything `unimoe plan` prints, as a dict (also the --json output); w = workload_from_config(cfg)."""
     split = parameter_split(w.model)
     p = cfg.parallel
     candidates = all_layouts(cfg, world)
@@ -191,7 +189,7 @@ def build_plan(cfg: TrainConfig, world: int, hw: Hardware, a: Assumptions, seq_l
     chosen = layout_problems(cfg, world, p.tp, p.ep)
     mine = next((r for r in rows if r["config_layout"]), None)
     return {"config": name, "gpus": world, "gpu": dataclasses.asdict(hw),
-            "assumptions": {k: v for k, v in dataclasses.asdict(a).items() if k != "notes"},
+            "assumptions": dataclasses.asdict(a),
             "workload": {"precision": w.precision, "zero_stage": w.zero_stage, "recompute": w.recompute,
                          "sequence_parallel": w.sequence_parallel, "seq_len": w.seq_len,
                          "global_batch": w.global_batch, "micro_batch": w.micro_batch},
@@ -295,7 +293,7 @@ def run_cli(args) -> int:
         calibration = None
         if getattr(args, "calibrate", None):
             a, calibration = calibrate(args.calibrate, hw, a, seq_len)
-        plan = build_plan(cfg, args.gpus, hw, a, seq_len, args.config, calibration)
+        plan = build_plan(cfg, w, args.gpus, hw, a, args.config, calibration)
     except (ConfigError, ValueError) as e:
         print(f"unimoe plan: error: {args.config}: {e}", file=sys.stderr)
         return 2

@@ -38,13 +38,13 @@ NCCL buffers, allocator reserve) is an assumption, stated and overridable.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from training.config import TrainConfig
+from training.model.lm import RECOMPUTE
+from training.model.params import moe_numbers, parameter_counts, routed_experts_per_token
 
 GiB = 1024**3
-RECOMPUTE = ("none", "block", "moe")
 MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "a2a_buffers", "overhead")
 
 
@@ -74,21 +74,10 @@ class Workload:
         return self.micro_batch or max(self.global_batch // dp, 1)
 
 
-def planner_model_config(cfg: TrainConfig):
-    """cfg.model_config() without the keys this checkout's ModelConfig does not know yet (`recompute`
-    arrives with tensor/sequence parallelism); the planner reads them from the raw dict."""
-    from training.model import ModelConfig
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    if all(k in known for k in cfg.model):
-        return cfg.model_config()
-    trimmed = dataclasses.replace(cfg, model={k: v for k, v in cfg.model.items() if k in known})
-    return trimmed.model_config()
-
-
 def workload_from_config(cfg: TrainConfig, seq_len: int | None = None) -> Workload:
     import json
 
-    mcfg = planner_model_config(cfg)
+    mcfg = cfg.model_config()
     overlap = False
     try:
         with open(cfg.parallel.ds_config_path()) as f:
@@ -97,41 +86,32 @@ def workload_from_config(cfg: TrainConfig, seq_len: int | None = None) -> Worklo
         pass
     return Workload(mcfg, cfg.data.global_batch_size, cfg.data.micro_batch_size,
                     seq_len or mcfg.max_seq_len, cfg.parallel.precision, cfg.parallel.zero_stage,
-                    cfg.model.get("recompute", "none") or "none",
+                    mcfg.recompute,
                     bool(getattr(cfg.parallel, "sequence_parallel", False)), overlap)
 
 
-def _moe_sizes(m) -> dict:
-    kw = m.moe_kwargs()
-    r, z, s = (int(kw.get(k, d)) for k, d in (("num_routed_experts", 8), ("num_null_experts", 1),
-                                                ("num_shared_experts", 2)))
-    return {"routed": r, "dynamic": r + z, "gates": r + z + s, "shared": s,
-            "routed_ffn": int(kw["routed_ffn_size"]), "shared_total": s * int(kw["shared_ffn_size"])}
+def moe_sizes(m) -> dict:
+    n = moe_numbers(m)
+    r, z, s = n["routed"], n["null"], n["shared"]
+    return {"routed": r, "dynamic": r + z, "gates": r + z + s, "shared": s, "routed_ffn": n["routed_ffn"],
+            "shared_total": s * n["shared_ffn"]}
 
 
 def parameter_split(m) -> dict:
     """Parameter counts by placement: split by TP, replicated on every TP rank, routed experts (split by EP).
     Also the counts of training.model.params.parameter_counts (total, active per token ...)."""
-    from training.model.params import parameter_counts
-
     counts = parameter_counts(m)
     D, L = m.hidden_size, m.num_layers
     n_moe = len(m.moe_layer_ids)
     kv = m.num_kv_heads * m.head_dim
     tp_split = (L * (2 * D * D + 2 * D * kv) + (L - n_moe) * 3 * D * m.ffn_hidden_size
                 + m.padded_text_vocab_size * D + counts["heads"])
-    experts = replicated_moe = 0
-    if n_moe:
-        s = _moe_sizes(m)
-        experts = n_moe * s["routed"] * counts["routed_expert"]
-        replicated_moe = n_moe * (s["gates"] * D + 3 * D * s["shared_total"])
+    experts = n_moe * moe_sizes(m)["routed"] * counts["routed_expert"] if n_moe else 0
     replicated = counts["total"] - tp_split - experts
-    return {**counts, "tp_split": tp_split, "replicated": replicated, "moe_replicated": replicated_moe,
-            "experts": experts}
+    return {**counts, "tp_split": tp_split, "replicated": replicated, "experts": experts}
 
 
 def max_routed_per_token(m) -> int:
-    from training.model.params import routed_experts_per_token
     return routed_experts_per_token(m)[1] if m.is_moe else 0
 
 
@@ -147,7 +127,7 @@ def activation_terms(w: Workload, tp: int, ep: int, experts_per_token: float | N
     dense = norm + b * (D / sp + 4 * F / tp)
     moe = moe_pairs = 0.0
     if m.is_moe:
-        s = _moe_sizes(m)
+        s = moe_sizes(m)
         moe = norm + (b * (D + 5 * s["shared_total"] + s["shared"]) + 8 * D
                       + 4 * (10 * s["dynamic"] + 2 * s["gates"] + 10) + s["dynamic"] + s["gates"]) / sp
         per_pair = (2 * D + 4 * s["routed_ffn"]) * b + b + 24 + (8 if ep > 1 else 0)
@@ -167,7 +147,7 @@ def moe_constants(w: Workload) -> float:
     m, b = w.model, w.act_bytes
     if not m.is_moe:
         return 0.0
-    s = _moe_sizes(m)
+    s = moe_sizes(m)
     return (3 * m.hidden_size * s["shared_total"] * b if s["shared"] > 1 else 0) + (
         4 * s["gates"] * m.hidden_size if b != 4 else 0)
 

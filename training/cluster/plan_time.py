@@ -36,9 +36,9 @@ pipeline-parallel figures: each GPU holds L / pp layers, the interleaved schedul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from training.cluster.plan_memory import Workload, activations, parameter_split
+from training.cluster.plan_memory import Workload, activations, moe_sizes, parameter_split
 from training.model.params import routed_experts_per_token, train_flops_per_token
 
 
@@ -74,7 +74,6 @@ class Assumptions:
     experts_per_token: float | None = None  # mean routed experts per token (None: midpoint of min, max)
     experts_source: str = "midpoint of Top-P's min and max"
     time_scale: float = 1.0  # --calibrate: measured / predicted step time of a real run
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,11 +129,8 @@ def matmul_flops(w: Workload, lay: Layout, k: float, micro: int) -> dict:
     dense = 18 * T * D * m.ffn_hidden_size / tp
     moe = 0.0
     if n_moe:
-        kw = m.moe_kwargs()
-        gates = int(kw.get("num_routed_experts", 8)) + int(kw.get("num_null_experts", 1)) + int(
-            kw.get("num_shared_experts", 2))
-        shared = int(kw.get("num_shared_experts", 2)) * int(kw["shared_ffn_size"])
-        moe = 6 * t_moe * D * gates + 18 * t_moe * D * (shared + k * int(kw["routed_ffn_size"]))
+        s = moe_sizes(m)
+        moe = 6 * t_moe * D * s["gates"] + 18 * t_moe * D * (s["shared_total"] + k * s["routed_ffn"])
     layers = (m.num_layers * attn + n_dense * dense + n_moe * moe) / lay.pp
     recompute = 0.0  # one more forward (a third of forward + backward) of what is recomputed
     if w.recompute == "block":

@@ -44,6 +44,13 @@ def port_is_free(port: int, host: str = "") -> bool:
     return True
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS has just found free on `host` (one-host process groups: tests, benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def rendezvous_port(job_id: int, is_free=port_is_free) -> int:
     """The job's port, or the next one of PORT_RANGE (wrapping around) that is free on this host, outside
     its ephemeral range if it can be (a host whose ephemeral range covers all of PORT_RANGE gets any free

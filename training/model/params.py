@@ -16,7 +16,7 @@ import math
 from training.model.lm import ModelConfig
 
 
-def _moe_numbers(cfg: ModelConfig) -> dict:
+def moe_numbers(cfg: ModelConfig) -> dict:
     kw = cfg.moe_kwargs()
     return {"routed": int(kw.get("num_routed_experts", 8)), "null": int(kw.get("num_null_experts", 1)),
             "shared": int(kw.get("num_shared_experts", 2)), "top_p": float(kw.get("top_p", 0.7)),
@@ -26,7 +26,7 @@ def _moe_numbers(cfg: ModelConfig) -> dict:
 
 def routed_experts_per_token(cfg: ModelConfig) -> tuple[int, int]:
     """(min, max) number of routed (real) experts a token can use in an MoE layer."""
-    m = _moe_numbers(cfg)
+    m = moe_numbers(cfg)
     n_dyn = m["routed"] + m["null"]
     hi = min(math.ceil(m["top_p"] * n_dyn - 1e-9), n_dyn)
     if m["max_k"] is not None:
@@ -53,7 +53,7 @@ def parameter_counts(cfg: ModelConfig, mean_routed_experts: float | None = None)
     if n_moe == 0:
         return {**out, "total": always, "active_min": always, "active_mean": float(always),
                 "active_max": always}
-    m = _moe_numbers(cfg)
+    m = moe_numbers(cfg)
     expert = 3 * D * m["routed_ffn"]
     gate = (m["routed"] + m["null"] + m["shared"]) * D
     shared = m["shared"] * 3 * D * m["shared_ffn"]
