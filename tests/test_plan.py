@@ -130,7 +130,7 @@ def test_activation_peak_of_a_real_gpu_step_within_25_percent():
 
 
 def test_sequence_parallel_recompute_and_ep_change_activations_as_modelled(tmp_path):
-    _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=1024"])
+    _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=1024", "parallel.sequence_parallel=false"])
     w = workload_from_config(cfg)
     base = activations(w, tp=2, ep=1, micro=2)
     sp = activations(dataclasses.replace(w, sequence_parallel=True), tp=2, ep=1, micro=2)
@@ -156,7 +156,7 @@ def test_mixtral_8x7b_step_time_within_30_percent_of_megatron_core_468_tflops():
 
 
 def test_tp_duplicates_the_moe_layer_unless_sequence_parallel(tmp_path):
-    _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=1024"])
+    _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=1024", "parallel.sequence_parallel=false"])
     w = workload_from_config(cfg)
     k = 2.0
     one = matmul_flops(w, Layout(1, 1, 8), k, micro=1)
@@ -215,6 +215,14 @@ def test_cli_prints_layouts_fastest_first_and_rejects_impossible_ones(tmp_path, 
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides", [[], ["parallel.sequence_parallel=false"],
+                                       ["parallel.sequence_parallel=true"]])
+def test_planner_models_sequence_parallelism_as_training_runs_it(tmp_path, overrides):
+    """A TP=2 layout is planned with sequence parallelism exactly when `unimoe train` would turn it on."""
+    _, cfg = _config(tmp_path, MOE, ["parallel.tp=2", "parallel.ep=1", *overrides])
+    assert workload_from_config(cfg).sequence_parallel == cfg.parallel.sequence_parallel_on
+
+
 def test_gpu_presets_change_memory_limit_and_speed(tmp_path):
     _, cfg = _config(tmp_path, MOE, ["model.max_seq_len=2048"])
     w = workload_from_config(cfg)
@@ -256,7 +264,7 @@ def test_memory_is_in_bytes_of_plausible_size(tmp_path):
 def test_planner_reads_recompute_and_sequence_parallel_with_defaults(tmp_path):
     _, cfg = _config(tmp_path, MOE)
     w = workload_from_config(cfg)
-    assert (w.recompute, w.sequence_parallel) == ("none", False)
+    assert (w.recompute, w.sequence_parallel) == ("none", True)  # on for TP layouts, as training does
     cfg.model["recompute"] = "block"  # the key tensor/sequence parallelism adds to the model section
     assert workload_from_config(cfg).recompute == "block"
     with pytest.raises(ValueError, match="model.recompute"):

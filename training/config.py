@@ -105,9 +105,13 @@ class ParallelConfig:
         return find_file(self.ds_config)
 
     @property
+    def sequence_parallel_requested(self) -> bool:
+        """Sequence parallelism for any tp > 1: as set, or by default on except under ZeRO-3."""
+        return self.zero_stage != 3 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
     def sequence_parallel_on(self) -> bool:
-        default = self.zero_stage != 3
-        return self.tp > 1 and (default if self.sequence_parallel is None else self.sequence_parallel)
+        return self.tp > 1 and self.sequence_parallel_requested
 
 
 @dataclass

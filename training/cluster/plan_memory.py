@@ -87,7 +87,7 @@ def workload_from_config(cfg: TrainConfig, seq_len: int | None = None) -> Worklo
     return Workload(mcfg, cfg.data.global_batch_size, cfg.data.micro_batch_size,
                     seq_len or mcfg.max_seq_len, cfg.parallel.precision, cfg.parallel.zero_stage,
                     mcfg.recompute,
-                    bool(getattr(cfg.parallel, "sequence_parallel", False)), overlap)
+                    cfg.parallel.sequence_parallel_requested, overlap)
 
 
 def moe_sizes(m) -> dict:
