@@ -117,10 +117,9 @@ def set_encode_dtype(codec: "Codec", dtype: torch.dtype) -> None:
 def _run_encoder(codec: "Codec", wav: torch.Tensor) -> torch.Tensor:
     """The encoder's embeddings (float32) for wav [B, 1, S], under autocast when encode_dtype asks for it."""
     x = wav.to(codec.device, torch.float32)
-    dtype = getattr(codec, "encode_dtype", torch.float32)
-    if dtype == torch.float32:
+    if codec.encode_dtype == torch.float32:
         return codec.model.encoder(x)
-    with torch.autocast(codec.device.type, dtype=dtype):
+    with torch.autocast(codec.device.type, dtype=codec.encode_dtype):
         emb = codec.model.encoder(x).float()
     return emb if torch.isfinite(emb).all() else codec.model.encoder(x)
 
@@ -134,6 +133,7 @@ class Codec:
     bandwidth: float
     checkpoint: str | None = None
     seed: int | None = None
+    encode_dtype: torch.dtype = torch.float32  # the encoder's precision (set_encode_dtype)
 
     def __post_init__(self):
         self.model.set_target_bandwidth(self.bandwidth)

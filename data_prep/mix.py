@@ -219,11 +219,14 @@ class MixtureReader:
         return int(self.arrays["item_text"][g]), int(self.arrays["item_frames"][g])
 
     def _open(self, t: int) -> OpenShard:
+        return self.shards.get(t, lambda: self._open_new(t))
+
+    def _open_new(self, t: int) -> OpenShard:
+        """Row t of the shard table, opened and checked (on a cache miss only)."""
         arrays = self.arrays
         name = shard_name(int(arrays["shard_index"][t]))
         prefix = os.path.join(self.dirs[int(arrays["shard_dir"][t])], name)
-        expect = shard_expect(arrays, t, name)
-        return self.shards.get(t, lambda: OpenShard(prefix, self.num_codebooks, expect))
+        return OpenShard(prefix, self.num_codebooks, shard_expect(arrays, t, name))
 
     def __getitem__(self, i: int) -> dict:
         task, g = self.item_of(i)
@@ -231,7 +234,7 @@ class MixtureReader:
         shard = self._open(int(arrays["item_shard"][g]))
         row = int(arrays["item_row"][g])
         codes, text_ids = shard.get(row)
-        return {"id": shard.item_id(row, int(arrays["item_meta"][g])), "task": task, "text_ids": text_ids,
+        return {"id": shard.item_id(int(arrays["item_meta"][g])), "task": task, "text_ids": text_ids,
                 "codes": codes}
 
     def close(self) -> None:

@@ -128,8 +128,9 @@ def _shard_key(items: list[ManifestItem], root: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _manifest_key(shard_items: list[list[ManifestItem]], root: str) -> str:
-    return hashlib.sha256("".join(_shard_key(items, root) for items in shard_items).encode()).hexdigest()[:16]
+def _manifest_key(keys: list[str]) -> str:
+    """Of the shard keys of the whole manifest."""
+    return hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
 
 
 def _encode_segments(codec: Codec, wavs: list[np.ndarray], batch_seconds: float) -> list[np.ndarray]:
@@ -159,13 +160,13 @@ def _encode_segments(codec: Codec, wavs: list[np.ndarray], batch_seconds: float)
     return out
 
 
-def _config_record(cfg: PrepConfig, codec: Codec, tok: Tokenizer, dtype: torch.dtype) -> dict:
+def _config_record(cfg: PrepConfig, codec: Codec, tok_sha256: str, dtype: torch.dtype) -> dict:
     """What must match for listed shards to be reused (no absolute paths: a moved data root resumes)."""
     return {
         "codec": codec.fingerprint(),
         "bandwidth": codec.bandwidth,
         "codec_dtype": str(dtype).removeprefix("torch."),
-        "tokenizer_sha256": sh.sha256_file(tok.path),
+        "tokenizer_sha256": tok_sha256,
         "min_seconds": cfg.min_seconds,
         "max_seconds": cfg.max_seconds,
         "window_hop": cfg.window_hop,
@@ -211,22 +212,24 @@ def _prepare_out(cfg: PrepConfig) -> None:
         os.remove(report)
 
 
-def _todo(cfg, listing, old, mine, shard_items, root, log) -> list[int]:
-    """Shards of this slice to (re)build; listing["shards"] keeps the old entries that are still good."""
+def _todo(cfg, listing, old, mine, keys, log) -> list[int]:
+    """Shards of this slice to (re)build; listing["shards"] keeps the old entries that are still good.
+    keys[k]: the input key of shard k (_shard_key)."""
     if old is not None:
         if old.get("version") != LIST_VERSION or old.get("config") != listing["config"]:
             raise PrepError(
                 f"{cfg.out} holds shards made with another configuration (codec, tokenizer, bounds, shard "
                 "size, codec precision or an older unimoe-audio): use a new --out or remove the old one"
             )
-        listing["shards"] = [e for e in old["shards"] if e["index"] in set(mine)]
+        keep = set(mine)
+        listing["shards"] = [e for e in old["shards"] if e["index"] in keep]
     done = {e["index"]: e for e in listing["shards"]}
     todo = []
     for k in mine:
         e = done.get(k)
         if e is None:
             problem = "not listed"
-        elif e.get("input") != _shard_key(shard_items[k], root):
+        elif e.get("input") != keys[k]:
             problem = "input changed"
         else:
             problem = sh.verify_entry(cfg.out, e)
@@ -257,26 +260,28 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
 
     root = os.path.dirname(os.path.abspath(cfg.manifest))
     shard_items = [items[k : k + cfg.shard_size] for k in range(0, len(items), cfg.shard_size)]
+    keys = [_shard_key(shard, root) for shard in shard_items]
+    tok_sha256 = sh.sha256_file(tok.path)
     mine = [k for k in range(len(shard_items)) if k % cfg.num_slices == cfg.slice_index]
     list_path = os.path.join(cfg.out, sh.list_name(cfg.slice_index, cfg.num_slices))
     listing = {
         "version": LIST_VERSION,
         "codec": codec.info(),
-        "tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size, "sha256": sh.sha256_file(tok.path)},
-        "config": _config_record(cfg, codec, tok, dtype),
+        "tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size, "sha256": tok_sha256},
+        "config": _config_record(cfg, codec, tok_sha256, dtype),
         "slice": [cfg.slice_index, cfg.num_slices],
         "total_shards": len(shard_items),  # over all slices: the merge checks the shard indices cover it
-        "manifest_key": _manifest_key(shard_items, root),  # the same in every slice made from this manifest
+        "manifest_key": _manifest_key(keys),  # the same in every slice made from this manifest
         "shards": [],
     }
     old = sh.load_list(list_path) if os.path.isfile(list_path) else None
-    todo = _todo(cfg, listing, old, mine, shard_items, root, log)
+    todo = _todo(cfg, listing, old, mine, keys, log)
     sh.write_json_atomic(list_path, listing)  # listed even when this slice has no shards (for the merge)
     for k in todo:  # temporary files of a crashed earlier run of these shards
         for stale in glob.glob(os.path.join(cfg.out, f".tmp.{sh.shard_name(k)}.*")):
             os.remove(stale)
 
-    timing, restarts = _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log)
+    timing, restarts = _run_shards(cfg, codec, tok, todo, shard_items, keys, listing, list_path, log)
     report = _report(cfg, listing, manifest_rejects, seen, codec, time.time() - t0, mine, shard_items)
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
     report["decoder_restarts"] = restarts  # workers replaced after a crash or a timeout
@@ -284,7 +289,7 @@ def prep(cfg: PrepConfig, codec: Codec | None = None, log=print) -> dict:
     return report
 
 
-def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log) -> tuple[dict, int]:
+def _run_shards(cfg, codec, tok, todo, shard_items, keys, listing, list_path, log) -> tuple[dict, int]:
     """Decode, encode and write the shards `todo`; returns the main process's wall time per stage and the
     number of decode workers replaced."""
     audio_cfg = AudioCheckConfig(codec.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.window_hop)
@@ -332,7 +337,7 @@ def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log) -> 
             bar.update(len(block))
             if row + len(block) == len(shard_items[k]):  # last window of shard k: write it
                 t = time.perf_counter()
-                entry = _write_shard(cfg, k, shard_items[k], results, tok, crash_after, written)
+                entry = _write_shard(cfg, k, shard_items[k], keys[k], results, tok, crash_after, written)
                 written += entry["items"]
                 listing["shards"].append(entry)
                 listing["shards"].sort(key=lambda e: e["index"])
@@ -346,7 +351,7 @@ def _run_shards(cfg, codec, tok, todo, shard_items, listing, list_path, log) -> 
     return timing, pool.restarts
 
 
-def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
+def _write_shard(cfg, k, items, key, results, tok, crash_after, written) -> dict:
     writer = sh.ShardWriter(cfg.out, k)
     rejected = []
     for j, it in enumerate(items):
@@ -371,12 +376,12 @@ def _write_shard(cfg, k, items, results, tok, crash_after, written) -> dict:
                 raise RuntimeError(
                     f"injected crash in {writer.name} after {writer.items} items ({CRASH_ENV})"
                 )
-    return writer.finalize({"input": _shard_key(items, os.path.dirname(os.path.abspath(cfg.manifest))),
-                            "seen": len(items), "rejected": rejected})
+    return writer.finalize({"input": key, "seen": len(items), "rejected": rejected})
 
 
 def _report(cfg, listing, manifest_rejects, seen, codec, elapsed, mine, shard_items) -> dict:
-    entries = [e for e in listing["shards"] if e["index"] in set(mine)]
+    keep = set(mine)
+    entries = [e for e in listing["shards"] if e["index"] in keep]
     first = cfg.slice_index == 0  # manifest-level rejections are reported once, by slice 0
     tasks: dict[str, dict] = {}
     for e in entries:

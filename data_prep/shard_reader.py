@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from data_prep.shards import LIST_NAME, SUFFIXES, check_coverage, load_list
+from data_prep.shards import LIST_NAME, SUFFIXES, check_coverage, load_list, sha256_file
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -28,6 +28,27 @@ _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
 
 class ShardCheckError(ValueError):
     """A shard file differs from what prep recorded (size or index checksum)."""
+
+
+def check_files(prefix: str, expect: dict | None, sha256=sha256_file) -> list[tuple[str, str, str]]:
+    """The cheap check of shard `prefix` against `expect` = {"sizes": {file: bytes}, "sha256": {file: hex}}:
+    the sizes recorded there, then the sha256 of the two .idx files (those present; `sha256(path)` hashes
+    one). Returns the problems in that order as (path, "size" | "sha256", OpenShard's message)."""
+    expect = expect or {}
+    name = os.path.basename(prefix)
+    advice = "run `unimoe data verify`, then prep/mix again"
+    problems = []
+    for suffix in SUFFIXES:
+        path, want = prefix + suffix, expect.get("sizes", {}).get(name + suffix)
+        if want is not None and (size := _size(path)) != want:
+            msg = f"{path}: {size} bytes, expected {want} (changed or truncated since prep): {advice}"
+            problems.append((path, "size", msg))
+    for kind in ("codes", "text"):
+        path, want = f"{prefix}.{kind}.idx", expect.get("sha256", {}).get(f"{name}.{kind}.idx")
+        if want is not None and os.path.isfile(path) and sha256(path) != want:
+            msg = f"{path}: sha256 differs from the one recorded at prep/mix time: {advice}"
+            problems.append((path, "sha256", msg))
+    return problems
 
 
 def read_index(data: bytes, name: str) -> tuple[np.dtype, np.ndarray, np.ndarray]:
@@ -50,32 +71,24 @@ class OpenShard:
     """One shard open for reading: both .idx files and text.bin read into memory (checked), codes.bin read
     by position through one file descriptor, the only one a shard keeps open.
 
-    `expect` = {"sizes": {file: bytes}, "sha256": {file: hex}}: sizes of the files present there are checked,
-    and so are the sha256 of the .idx files (small); the full check of every file is `unimoe data verify`."""
+    `expect` = {"sizes": {file: bytes}, "sha256": {file: hex}}: check_files, the first problem raised as
+    ShardCheckError; the full check of every file is `unimoe data verify`."""
 
     def __init__(self, prefix: str, num_codebooks: int, expect: dict | None = None):
         self.prefix, self.name, self.num_codebooks = prefix, os.path.basename(prefix), num_codebooks
-        self._meta_lines = None
-        expect = expect or {}
-        for suffix in SUFFIXES:
-            want = expect.get("sizes", {}).get(self.name + suffix)
-            if want is not None and (size := _size(prefix + suffix)) != want:
-                raise ShardCheckError(
-                    f"{prefix}{suffix}: {size} bytes, expected {want} (changed or truncated since prep): "
-                    "run `unimoe data verify`, then prep/mix again"
-                )
+        read: dict[str, bytes] = {}  # the .idx files check_files hashed: parsed below, not read again
+
+        def sha256(path: str) -> str:
+            read[path] = _read(path)
+            return hashlib.sha256(read[path]).hexdigest()
+
+        problems = check_files(prefix, expect, sha256)
+        if problems:
+            raise ShardCheckError(problems[0][2])
         indexes = {}
         for kind in ("codes", "text"):
-            fname = f"{self.name}.{kind}.idx"
-            with open(f"{prefix}.{kind}.idx", "rb") as f:
-                data = f.read()
-            want = expect.get("sha256", {}).get(fname)
-            if want is not None and hashlib.sha256(data).hexdigest() != want:
-                raise ShardCheckError(
-                    f"{prefix}.{kind}.idx: sha256 differs from the one recorded at prep/mix time: run "
-                    "`unimoe data verify`, then prep/mix again"
-                )
-            indexes[kind] = read_index(data, fname)
+            path = f"{prefix}.{kind}.idx"
+            indexes[kind] = read_index(read[path] if path in read else _read(path), f"{self.name}.{kind}.idx")
         self.codes_dtype, self.codes_len, self.codes_ptr = indexes["codes"]
         text_dtype, self.text_len, self.text_ptr = indexes["text"]
         with open(prefix + ".text.bin", "rb") as f:
@@ -97,17 +110,11 @@ class OpenShard:
         text = self.text[first : first + int(self.text_len[j])].astype(np.int64)
         return codes.reshape(self.num_codebooks, -1), text
 
-    def item_id(self, j: int, offset: int | None = None) -> str:
-        """The id of item j: its meta.jsonl line read at `offset` (bytes, from the mixture index), or from
-        the whole file (read once per opening) when no offset is given."""
-        if offset is not None:
-            with open(self.prefix + ".meta.jsonl", "rb") as f:
-                f.seek(offset)
-                return json.loads(f.readline())["id"]
-        if self._meta_lines is None:
-            with open(self.prefix + ".meta.jsonl", "rb") as f:
-                self._meta_lines = f.read().splitlines()
-        return json.loads(self._meta_lines[j])["id"]
+    def item_id(self, offset: int) -> str:
+        """The id of an item: its meta.jsonl line, read at `offset` (bytes, from the mixture index)."""
+        with open(self.prefix + ".meta.jsonl", "rb") as f:
+            f.seek(offset)
+            return json.loads(f.readline())["id"]
 
     def close(self) -> None:
         self.codes_file.close()
@@ -150,9 +157,13 @@ def _size(path: str) -> int | None:
         return None
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class ShardSet:
-    """Read access to the shards of one prep output directory; at most `max_open` shards open at once.
-    Picklable: a copy opens its own shards."""
+    """Read access to the shards of one prep output directory; at most `max_open` shards open at once."""
 
     def __init__(self, out_dir: str, max_open: int = 64):
         self.out_dir = os.path.abspath(out_dir)
@@ -166,11 +177,6 @@ class ShardSet:
         self.shards = sorted(self.list["shards"], key=lambda e: e["index"])
         self.num_codebooks = int(self.list["codec"]["num_codebooks"])
         self.cache = ShardCache(max_open)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["cache"] = ShardCache(self.cache.max_open)
-        return state
 
     def read_meta(self, s: int) -> list[dict]:
         """The meta.jsonl rows of shard s (id, task, split, seconds, frames, speaker, text)."""

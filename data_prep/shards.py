@@ -134,8 +134,9 @@ class ShardWriter:
             os.remove(p)
 
 
-def verify_entry(out_dir: str, entry: dict) -> str | None:
-    """None if every file of the shard exists with its recorded size and sha256, else the problem."""
+def verify_entry(out_dir: str, entry: dict, sha256=sha256_file) -> str | None:
+    """None if every file of the shard exists with its recorded size and sha256, else the problem.
+    `sha256(path)` hashes one file."""
     sizes = entry.get("sizes", {})
     for fname, digest in entry["files"].items():
         path = os.path.join(out_dir, fname)
@@ -143,7 +144,7 @@ def verify_entry(out_dir: str, entry: dict) -> str | None:
             return f"missing {fname}"
         if fname in sizes and os.path.getsize(path) != sizes[fname]:
             return f"size of {fname} is {os.path.getsize(path)}, expected {sizes[fname]}"
-        if sha256_file(path) != digest:
+        if sha256(path) != digest:
             return f"checksum mismatch for {fname}"
     return None
 
@@ -153,13 +154,17 @@ def load_list(path: str) -> dict:
         return json.load(f)
 
 
+def _missing(indices: list[int], total: int) -> list[int]:
+    """The shard indices below `total` that `indices` lacks, sorted."""
+    return sorted(set(range(total)) - set(indices))
+
+
 def check_coverage(listing: dict, where: str) -> None:
     """A list that records its total shard count must hold every index below it."""
     total = listing.get("total_shards")
     if total is None:
         return
-    have = {e["index"] for e in listing["shards"]}
-    missing = sorted(set(range(total)) - have)
+    missing = _missing([e["index"] for e in listing["shards"]], total)
     if missing:
         raise ValueError(
             f"{where} is incomplete: {len(missing)} of {total} shards missing "
@@ -216,7 +221,7 @@ def merge(out_dir: str, expect: int | None = None, wait: bool = False) -> dict |
     merged = {k: v for k, v in parts[0].items() if k not in ("shards", "slice")}
     merged["shards"] = sorted((e for part in parts for e in part["shards"]), key=lambda e: e["index"])
     indices = [e["index"] for e in merged["shards"]]
-    missing = sorted(set(range(total)) - set(indices))
+    missing = _missing(indices, total)
     if missing or len(indices) != len(set(indices)):
         raise MergeError(
             f"{out_dir}: {len(missing)} of {total} shards missing after all slices completed "
@@ -252,9 +257,9 @@ def merge_reports(reports: list[dict]) -> dict:
     return out
 
 
-def verify_dir(out_dir: str, log=print) -> list[tuple[str, str]]:
+def verify_dir(out_dir: str, log=print, sha256=sha256_file) -> list[tuple[str, str]]:
     """Full check of a prep output: every listed file's size and sha256, and shard coverage.
-    Returns [(shard or list, problem)]."""
+    Returns [(shard or list, problem)]. `sha256(path)` hashes one file."""
     path = os.path.join(out_dir, LIST_NAME)
     listing = load_list(path)
     bad = []
@@ -263,7 +268,7 @@ def verify_dir(out_dir: str, log=print) -> list[tuple[str, str]]:
     except ValueError as e:
         bad.append((LIST_NAME, str(e)))
     for e in listing["shards"]:
-        err = verify_entry(out_dir, e)
+        err = verify_entry(out_dir, e, sha256)
         if err:
             bad.append((e["name"], err))
     for name, err in bad:

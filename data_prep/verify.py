@@ -8,11 +8,13 @@ well, 1 naming each problem, 2 when PATH cannot be read.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 
 from data_prep.mix_index import open_index, shard_expect
+from data_prep.shard_reader import check_files
 from data_prep.shards import sha256_file, shard_name, verify_dir
 
 
@@ -29,21 +31,15 @@ def verify_mix(mix_json: str, log=print) -> list[tuple[str, str]]:
         log(f"{problem[0]}: {problem[1]}")
         return [problem]
     dirs = [os.path.normpath(os.path.join(base, d)) for d in mix["dirs"]]
-    bad = [problem for d in dirs for problem in verify_dir(d, log)]
+    sha256 = functools.cache(sha256_file)  # the .idx files verify_dir hashed are not hashed again below
+    bad = [problem for d in dirs for problem in verify_dir(d, log, sha256)]
     stale = []  # shard files that no longer match what the index recorded
     arrays = open_index(index_path, mix["index"])
     for t in range(len(arrays["shard_index"])):
         name = shard_name(int(arrays["shard_index"][t]))
         prefix = os.path.join(dirs[int(arrays["shard_dir"][t])], name)
-        expect = shard_expect(arrays, t, name)
-        for fname, size in expect["sizes"].items():
-            path = os.path.join(os.path.dirname(prefix), fname)
-            if not os.path.isfile(path) or os.path.getsize(path) != size:
-                stale.append((path, "differs from the mixture index (size): run `unimoe data mix` again"))
-        for fname, digest in expect["sha256"].items():
-            path = os.path.join(os.path.dirname(prefix), fname)
-            if os.path.isfile(path) and sha256_file(path) != digest:
-                stale.append((path, "differs from the mixture index (sha256): run `unimoe data mix` again"))
+        for path, check, _ in check_files(prefix, shard_expect(arrays, t, name), sha256):
+            stale.append((path, f"differs from the mixture index ({check}): run `unimoe data mix` again"))
     for path, err in stale:
         log(f"{path}: {err}")
     return bad + stale
