@@ -12,17 +12,17 @@ import torch
 
 from tests.distributed import run_distributed
 from training.config import load_config
-from training.train import _ds_config, step_applied
+from training.train import deepspeed_config, step_applied
 
 TINY = "training/configs/tiny/joint.yaml"
 
 
 def test_bf16_ds_config_checks_overflow_and_accumulates_in_fp32():
     cfg = load_config(TINY, ["parallel.precision=bf16", "parallel.ds_config=ds_configs/zero2_fp32.json"])
-    ds = _ds_config(cfg, SimpleNamespace(dp=2))
+    ds = deepspeed_config(cfg, SimpleNamespace(dp=2))
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    ds = _ds_config(load_config(TINY), SimpleNamespace(dp=2))
+    ds = deepspeed_config(load_config(TINY), SimpleNamespace(dp=2))
     assert ds["bf16"]["enabled"] is False and "data_types" not in ds
 
 
@@ -60,7 +60,8 @@ def _train(cfg, model_cfg, steps, nan_step, rank):
     torch.manual_seed(0)
     model = AudioLM(model_cfg, ep_group=pg.ep_group)
     opt = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(cfg, pg), mpu=pg.mpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, pg),
+                                      mpu=pg.mpu)
     log = []
     for step, micro in steps.items():
         for mb in micro:

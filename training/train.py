@@ -62,21 +62,10 @@ class StopFlag:
         self.signal = signum
 
     def any_rank(self) -> bool:
-        import torch
         import torch.distributed as dist
-        flag = torch.tensor([1 if self.signal is not None else 0], device=_comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
-
-def _comm_device():
-    """Where small tensors for collectives live: the GPU under NCCL (it refuses CPU tensors), else CPU."""
-    import torch
-    import torch.distributed as dist
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        from training.cluster.parallel import all_reduce_values
+        return all_reduce_values([1.0 if self.signal is not None else 0.0], dist.ReduceOp.MAX)[0] > 0
 
 
 def _fault_steps(name: str) -> set[int]:
@@ -164,7 +153,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ds_config(cfg, pg) -> dict:
+def deepspeed_config(cfg, pg) -> dict:
     with open(cfg.parallel.ds_config_path()) as f:
         ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     micro = cfg.micro_batch_size(pg.dp)
@@ -226,7 +215,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         groups = optimizer_param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        engine, _, _, _ = initialize_engine(model=model, optimizer=optimizer, config=_ds_config(cfg, pg),
+        ds_config = deepspeed_config(cfg, pg)
+        engine, _, _, _ = initialize_engine(model=model, optimizer=optimizer, config=ds_config,
                                             mpu=pg.mpu, dist_init_required=False)
         layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
                   "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
@@ -285,12 +275,14 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             t0 = time.perf_counter()
             batches = prefetch.next_step()
             acc, routing = None, {}
-            want_routing = step % cfg.logging.routing_every == 0 or step == 1
-            for mb in batches:
+            # routing stats (host copies) on logging steps only, of the micro-batch rank 0 logs: its last
+            want_routing = pg.is_main and (step % cfg.logging.routing_every == 0 or step == 1)
+            for i, mb in enumerate(batches):
                 if on_gpu:
                     mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
                 out_ = engine(mb)
-                loss, parts, routing = step_losses(out_, cfg, model_cfg, step, want_routing)
+                loss, parts, routing = step_losses(out_, cfg, model_cfg, step,
+                                                   want_routing and i == len(batches) - 1)
                 if step in nan_steps:
                     loss = loss * float("nan")
                 engine.backward(loss)
@@ -315,8 +307,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                       num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
             if est is not None:
                 record["mfu"] = est
-            if step % cfg.logging.routing_every == 0 or step == 1:
-                scalars.update(routing)  # this rank's (rank 0's) last micro-batch
+            scalars.update(routing)  # empty but on rank 0's routing steps
             metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
             if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
                 log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
@@ -356,11 +347,10 @@ def _weights_finite(model) -> bool:
     """All ranks agree whether every local weight is finite (collective; before a checkpoint)."""
     import torch
     import torch.distributed as dist
-    ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    flag = torch.tensor([1.0 if ok else 0.0], device=_comm_device())
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+
+    from training.cluster.parallel import all_reduce_values
+    ok = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one host sync
+    return all_reduce_values([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0
 
 
 def _resume_dir(resume: str | None, out: str) -> str | None:
@@ -391,18 +381,12 @@ def _global_tokens(batches, pg) -> float:
 def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
     """Mean over micro-batches and data-parallel ranks. Keys 'loss', 'loss_<task>', 'aux_..',
     'codebook/k'; per-task means count only ranks where the task appeared."""
-    import torch
-    import torch.distributed as dist
+    from training.cluster.parallel import all_reduce_values
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
-    dev = _comm_device()
-    vals = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=dev)
-    counts = torch.tensor([acc.get("_count_" + k, n_micro) for k in keys], dtype=torch.float64, device=dev)
-    if dist.is_initialized():
-        group = pg.dp_group
-        dist.all_reduce(vals, group=group)
-        dist.all_reduce(counts, group=group)
-    vals, counts = vals.cpu(), counts.cpu()
-    mean = {k: float(v / c) for k, v, c in zip(keys, vals, counts)
+    summed = all_reduce_values([acc[k] for k in keys] + [acc.get("_count_" + k, n_micro) for k in keys],
+                               group=pg.dp_group)
+    vals, counts = summed[: len(keys)], summed[len(keys):]
+    mean = {k: v / c for k, v, c in zip(keys, vals, counts)
             if not k.startswith("_count_") and c > 0}  # a task absent from the whole step: no key
     record = {k: v for k, v in mean.items() if k == "loss" or k.startswith("loss_") or k.startswith("aux_")}
     scalars = {k: v for k, v in mean.items() if k not in record}

@@ -23,8 +23,8 @@ import os
 import shutil
 import sys
 
-import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
 
 from training.checkpoint import deepspeed_io, retention
 from training.checkpoint.client import save_client
@@ -37,15 +37,7 @@ from training.checkpoint.manifest import (
     write_atomic,
     write_complete,
 )
-
-
-def _all_reduce(values: list[float], op) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=op)
-    return t.cpu().tolist()
+from training.cluster.parallel import all_reduce_values
 
 
 def _rank_estimate(engine, pg) -> float:
@@ -53,7 +45,7 @@ def _rank_estimate(engine, pg) -> float:
     partition of fp32 master weights and two AdamW moments."""
     module = 0.0
     for p in engine.module.parameters():
-        replicas = pg.dp // pg.ep if getattr(p, "allreduce", True) is False else pg.dp
+        replicas = pg.dp // pg.ep if is_moe_param(p) else pg.dp
         module += getattr(p, "ds_numel", p.numel()) * p.element_size() / replicas
     flat = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
     if flat is not None:
@@ -65,7 +57,7 @@ def _rank_estimate(engine, pg) -> float:
 
 def expected_bytes(engine, pg, ckpt_dir: str) -> int:
     """Collective. The checkpoint's size: the larger of the newest complete tag's and the estimate."""
-    (estimate,) = _all_reduce([_rank_estimate(engine, pg)], dist.ReduceOp.SUM)
+    (estimate,) = all_reduce_values([_rank_estimate(engine, pg)], dist.ReduceOp.SUM)
     tags = complete_tags(ckpt_dir)
     previous = sum((read_complete(tags[-1])["files"] or {}).values()) if tags else 0
     return int(max(estimate, previous))
@@ -83,7 +75,8 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
         shutil.rmtree(tag_dir)  # a stale or incomplete save of the same step
     need = expected_bytes(engine, pg, ckpt_dir)
     free = shutil.disk_usage(ckpt_dir).free
-    (room,) = _all_reduce([1.0 if free >= need else 0.0], dist.ReduceOp.MIN)  # also: rmtree before writes
+    # unanimous; it also orders rank 0's rmtree above before any rank writes
+    (room,) = all_reduce_values([1.0 if free >= need else 0.0], dist.ReduceOp.MIN)
     if room < 1:
         if free < need:
             print(f"[rank {rank}] checkpoint {tag} refused: {free / 2**20:.0f} MiB free under {ckpt_dir}, "
@@ -102,7 +95,7 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
     except OSError as e:
         print(f"[rank {rank}] error: writing checkpoint {tag} failed: {e}", file=sys.stderr, flush=True)
         ok = 0.0
-    (agreed,) = _all_reduce([ok], dist.ReduceOp.MIN)
+    (agreed,) = all_reduce_values([ok], dist.ReduceOp.MIN)
     if agreed < 1:
         raise OSError(f"{tag_dir}: a rank could not write its files; the checkpoint stays incomplete "
                       "(the previous complete one is still `latest`)")

@@ -69,6 +69,23 @@ def export_env(env: DistEnv) -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(env.world_size)))
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives live: the GPU under NCCL (it refuses CPU tensors), else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_values(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
+    """Collective when torch.distributed is up (else the values as given): `values` reduced with `op` over
+    `group`, in float64, one all-reduce."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=op, group=group)
+    return t.cpu().tolist()
+
+
 class MegatronMPU:
     """Old Megatron-LM mpu API over megatron.core.parallel_state (for DeepSpeed's `mpu=`)."""
 
