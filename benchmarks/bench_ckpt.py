@@ -52,20 +52,15 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
 
 def build_engine(tc, pg):
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
+    """The training's engine for `tc` (its param groups and DeepSpeed config), AdamW at lr 1e-4."""
     from moe.deepspeed_compat import initialize as initialize_engine
-    from training.config import find_file
     from training.model import AudioLM
+    from training.stages import optimizer_param_groups
+    from training.train import deepspeed_config
     torch.manual_seed(0)
     model = AudioLM(tc.model_config(), ep_group=pg.ep_group)
-    groups = split_params_into_different_moe_groups_for_optimizer([{"params": list(model.parameters()),
-                                                                     "name": "main"}])
-    with open(find_file(tc.parallel.ds_config)) as f:
-        ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
-              gradient_clipping=1.0)
-    engine, *_ = initialize_engine(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-4), config=ds,
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc), lr=1e-4)
+    engine, *_ = initialize_engine(model=model, optimizer=optimizer, config=deepspeed_config(tc, pg),
                                    dist_init_required=False)
     return engine
 

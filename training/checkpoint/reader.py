@@ -27,7 +27,8 @@ from training.checkpoint.manifest import CheckpointError, find_verified, read_me
 from training.checkpoint.safetensors_io import SafetensorsReader
 from training.checkpoint.zero_files import ZeroShard, zero3_full_state
 
-KINDS = ("weight", "exp_avg", "exp_avg_sq")
+OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq")  # AdamW's moments
+KINDS = ("weight", *OPTIMIZER_KINDS)
 
 
 def model_config_from_meta(meta: dict):
@@ -90,7 +91,8 @@ class DeepSpeedSource(Source):
         super().__init__(read_meta(tag_dir), tag_dir)
         self.tp = int(self.meta["layout"].get("tp", 1))
         self.shards = [ZeroShard(tag_dir, t, self.cfg.moe_layer_ids) for t in range(self.tp)]
-        self.zero3 = self.shards[0].zero_stage() == 3
+        self.zero_stage = self.shards[0].zero_stage()
+        self.zero3 = self.zero_stage == 3
         self._zero3_state = None
         if self.zero3 and self.tp > 1:
             raise CheckpointError(f"{tag_dir}: ZeRO-3 with tensor parallelism cannot be read offline")
@@ -100,14 +102,18 @@ class DeepSpeedSource(Source):
             if kind != "weight":
                 raise CheckpointError(f"{self.where}: ZeRO-3 optimizer state cannot be read offline "
                                       "(resume at the saved layout, or train with ZeRO 1/2 to reshard)")
-            if self._zero3_state is None:
-                self._zero3_state = zero3_full_state(self.where)
-            t = self._zero3_state[name].float()
+            t = self._zero3()[name].float()
         else:
             t = self.shards[tp_rank].read(name, kind, self.shard_shape(name, tp_rank))
         if t is not None and fragment is not None:
             t = t.reshape(-1).narrow(0, *fragment)
         return t
+
+    def _zero3(self) -> dict:
+        """The ZeRO-3 weights of the whole model, built once (zero_to_fp32) and kept."""
+        if self._zero3_state is None:
+            self._zero3_state = zero3_full_state(self.where)
+        return self._zero3_state
 
     def adam_step(self) -> int:
         return 0 if self.zero3 else self.shards[0].adam_step()
@@ -117,7 +123,7 @@ class DeepSpeedSource(Source):
 
     def stored_names(self) -> set[str]:
         if self.zero3:
-            return set(zero3_full_state(self.where)) if self._zero3_state is None else set(self._zero3_state)
+            return set(self._zero3())
         return set().union(*(s.stored_names() for s in self.shards))
 
 

@@ -28,12 +28,17 @@ from training.checkpoint.reader import KINDS, DeepSpeedSource, open_source
 from training.checkpoint.safetensors_io import write_safetensors
 
 
+def _dp(layout: dict) -> int:
+    """A layout's data-parallel size (meta files that predate the "dp" key: world size / TP)."""
+    return layout.get("dp", layout["world_size"] // layout["tp"])
+
+
 def target_layout(src, tp: int | None, ep: int | None, dp: int | None) -> dict:
     """The source layout with the requested sizes; CheckpointError when the model or batch cannot take it."""
     from training.model.tensor_parallel import check_tp_size
     saved = src.meta["layout"]
     tp, ep = tp or saved["tp"], ep or saved["ep"]
-    dp = dp or saved.get("dp", saved["world_size"] // saved["tp"])
+    dp = dp or _dp(saved)
     moe = src.meta["config"].get("moe")
     problems = []
     if moe is None and ep != 1:
@@ -78,11 +83,14 @@ def _write_tensors(src, out_tag: str, tp: int) -> None:
 
     def produce(entry: tuple):
         _, _, name, kind, t = entry
-        full = src.read(name, kind)
-        if full is None:
+        same_tp = t is not None and src.tp == tp  # rank t's shard is the source's rank t shard: read only it
+        value = src.read_shard(name, kind, t) if same_tp else src.read(name, kind)
+        if value is None:
             raise CheckpointError(f"{src.where}: no {kind} for {name}")
         bar.update()
-        return full if t is None else shard_tensor(full, shard_kind(name), src.cfg, t, tp).contiguous()
+        if t is None:
+            return value
+        return (value if same_tp else shard_tensor(value, shard_kind(name), src.cfg, t, tp)).contiguous()
 
     os.makedirs(os.path.join(out_tag, "resharded"))
     for fname, entries in files.items():
@@ -94,7 +102,7 @@ def _write_tensors(src, out_tag: str, tp: int) -> None:
 
 def _write_clients(src, out_tag: str, layout: dict) -> None:
     saved = src.meta["layout"]
-    src_tp, src_dp = saved["tp"], saved.get("dp", saved["world_size"] // saved["tp"])
+    src_tp, src_dp = saved["tp"], _dp(saved)
     for rank in range(layout["world_size"]):
         d, t = divmod(rank, layout["tp"])  # megatron order: TP ranks are adjacent
         source = d * src_tp + min(t, src_tp - 1) if d < src_dp else 0
@@ -104,11 +112,13 @@ def _write_clients(src, out_tag: str, layout: dict) -> None:
         save_client(out_tag, rank, client)
 
 
-def reshard(ckpt: str, out: str, tp: int | None = None, ep: int | None = None, dp: int | None = None) -> str:
+def reshard(ckpt: str, out: str, tp: int | None = None, ep: int | None = None,
+            dp: int | None = None) -> tuple[str, dict]:
+    """-> (the new tag dir, its layout)."""
     src = open_source(ckpt)
-    if isinstance(src, DeepSpeedSource) and src.shards[0].zero_stage() not in (1, 2):
+    if isinstance(src, DeepSpeedSource) and src.zero_stage not in (1, 2):
         raise CheckpointError(f"{src.where}: resharding reads ZeRO stage 1/2 checkpoints (this one is ZeRO "
-                              f"{src.shards[0].zero_stage()}); resume it at its own layout")
+                              f"{src.zero_stage}); resume it at its own layout")
     if not os.path.isdir(src.where):
         raise CheckpointError(f"{ckpt}: an exported model holds weights only; reshard a run's checkpoint")
     layout = target_layout(src, tp, ep, dp)
@@ -126,16 +136,15 @@ def reshard(ckpt: str, out: str, tp: int | None = None, ep: int | None = None, d
     write_atomic(os.path.join(out_tag, "meta.json"), json.dumps(meta, indent=1, default=str))
     write_complete(out_tag, int(meta["step"]))
     write_atomic(os.path.join(out, CKPT_SUBDIR, "latest"), os.path.basename(out_tag))
-    return out_tag
+    return out_tag, layout
 
 
 def reshard_cli(args) -> int:
     try:
-        out_tag = reshard(args.ckpt, args.out, args.tp, args.ep, args.dp)
+        out_tag, lay = reshard(args.ckpt, args.out, args.tp, args.ep, args.dp)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lay = json.load(open(os.path.join(out_tag, "meta.json")))["layout"]
     print(f"resharded {args.ckpt} -> {out_tag} (tp={lay['tp']}, ep={lay['ep']}, dp={lay['dp']}); continue "
           f"with: unimoe train --config ... --out {args.out} --resume auto parallel.tp={lay['tp']} "
           f"parallel.ep={lay['ep']} (on {lay['world_size']} processes)")

@@ -20,11 +20,10 @@ import torch
 from training.checkpoint import deepspeed_io
 from training.checkpoint.client import client_path, load_client
 from training.checkpoint.manifest import CheckpointError, read_meta, verify
-from training.checkpoint.reader import ReshardedSource
+from training.checkpoint.reader import OPTIMIZER_KINDS, ReshardedSource
 from training.config import ConfigError
 
 LAYOUT_KEYS = ("world_size", "tp", "ep", "dp", "zero_stage", "precision")
-OPT_KINDS = ("exp_avg", "exp_avg_sq")
 
 
 def _describe(lay: dict) -> str:
@@ -89,7 +88,8 @@ def load_resharded(engine, pg, src: ReshardedSource) -> None:
             if shape != tuple(p.shape):
                 raise CheckpointError(f"{src.where}: {name} has shape {shape}, this run's model wants "
                                       f"{tuple(p.shape)} (another model config or TP size)")
-            if p.dtype == torch.float32 and p.data.is_contiguous():
+            direct = p.dtype == torch.float32 and p.data.is_contiguous()
+            if direct:
                 src.read_shard(name, "weight", pg.tp_rank, out=p.data)
             else:
                 p.data.copy_(src.read_shard(name, "weight", pg.tp_rank).to(p.dtype))
@@ -98,12 +98,16 @@ def load_resharded(engine, pg, src: ReshardedSource) -> None:
                 hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
                 flat = zopt.single_partition_of_fp32_groups[mapping.param_group_index]
                 fragment = (lp.start, lp.numel)
-                src.read_shard(name, "weight", pg.tp_rank, fragment, out=flat.narrow(0, hp.start, hp.numel))
-                for kind in OPT_KINDS:
+                master = flat.narrow(0, hp.start, hp.numel)
+                if direct:  # p.data holds the stored fp32 shard, read straight into it: copy its fragment
+                    master.copy_(p.data.view(-1).narrow(0, *fragment))
+                else:
+                    src.read_shard(name, "weight", pg.tp_rank, fragment, out=master)
+                for kind in OPTIMIZER_KINDS:
                     if src.has_optimizer_state(name):
                         src.read_shard(name, kind, pg.tp_rank, fragment,
                                        out=zopt.optimizer.state[flat][kind].narrow(0, hp.start, hp.numel))
             elif zopt is None and src.has_optimizer_state(name):  # ZeRO 0: the torch optimizer's own state
                 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-                base.state[p] = {"step": torch.tensor(float(step)),
-                                 **{k: src.read_shard(name, k, pg.tp_rank).to(p.dtype) for k in OPT_KINDS}}
+                base.state[p] = {"step": torch.tensor(float(step)), **{
+                    k: src.read_shard(name, k, pg.tp_rank).to(p.dtype) for k in OPTIMIZER_KINDS}}

@@ -25,7 +25,6 @@ from training.checkpoint.torch_files import deepspeed_globals, load_weights_only
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(.+)$")
 _ZERO_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq")
 
 
 def _load(path: str):
