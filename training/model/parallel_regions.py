@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -120,22 +119,24 @@ class TensorParallelRegions:
         split = self.sequence_parallel and cache is None
         return TensorParallelRegions(self.group, self.sequence_parallel, (batch, length) if split else None)
 
-    @property
-    def _pad(self) -> int:
-        n = self.shape[0] * self.shape[1]
-        return -n % self.size
+    def _rows(self, t, value=0):
+        """t [B, L, ...] as B*L rows, padded with `value` to a multiple of TP (a view when none is needed)."""
+        rows = t.reshape(self.shape[0] * self.shape[1], *t.shape[2:])
+        pad = -rows.shape[0] % self.size
+        if not pad:
+            return rows
+        return torch.cat([rows, rows.new_full((pad, *rows.shape[1:]), value)])
 
     def scatter(self, x):
         """[B, L, D] (identical on the TP ranks) -> this rank's [ceil(B*L / TP), D] rows."""
         if self.shape is None:
             return x
-        rows = F.pad(x.reshape(-1, x.shape[-1]), (0, 0, 0, self._pad))
-        return split_rows(rows, self.group)
+        return split_rows(self._rows(x), self.group)
 
     def scatter_ids(self, ids):
         if self.shape is None or ids is None:
             return ids
-        return _my_rows(F.pad(ids.reshape(-1), (0, self._pad), value=-1), self.group)
+        return _my_rows(self._rows(ids, value=-1), self.group)
 
     def enter(self, x):
         if self.shape is None:
@@ -146,15 +147,16 @@ class TensorParallelRegions:
     def exit(self, y):
         if self.shape is None:
             return reduce_from_tensor_model_parallel_region(y, group=self.group)
-        rows = F.pad(y.reshape(-1, y.shape[-1]), (0, 0, 0, self._pad))
-        return reduce_scatter_rows(rows, self.group)
+        return reduce_scatter_rows(self._rows(y), self.group)
 
     def replicated(self, module, *args, **kwargs):
         """module(*args, **kwargs); on split tokens the gradients of its replicated parameters are summed
         over the group."""
+        if self.shape is None:
+            return module(*args, **kwargs)
         named = [(n, p) for n, p in module.named_parameters()
                  if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
-        if self.shape is None or not named:
+        if not named:
             return module(*args, **kwargs)
         if any(hasattr(p, "ds_id") for _, p in named):
             raise RuntimeError("sequence parallelism cannot run under ZeRO-3 (its weights are partitioned "
