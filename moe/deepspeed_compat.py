@@ -136,15 +136,23 @@ def initialize(**kwargs):
         deepspeed.DeepSpeedEngine = original
 
 
+def expert_key_to_name(key: str) -> str:
+    """A key of DeepSpeed's per-expert files (global expert id, see above) -> our parameter name."""
+    head, sep, tail = key.partition(DS_EXPERT_PREFIX)
+    if not sep:
+        raise ValueError(f"key {key!r} is not a DeepSpeed expert key ({DS_EXPERT_PREFIX})")
+    return f"{head}experts.{tail}".lstrip(".")
+
+
 def expert_files_to_state_dict(tag_dir: str) -> dict[str, torch.Tensor]:
     """All layer_*_expert_*_mp_rank_00 files of a DeepSpeed checkpoint tag -> {our global name: tensor}."""
     out = {}
     paths = sorted(p for p in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_model_states.pt"))
                    if _EXPERT_FILE.search(p) and _EXPERT_FILE.search(p).group(3) == "00")
     for path in paths:
-        for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
-            head, sep, tail = key.partition(DS_EXPERT_PREFIX)
-            if not sep:
-                raise ValueError(f"{path}: key {key!r} is not a DeepSpeed expert key ({DS_EXPERT_PREFIX})")
-            out[f"{head}experts.{tail}".lstrip(".")] = value
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            try:
+                out[expert_key_to_name(key)] = value
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
     return out

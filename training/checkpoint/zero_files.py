@@ -101,7 +101,7 @@ class ZeroShard:
 
     def stored_names(self) -> set[str]:
         """Every parameter name these files hold (optimizer partitions, module, expert files)."""
-        from moe.deepspeed_compat import DS_EXPERT_PREFIX
+        from moe.deepspeed_compat import expert_key_to_name
         names = set(self.index)
         module = f"mp_rank_{self.tp_rank:02d}_model_states.pt"
         if os.path.exists(os.path.join(self.tag_dir, module)):
@@ -109,8 +109,10 @@ class ZeroShard:
         pattern = f"layer_*_expert_*_mp_rank_{self.tp_rank:02d}_model_states.pt"
         for path in glob.glob(os.path.join(self.tag_dir, pattern)):
             for key in self._file(os.path.basename(path)):
-                head, _, tail = key.partition(DS_EXPERT_PREFIX)
-                names.add(f"{head}experts.{tail}")
+                try:
+                    names.add(expert_key_to_name(key))
+                except ValueError as e:
+                    raise CheckpointError(f"{path}: {e}") from None
         return names
 
     def adam_step(self) -> int:
