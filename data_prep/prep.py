@@ -237,8 +237,9 @@ def _todo(cfg, listing, old, mine, keys, log) -> list[int]:
             continue
         if e is not None:
             log(f"[prep] rebuilding {e['name']}: {problem}")
-            listing["shards"] = [x for x in listing["shards"] if x["index"] != k]
         todo.append(k)
+    rebuild = set(todo)
+    listing["shards"] = [e for e in listing["shards"] if e["index"] not in rebuild]
     if len(mine) > len(todo):
         log(f"[prep] skipping {len(mine) - len(todo)} complete shard(s) (checksums verified)")
     return todo
