@@ -24,7 +24,7 @@ from training.cluster.plan_memory import (
     workload_from_config,
 )
 from training.cluster.plan_time import GPUS, Assumptions, Layout, matmul_flops, mixtral_reference, step_time
-from training.config import load_config, save_config
+from training.config import ConfigError, load_config, save_config
 from training.model import AudioLM
 
 MOE = {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_codebooks": 2, "codebook_size": 16,
@@ -221,6 +221,24 @@ def test_planner_models_sequence_parallelism_as_training_runs_it(tmp_path, overr
     """A TP=2 layout is planned with sequence parallelism exactly when `unimoe train` would turn it on."""
     _, cfg = _config(tmp_path, MOE, ["parallel.tp=2", "parallel.ep=1", *overrides])
     assert workload_from_config(cfg).sequence_parallel == cfg.parallel.sequence_parallel_on
+
+
+def test_plan_and_train_agree_on_which_layouts_run(tmp_path):
+    """Every layout the planner lists as possible passes `unimoe train`'s own checks, and every one it rules
+    out fails them (here the token-budget window: dp micro-batches per step need batch_window >= dp)."""
+    _, cfg = _config(tmp_path, MOE, ["data.batch_tokens=256", "data.batch_window=4"])
+    verdicts = {}
+    for c in all_layouts(cfg, 8):
+        parallel = dataclasses.replace(cfg.parallel, tp=c.layout.tp, ep=c.layout.ep)
+        run = dataclasses.replace(cfg, parallel=parallel)
+        try:
+            run.validate(8)
+            verdicts[(c.layout.tp, c.layout.ep)] = (c.ok, True)
+        except ConfigError as e:
+            verdicts[(c.layout.tp, c.layout.ep)] = (c.ok, False)
+            assert str(e) in c.problems
+    assert all(planned == trains for planned, trains in verdicts.values()), verdicts
+    assert not verdicts[(1, 1)][0] and verdicts[(2, 1)][0]  # dp 8 > window 4; dp 4 fits
 
 
 def test_gpu_presets_change_memory_limit_and_speed(tmp_path):

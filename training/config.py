@@ -205,36 +205,48 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e} (fields: see training/model/lm.py ModelConfig)") from e
 
+    def layout_problems(self, world_size: int, tp: int | None = None, ep: int | None = None) -> list[str]:
+        """Why this config cannot run at TP=tp, EP=ep (default: its own) on world_size ranks, in the order
+        `validate` checks them; [] when it can. `unimoe plan` lists them for every layout it considers."""
+        tp = self.parallel.tp if tp is None else tp
+        ep = self.parallel.ep if ep is None else ep
+        if world_size % tp:
+            return [f"parallel.tp={tp} must divide the world size {world_size}"]
+        dp = world_size // tp
+        mcfg = self.model_config()
+        problems = []
+        if dp % ep:
+            problems.append(f"parallel.ep={ep} must divide the data-parallel size {dp} (world {world_size} / "
+                            f"tp {tp}); choose ep in {divisors(dp)}")
+        if mcfg.is_moe:
+            n_exp = int(mcfg.moe_kwargs().get("num_routed_experts", 8))
+            if n_exp % ep:
+                problems.append(f"parallel.ep={ep} must divide moe.num_routed_experts={n_exp}")
+        elif ep != 1:
+            problems.append(f"parallel.ep={ep} needs an MoE model (this one is dense)")
+        if mcfg.num_heads % tp:
+            problems.append(f"model.num_heads={mcfg.num_heads} must be divisible by parallel.tp={tp}")
+        if mcfg.num_kv_heads % tp:
+            problems.append(f"model.num_kv_heads={mcfg.num_kv_heads} must be divisible by parallel.tp={tp}")
+        gbs = self.data.global_batch_size
+        if gbs % dp:
+            problems.append(f"data.global_batch_size={gbs} must be divisible by the data-parallel size {dp}")
+            return problems
+        micro = self.micro_batch_size(dp)
+        if self.data.batch_tokens is not None and self.data.batch_window < dp * self.grad_accum(dp):
+            problems.append(f"data.batch_window={self.data.batch_window} must be >= the micro-batches per "
+                            f"step ({dp * self.grad_accum(dp)} = dp x gradient accumulation)")
+        if (gbs // dp) % micro:
+            problems.append(f"data.micro_batch_size={micro} must divide the per-rank batch {gbs // dp} "
+                            f"(global {gbs} / dp {dp})")
+        return problems
+
     def validate(self, world_size: int) -> None:
         """Checks that need the job's size; call before any process group starts."""
         p = self.parallel
-        if world_size % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} must divide the world size {world_size}")
-        dp = world_size // p.tp
-        if dp % p.ep:
-            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} "
-                              f"(world {world_size} / tp {p.tp}); choose ep in {divisors(dp)}")
-        if self.moe is not None:
-            n_exp = self.moe.get("num_routed_experts", 8)
-            if n_exp % p.ep:
-                raise ConfigError(f"parallel.ep={p.ep} must divide moe.num_routed_experts={n_exp}")
-        heads = self.model.get("num_heads", self.model.get("n_heads"))
-        if heads is not None and heads % p.tp:
-            raise ConfigError(f"model.num_heads={heads} must be divisible by parallel.tp={p.tp}")
-        kv = self.model.get("num_kv_heads")
-        if kv and kv % p.tp:
-            raise ConfigError(f"model.num_kv_heads={kv} must be divisible by parallel.tp={p.tp}")
-        if self.data.global_batch_size % dp:
-            raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} must be divisible by "
-                              f"the data-parallel size {dp}")
-        micro = self.micro_batch_size(dp)
-        if self.data.batch_tokens is not None and self.data.batch_window < dp * self.grad_accum(dp):
-            raise ConfigError(f"data.batch_window={self.data.batch_window} must be >= the micro-batches per "
-                              f"step ({dp * self.grad_accum(dp)} = dp x gradient accumulation)")
-        if (self.data.global_batch_size // dp) % micro:
-            per_rank = self.data.global_batch_size // dp
-            raise ConfigError(f"data.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
-                              f"(global {self.data.global_batch_size} / dp {dp})")
+        problems = self.layout_problems(world_size)
+        if problems:
+            raise ConfigError(problems[0])
         if not os.path.exists(p.ds_config_path()):
             raise ConfigError(f"parallel.ds_config: {p.ds_config} does not exist (looked in the working "
                               f"directory and {REPO_ROOT}; see ds_configs/, or pass --ds-config PATH)")

@@ -43,31 +43,11 @@ class Candidate:
 
 
 def layout_problems(cfg: TrainConfig, world: int, tp: int, ep: int) -> list[str]:
-    """Why TP=tp, EP=ep cannot run on `world` GPUs with this config (empty list: it can)."""
-    problems = []
+    """Why TP=tp, EP=ep cannot run on `world` GPUs with this config (empty list: it can): the trainer's
+    own checks (TrainConfig.layout_problems)."""
     if world % tp:
         return [f"tp={tp} does not divide {world} GPUs"]
-    dp = world // tp
-    mcfg = cfg.model_config()
-    if mcfg.num_heads % tp:
-        problems.append(f"tp={tp} does not divide model.num_heads={mcfg.num_heads}")
-    if mcfg.num_kv_heads % tp:
-        problems.append(f"tp={tp} does not divide model.num_kv_heads={mcfg.num_kv_heads}")
-    if dp % ep:
-        problems.append(f"ep={ep} does not divide the data-parallel size {dp} (= {world} GPUs / tp {tp})")
-    if mcfg.is_moe:
-        n_routed = int(mcfg.moe_kwargs().get("num_routed_experts", 8))
-        if n_routed % ep:
-            problems.append(f"ep={ep} does not divide moe.num_routed_experts={n_routed}")
-    elif ep != 1:
-        problems.append(f"ep={ep} needs an MoE model (this one is dense)")
-    gbs = cfg.data.global_batch_size
-    if gbs % dp:
-        problems.append(f"data.global_batch_size={gbs} is not divisible by the data-parallel size {dp}")
-    elif cfg.data.micro_batch_size and (gbs // dp) % cfg.data.micro_batch_size:
-        problems.append(f"data.micro_batch_size={cfg.data.micro_batch_size} does not divide the per-rank "
-                        f"batch {gbs // dp}")
-    return problems
+    return cfg.layout_problems(world, tp, ep)
 
 
 def all_layouts(cfg: TrainConfig, world: int) -> list[Candidate]:
