@@ -81,7 +81,7 @@ class MoELayer(_DeepSpeedMoE):
             p.group_name = self.expert_group_name
         # router jitter: set per training step (set_jitter_seed); None = drawn from the torch RNG
         self.jitter_seed: int | None = None
-        self.reset_parameters(int(torch.randint(0, 2**62, ())), layer=0)
+        self.reset_parameters(int(torch.randint(0, 2**62, (), device="cpu")), layer=0)
         self.register_state_dict_post_hook(MoELayer._state_dict_hook)
         self.register_load_state_dict_pre_hook(MoELayer._load_hook)
 
@@ -89,6 +89,8 @@ class MoELayer(_DeepSpeedMoE):
         """N(0, init_std^2) weights, each module from its own seed: the gate from (seed, layer, "gate"),
         shared expert i from (seed, layer, "shared", i), routed expert g from (seed, layer, "expert", g with
         g its GLOBAL id): the same weights at every expert-parallel size."""
+        if self.gate.weight.is_meta:  # built for its shapes only
+            return
         std = self.cfg.init_std
         keyed_normal_(self.gate.weight, std, seed, layer, "gate")
         for i, shared in enumerate(self.shared):

@@ -294,7 +294,7 @@ def cross_entropy_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch
 class AudioLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_group=None):
         super().__init__()
-        init_seed = int(torch.randint(0, 2**62, ()))  # the one draw from the torch RNG (see _init_weights)
+        init_seed = int(torch.randint(0, 2**62, (), device="cpu"))  # the one draw from the torch RNG
         self.cfg = cfg
         D = cfg.hidden_size
         self.text_embed = nn.Embedding(cfg.padded_text_vocab_size, D)
@@ -314,6 +314,8 @@ class AudioLM(nn.Module):
         """Every weight a function of `seed` alone (drawn from the torch RNG when the model is built), not
         of the layout: the non-MoE weights in order from one generator, each MoE layer's gate and experts
         from their own keys (MoELayer.reset_parameters: routed experts by global id)."""
+        if self.text_embed.weight.is_meta:  # built for its shapes only (torch.device("meta"))
+            return
         std = self.cfg.init_std
         gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
