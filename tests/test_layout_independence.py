@@ -96,7 +96,7 @@ def test_step_loss_is_per_token_of_the_global_batch_whatever_the_micro_batches()
 
     from training.model.batch import collate
     from training.model.lm import TASKS
-    from training.token_loss import StepTokens
+    from training.stages import StepTokens
     cfg = _cfg()
     torch.manual_seed(0)
     model = AudioLM(ModelConfig(**{**cfg.__dict__, "moe": None, "moe_layers": "none"}))

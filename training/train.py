@@ -189,8 +189,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
-    from training.stages import init_stage_weights, optimizer_param_groups, step_losses
-    from training.token_loss import StepTokens
+    from training.stages import StepTokens, init_stage_weights, optimizer_param_groups, step_losses
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
@@ -387,7 +386,7 @@ def _global_tokens(batches, pg) -> float:
 
 def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
     """Over micro-batches and data-parallel ranks: 'loss', 'loss_<task>' and 'codebook/k' are summed (each
-    micro-batch holds its share of the step's per-token loss, training.token_loss), the rest ('aux_..')
+    micro-batch holds its share of the step's per-token loss, stages.StepTokens), the rest ('aux_..')
     averaged; a task that appeared on no rank gets no key."""
     from training.cluster.parallel import all_reduce_values
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
