@@ -183,7 +183,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.checkpoint.resume import resume as resume_checkpoint
     from training.cluster.parallel import init_parallel, shutdown
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
-    from training.metrics import MetricsLogger, mfu
+    from training.metrics import MetricsLogger, ProgressLine, loss_per_codebook, mfu, peak_memory_mib
     from training.model import AudioLM
     from training.stages import init_stage_weights, optimizer_param_groups, step_losses
 
@@ -237,7 +237,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 _seed_all(cfg.seed * 1000 + 17 + rank + 7919 * step)
             log(f"resumed {resume_dir} at step {step} ("
                 f"{'DeepSpeed files' if client['resumed_native'] else 'resharded state'})")
-        metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step)
+        metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step,
+                                wandb_cfg=cfg.metrics.wandb, config=cfg.to_dict())
         metrics.log_text("config", "    " + json.dumps(cfg.to_dict(), indent=1).replace("\n", "\n    "), step)
         last = min(max_steps or cfg.max_steps, cfg.max_steps)
         total = cfg.optim.schedule_steps or cfg.max_steps
@@ -266,6 +267,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         prefetch = Prefetcher(data)
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
         on_gpu = engine.device.type != "cpu"
+        progress = ProgressLine(step + 1, last, model_cfg.num_codebooks, model_cfg.codebook_loss, on_gpu)
         exit_code, experts_per_token = 0, None
         while step < last:
             step += 1
@@ -297,9 +299,12 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
             dt = time.perf_counter() - t0
             tokens = _global_tokens(batches, pg)
-            record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / dt, "skipped": skipped,
-                      "padding_fraction": padding_fraction(batches)}  # of rank 0's micro-batches
+            record = {"step": step, **record,
+                      "loss_per_codebook": loss_per_codebook(record["loss"], model_cfg.num_codebooks,
+                                                             model_cfg.codebook_loss),
+                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "skipped": skipped,
+                      "padding_fraction": padding_fraction(batches),  # of rank 0's micro-batches
+                      "peak_memory_mib": peak_memory_mib(engine.device)}
             experts_per_token = routing.get("routing/experts_per_token", experts_per_token)  # last measured
             if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
                 record["experts_per_token"] = experts_per_token
@@ -309,6 +314,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 record["mfu"] = est
             scalars.update(routing)  # empty but on rank 0's routing steps
             metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
+            if step % cfg.logging.log_every == 0:
+                log(progress.line(record))
             if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
                 log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
                     f"step {step}; no checkpoint written (latest stays on the last finite one). Lower "
