@@ -175,6 +175,22 @@ def test_export_and_load_for_inference(baseline, tmp_path):
     assert main(["ckpt", "export", "--ckpt", base, "--out", str(tmp_path / "model.pt")]) == 2
 
 
+def test_validation_across_ranks_equals_unimoe_eval_of_the_checkpoint(baseline, tmp_path):
+    """tiny/joint.yaml validates at steps 3 and 6 on one batch of 4 (2 per data-parallel rank, experts over
+    EP 2); `unimoe eval` of the saved step-6 model on the same 4 samples in one process gives that loss."""
+    from data_prep.demo import ensure_demo_data
+    from training.eval.evaluate import evaluate
+    base, ref = baseline
+    assert [s for s, r in ref.items() if "valid_loss" in r] == [3, 6]
+    result = evaluate(os.path.join(base, "checkpoints", "step_00000006"), ensure_demo_data()["valid"],
+                      out_dir=str(tmp_path), batches=1, batch_size=4, routing=False)
+    assert abs(result["loss"] - ref[6]["valid_loss"]) <= 1e-5 * ref[6]["valid_loss"]
+    for task, loss in result["loss_per_task"].items():
+        assert abs(loss - ref[6][f"valid_loss_{task}"]) <= 1e-5 * loss
+    meta = json.load(open(os.path.join(base, "checkpoints", "step_00000006", "meta.json")))
+    assert meta["valid"]["last"]["step"] == 6 and meta["valid"]["best"]["step"] in (3, 6)
+
+
 def test_bad_layout_is_a_config_error_before_any_process_group(tmp_path, capsys):
     assert main(train_cmd("joint.yaml", str(tmp_path / "x"), "parallel.ep=4")[3:]) == 2
     assert "parallel.ep=4 must divide the data-parallel size 2" in capsys.readouterr().err

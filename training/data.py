@@ -39,6 +39,19 @@ def resolve_train_mix(data_cfg) -> str:
     return str(paths[data_cfg.demo_mix])
 
 
+def resolve_valid_mix(data_cfg) -> str | None:
+    """The validation mix.json: data.valid, or with the demo corpus its mixture `data.demo_valid_mix`."""
+    if data_cfg.valid is not None or data_cfg.train is not None or data_cfg.demo_valid_mix is None:
+        return data_cfg.valid
+    from data_prep.demo import ensure_demo_data
+    paths = ensure_demo_data()
+    if data_cfg.demo_valid_mix not in paths:
+        from training.config import ConfigError
+        raise ConfigError(f"data.demo_valid_mix={data_cfg.demo_valid_mix!r} is not a demo mixture; "
+                          f"choose one of {sorted(k for k in paths if k.startswith('valid'))}")
+    return str(paths[data_cfg.demo_valid_mix])
+
+
 def open_reader(data_cfg, mix_path: str):
     from data_prep.mix import MixtureReader
     return MixtureReader(mix_path, max_open_shards=data_cfg.max_open_shards)

@@ -69,6 +69,18 @@ def loss_per_codebook(loss: float, num_codebooks: int, codebook_loss: str) -> fl
     return loss / num_codebooks if codebook_loss == "sum" else loss
 
 
+def valid_metrics(result: dict, num_codebooks: int, codebook_loss: str) -> tuple[dict, dict]:
+    """(metrics.jsonl keys valid_*, tensorboard scalars per task and codebook) of a validation result
+    (training.eval.evaluate.LossSums.result)."""
+    record = {"valid_loss": result["loss"],
+              "valid_loss_per_codebook": loss_per_codebook(result["loss"], num_codebooks, codebook_loss),
+              **{f"valid_loss_{t}": v for t, v in result["loss_per_task"].items()},
+              "valid_codebooks": result["loss_per_codebook"]}
+    scalars = {f"valid/codebook_{t}/{k}": v for t, values in result["loss_per_codebook"].items()
+               for k, v in enumerate(values)}
+    return record, scalars
+
+
 def peak_memory_mib(device) -> float:
     """Peak memory of this rank: allocated on its GPU, else the process's peak resident set (RSS)."""
     if device.type == "cuda":

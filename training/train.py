@@ -183,7 +183,14 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.checkpoint.resume import resume as resume_checkpoint
     from training.cluster.parallel import init_parallel, shutdown
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
-    from training.metrics import MetricsLogger, ProgressLine, loss_per_codebook, mfu, peak_memory_mib
+    from training.metrics import (
+        MetricsLogger,
+        ProgressLine,
+        loss_per_codebook,
+        mfu,
+        peak_memory_mib,
+        valid_metrics,
+    )
     from training.model import AudioLM
     from training.stages import init_stage_weights, optimizer_param_groups, step_losses
 
@@ -223,6 +230,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
                                   pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed,
                                   batch_tokens=cfg.data.batch_tokens, batch_window=cfg.data.batch_window)
+        valid_data = validation_batches(cfg, reader, model_cfg, pg)
+        valid_state = {"last": None, "best": None}  # validation results, into the checkpoint's meta
         # ---- resume
         step, skipped, nonfinite_in_row = 0, 0, 0
         _seed_all(cfg.seed * 1000 + 17 + rank)  # per-rank stream (router jitter, dropout)
@@ -230,6 +239,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             client = resume_checkpoint(engine, pg, resume_dir, layout)
             step, skipped = client["step"], client["skipped"]
             nonfinite_in_row = client["nonfinite_in_row"]
+            valid_state = client.get("valid") or valid_state
             data.load_state_dict(client["data"])
             if client.get("rng") is not None:
                 ckpt_client.set_rng_state(client["rng"])
@@ -249,12 +259,13 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         def save(reason: str) -> str:
             client = {"step": step, "skipped": skipped, "nonfinite_in_row": nonfinite_in_row,
                       "data": data.state_dict(), "rng": ckpt_client.rng_state(), "config": cfg.to_dict(),
-                      "reason": reason}
+                      "reason": reason, "valid": valid_state}
             if step in _fault_steps("UNIMOE_FAULT_KILL_IN_SAVE"):
                 engine.save_checkpoint(os.path.join(out, ckpt.CKPT_SUBDIR), tag=ckpt.tag_name(step),
                                        client_state=client, save_latest=False)
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash after DeepSpeed wrote, before COMPLETE
-            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step}, cfg.checkpoint)
+            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step, "valid": valid_state},
+                             cfg.checkpoint)
             log(f"saved {path} ({reason})" if path else f"checkpoint of step {step} ({reason}) refused")
             return path
 
@@ -313,9 +324,19 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             if est is not None:
                 record["mfu"] = est
             scalars.update(routing)  # empty but on rank 0's routing steps
-            metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
+            evaluated = valid_data is not None and (step % cfg.logging.eval_every == 0 or step == last)
+            if evaluated:  # every rank
+                result = run_validation(engine, valid_data, cfg.logging.eval_batches, pg)
+                valid_record, valid_scalars = valid_metrics(result, model_cfg.num_codebooks,
+                                                            model_cfg.codebook_loss)
+                record.update(valid_record)
+                scalars.update(valid_scalars)
+                valid_state = update_valid_state(valid_state, step, result)
+            metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 or evaluated else None)
             if step % cfg.logging.log_every == 0:
                 log(progress.line(record))
+            if evaluated:
+                log(progress.valid_line(record))
             if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
                 log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
                     f"step {step}; no checkpoint written (latest stays on the last finite one). Lower "
@@ -342,6 +363,61 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     finally:
         if finished:  # an error leaves with no collective: a barrier could pair with a peer's pending one
             shutdown()
+
+
+def validation_batches(cfg, train_reader, model_cfg, pg):
+    """DistributedBatches over the validation mix (fixed-size batches split over the data-parallel ranks as
+    in training, no conditioning dropout), or None without validation (logging.eval_every 0)."""
+    from training.data import DistributedBatches, open_reader, resolve_valid_mix
+    path = resolve_valid_mix(cfg.data) if cfg.logging.eval_every else None
+    if path is None:
+        return None
+    reader = open_reader(cfg.data, path)
+    for key in ("name", "sample_rate", "num_codebooks", "codebook_size"):
+        if reader.codec_info.get(key) != train_reader.codec_info.get(key):
+            raise ConfigError(f"data.valid: {path} holds codec {key}={reader.codec_info.get(key)}, the "
+                              f"training data {train_reader.codec_info.get(key)}: prepare both alike")
+    sha = reader.mix.get("tokenizer_sha256"), train_reader.mix.get("tokenizer_sha256")
+    if None not in sha and sha[0] != sha[1]:
+        raise ConfigError(f"data.valid: {path} was tokenized with another tokenizer than the training data "
+                          f"(sha256 {sha[0][:12]} vs {sha[1][:12]}); prepare both with one tokenizer")
+    return DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
+                              pg.dp_rank, pg.dp, cond_drop_prob=0.0, seed=cfg.data.seed)
+
+
+def run_validation(engine, valid_data, max_batches: int, pg) -> dict:
+    """Collective (every rank): the validation loss per task and codebook on the first max_batches global
+    batches of the validation mix (no more than it holds, at least one), each data-parallel rank its share,
+    summed over the data-parallel group. The training data position and every RNG stream are left as
+    they were (the RNG states are saved and restored around it), so training continues unchanged."""
+    import torch
+
+    from training.checkpoint.client import rng_state, set_rng_state
+    from training.cluster.parallel import all_reduce_values
+    from training.eval.evaluate import validation_loss
+    n = max(1, min(max_batches, len(valid_data.reader) // valid_data.global_batch))
+    device = engine.device
+
+    def batches():
+        for i in range(n):
+            for mb in valid_data.batches_at(i * valid_data.global_batch):
+                yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+
+    saved = rng_state()
+    engine.module.eval()
+    try:
+        return validation_loss(engine.module, engine, batches(),
+                               lambda values: all_reduce_values(values, group=pg.dp_group))
+    finally:
+        engine.module.train()
+        set_rng_state(saved)
+
+
+def update_valid_state(state: dict, step: int, result: dict) -> dict:
+    """{"last", "best"}: the newest validation result and the one with the lowest loss (for the meta)."""
+    last = {"step": step, "loss": result["loss"], "loss_per_task": result["loss_per_task"]}
+    best = state.get("best")
+    return {"last": last, "best": last if best is None or last["loss"] <= best["loss"] else best}
 
 
 def step_applied(grad_norm: float, applied: bool) -> bool:
