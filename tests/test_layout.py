@@ -93,6 +93,14 @@ def test_model_imports_no_other_room():
     assert not bad, bad
 
 
+def test_checkpoint_does_not_import_cluster():
+    """Saving and resuming get the process groups (and their collectives) handed in; they import nothing
+    from the launch/SLURM/planner room."""
+    bad = [(m, t) for m, targets in import_graph().items() if _room(m) == "checkpoint"
+           for t in targets if _room(t) == "cluster"]
+    assert not bad, bad
+
+
 def test_no_import_circles():
     graph = import_graph()
     index, low, stack, on_stack, circles = {}, {}, [], set(), []
