@@ -143,12 +143,19 @@ def test_reshard_ep2_to_ep1_next_steps_match(baseline, tmp_path):
     assert_same_losses(ref, metrics(out), [4, 5], tol=1e-5)  # step 5: AdamW's moments came along
 
 
-def test_resume_on_another_layout_names_the_reshard_command(baseline, tmp_path):
-    base, _ = baseline
-    p = run(train_cmd("joint.yaml", str(tmp_path / "dp1"), "--resume", base, "parallel.ep=1", nproc=1))
-    assert p.returncode == 2
-    assert "was saved at tp=1 ep=2 dp=2" in p.stderr and "this run is tp=1 ep=1 dp=1" in p.stderr
-    assert f"unimoe ckpt reshard --ckpt {base}/checkpoints/step_00000006 --tp 1 --ep 1 --dp 1" in p.stderr
+def test_resume_at_another_layout_reshards_on_load(baseline, tmp_path):
+    """Saved at TP1/EP2/DP2 (step 3), resumed at TP2/EP1/DP1 on the same 2 processes with the same
+    micro-batches: one line says so, and steps 4 and 5 match the run that never changed layout."""
+    base, ref = baseline
+    out = str(tmp_path / "tp2")
+    p = run(train_cmd("joint.yaml", out, "--resume", os.path.join(base, "checkpoints", "step_00000003"),
+                      "--max-steps", "5", "parallel.tp=2", "parallel.ep=1", "data.micro_batch_size=2"))
+    _ok(p)
+    assert p.stdout.count("resharded on load") == 1  # rank 0 only
+    assert "at step 3 (resharded on load from tp=1 ep=2 dp=2" in p.stdout and "to tp=2 ep=1 dp=1" in p.stdout
+    got = metrics(out)
+    assert sorted(got) == [4, 5]
+    assert_same_losses(ref, got, [4, 5], tol=1e-5)  # step 5: AdamW's moments came along
 
 
 def test_export_and_load_for_inference(baseline, tmp_path):

@@ -245,8 +245,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 ckpt_client.set_rng_state(client["rng"])
             else:
                 _seed_all(cfg.seed * 1000 + 17 + rank + 7919 * step)
-            log(f"resumed {resume_dir} at step {step} ("
-                f"{'DeepSpeed files' if client['resumed_native'] else 'resharded state'})")
+            log(resumed_line(resume_dir, step, client.get("resharded_from"), layout))
         metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step,
                                 wandb_cfg=cfg.metrics.wandb, config=cfg.to_dict())
         metrics.log_text("config", "    " + json.dumps(cfg.to_dict(), indent=1).replace("\n", "\n    "), step)
@@ -418,6 +417,18 @@ def update_valid_state(state: dict, step: int, result: dict) -> dict:
     last = {"step": step, "loss": result["loss"], "loss_per_task": result["loss_per_task"]}
     best = state.get("best")
     return {"last": last, "best": last if best is None or last["loss"] <= best["loss"] else best}
+
+
+def resumed_line(tag_dir: str, step: int, saved: dict | None, layout: dict) -> str:
+    """One line: from DeepSpeed's files at their own layout, an offline reshard's files, or resharded
+    on load from another layout."""
+    from training.checkpoint.resume import LAYOUT_KEYS, describe_layout
+    if saved is None:
+        return f"resumed {tag_dir} at step {step} (DeepSpeed files)"
+    if all(saved.get(k) == layout.get(k) for k in LAYOUT_KEYS):
+        return f"resumed {tag_dir} at step {step} (resharded state)"
+    return (f"resumed {tag_dir} at step {step} (resharded on load from {describe_layout(saved)} to "
+            f"{describe_layout(layout)}; each rank read only its own tensors)")
 
 
 def step_applied(grad_norm: float, applied: bool) -> bool:
