@@ -110,7 +110,7 @@ def test_wandb_config_errors(monkeypatch):
 
 def test_validation_config_fields(tmp_path):
     with pytest.raises(ConfigError, match="needs validation data"):
-        load_config(TINY, ["data.demo_valid_mix=null", "logging.eval_every=2"])
+        load_config(TINY, ["data.demo_valid_mix=null", "logging.eval_every=2"]).validate(world_size=1)
     with pytest.raises(ConfigError, match="logging.eval_every must be >= 0"):
         load_config(TINY, ["logging.eval_every=-1"])
     cfg = load_config(TINY, [f"data.valid={tmp_path}/none.json", "logging.eval_every=2"])

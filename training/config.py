@@ -226,10 +226,6 @@ class TrainConfig:
                               "parallel.zero_stage=2 (or 1) for MoE stages")
         if self.moe is None and self.parallel.ep != 1:
             raise ConfigError(f"parallel.ep={self.parallel.ep} needs an MoE model; a dense model uses ep=1")
-        if self.logging.eval_every and not self.has_validation:
-            raise ConfigError(f"logging.eval_every={self.logging.eval_every} needs validation data: set "
-                              "data.valid to a mix.json made by `unimoe data mix --split valid` (or "
-                              "logging.eval_every=0)")
 
     @property
     def has_validation(self) -> bool:
@@ -309,6 +305,10 @@ class TrainConfig:
         if self.data.train is not None and not os.path.exists(self.data.train):
             raise ConfigError(f"data.train: {self.data.train} does not exist "
                               "(make it with `unimoe data mix`)")
+        if self.logging.eval_every and not self.has_validation:
+            raise ConfigError(f"logging.eval_every={self.logging.eval_every} needs validation data: set "
+                              "data.valid to a mix.json made by `unimoe data mix --split valid` (or "
+                              "logging.eval_every=0)")
         if self.data.valid is not None and not os.path.exists(self.data.valid):
             raise ConfigError(f"data.valid: {self.data.valid} does not exist (make it with "
                               "`unimoe data mix ... --split valid`, or set data.valid=null)")

@@ -366,7 +366,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
 
 def validation_batches(cfg, train_reader, model_cfg, pg):
     """DistributedBatches over the validation mix (fixed-size batches split over the data-parallel ranks as
-    in training, no conditioning dropout), or None without validation (logging.eval_every 0)."""
+    in training, no conditioning dropout; smaller than the training batch when the mix holds fewer samples),
+    or None without validation (logging.eval_every 0)."""
     from training.data import DistributedBatches, open_reader, resolve_valid_mix
     path = resolve_valid_mix(cfg.data) if cfg.logging.eval_every else None
     if path is None:
@@ -380,8 +381,11 @@ def validation_batches(cfg, train_reader, model_cfg, pg):
     if None not in sha and sha[0] != sha[1]:
         raise ConfigError(f"data.valid: {path} was tokenized with another tokenizer than the training data "
                           f"(sha256 {sha[0][:12]} vs {sha[1][:12]}); prepare both with one tokenizer")
-    return DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
-                              pg.dp_rank, pg.dp, cond_drop_prob=0.0, seed=cfg.data.seed)
+    micro = cfg.micro_batch_size(pg.dp)
+    unit = pg.dp * micro  # a validation batch: the training batch, or fewer micro-batches for a small mix
+    batch = min(cfg.data.global_batch_size, max(unit, len(reader) // unit * unit))
+    return DistributedBatches(reader, model_cfg, batch, micro, pg.dp_rank, pg.dp, cond_drop_prob=0.0,
+                              seed=cfg.data.seed)
 
 
 def run_validation(engine, valid_data, max_batches: int, pg) -> dict:
