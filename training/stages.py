@@ -8,6 +8,8 @@ Stage starts (weights only; optimizer and LR schedule start fresh):
 
 from __future__ import annotations
 
+import torch
+
 from training.model import TASKS
 
 
@@ -51,20 +53,32 @@ def optimizer_param_groups(model, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True):
+def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True, tokens=None, task=None):
     """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
 
     Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
-    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models."""
-    loss = out.loss
-    parts = {"loss": float(out.loss.detach())}
-    for t in TASKS:
-        v = out.loss_per_task.get(t)
-        parts[f"loss_{t}"] = float(v.detach()) if v is not None else 0.0
-        parts[f"_count_loss_{t}"] = 1.0 if v is not None else 0.0
-    if out.loss_per_codebook is not None:
-        for k, v in enumerate(out.loss_per_codebook.detach().tolist()):
-            parts[f"codebook/{k}"] = float(v)
+    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models.
+    With `tokens` (training.token_loss.StepTokens of the step, and the micro-batch's `task` [B]) the LM loss
+    is normalised per target token of the global batch and loss, loss_<task> and codebook/<k> are this
+    micro-batch's shares (summed, not averaged, over the step: training.train._reduce_metrics); without,
+    the micro-batch's own mean."""
+    if tokens is None:
+        loss = out.loss
+        lm = [out.loss.detach()] + [out.loss_per_task.get(t, out.loss).detach() for t in TASKS]
+        per_cb = out.loss_per_codebook
+    else:
+        rows = tokens.contributions(out, task)
+        loss, lm, per_cb = tokens.scale * rows[0], rows.detach(), tokens.per_codebook(out)
+    lm = torch.stack(list(lm)).reshape(-1).float()
+    values = torch.cat([lm, per_cb.detach().reshape(-1).float() if per_cb is not None else lm[:0]])
+    values = values.tolist()  # one device-to-host copy
+    parts = {"loss": values[0]}
+    for i, t in enumerate(TASKS):
+        present = t in out.loss_per_task
+        parts[f"loss_{t}"] = values[1 + i] if present else 0.0
+        parts[f"_count_loss_{t}"] = 1.0 if present else 0.0
+    for k, v in enumerate(values[1 + len(TASKS):]):
+        parts[f"codebook/{k}"] = v
     routing = {}
     if out.aux:
         from moe.losses import combine_aux
