@@ -70,7 +70,7 @@ def set_up(cfg, out: str, pg, log, max_steps: int | None, resume: str | None) ->
         init_stage_weights(model, cfg, model_cfg, log)
     if pg.tp > 1:
         from training.model.tensor_parallel import parallelize
-        parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on)
+        parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on, defer_expert_grads=True)
     o = cfg.optim
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=o.lr, betas=o.betas, eps=o.eps,
                                   weight_decay=o.weight_decay)
@@ -136,8 +136,11 @@ def deepspeed_config(cfg, pg) -> dict:
     ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
     bf16 = cfg.parallel.precision == "bf16"
     # overflow checking explicit (DeepSpeed's bf16 default changed between releases): a step with
-    # non-finite gradients is skipped, not applied
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
+    # non-finite gradients is skipped, not applied. immediate_grad_update: DeepSpeed 0.19's bf16 optimizer
+    # otherwise adds each micro-batch's bf16 .grad (which autograd keeps accumulating) into its fp32 buffer
+    # at every micro-step, counting micro-batch 1 grad_accum times, 2 grad_accum - 1 times, ...
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True,
+                  "immediate_grad_update": True}
     if bf16:  # gradients accumulate over micro-batches (and ZeRO partitions) in fp32
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["fp16"] = {"enabled": False}
