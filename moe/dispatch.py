@@ -2,8 +2,8 @@
 
 `permute`: the (token, routed expert) pairs sorted by expert, tokens in order within an expert; no
 capacity, nothing dropped, null experts never appear. `unpermute`: each pair's output times its combine
-weight, added onto the token's row (on the token's home rank). `all_to_all`: the differentiable uneven
-all-to-all of expert parallelism (its backward is the reverse exchange); `segment_perm`: received rows,
+weight, added onto the token's row (on the token's home rank), in fp32. `all_to_all`: the differentiable
+uneven all-to-all of expert parallelism (its backward is the reverse exchange); `segment_perm`: received rows,
 laid out by source rank, to the order of the local experts.
 """
 
@@ -22,8 +22,11 @@ def permute(selected_TR: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, to
 
 
 def unpermute(out_TD: torch.Tensor, y_MD: torch.Tensor, token_ids: torch.Tensor, w_M: torch.Tensor):
-    """out[token_ids[p]] += w[p] * y[p], in place; returns out."""
-    return out_TD.index_add_(0, token_ids, y_MD * w_M.to(y_MD.dtype).unsqueeze(-1))
+    """out + (w[p] * y[p] added onto row token_ids[p]), in out's dtype. The weights (fp32 from the router),
+    products and sums are fp32 whatever the experts' dtype, cast once at the end: bf16 products and a bf16
+    index_add_ round every pair and every partial sum (and the router's gradient through them)."""
+    acc = out_TD.float().index_add_(0, token_ids, y_MD.float() * w_M.float().unsqueeze(-1))
+    return acc.to(out_TD.dtype)
 
 
 def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:

@@ -31,7 +31,7 @@ from moe.experts import SwiGLU, expert_weights, grouped_swiglu, swiglu
 from moe.losses import router_losses
 from moe.router import gate_logits, route
 from moe.seeding import derive_seed, keyed_normal_, keyed_uniform
-from moe.stats import routing_stats
+from moe.stats import count_sums, routing_stats
 
 
 @dataclass
@@ -44,12 +44,15 @@ class MoEAux:
     task_ids: torch.Tensor | None  # long [T] or None
     num_routed: int
     collapse_threshold: float
+    sums: torch.Tensor | None = None  # sequence parallel: moe.stats.count_sums over the whole TP group
 
     @functools.cached_property
     def stats(self) -> dict:
-        """Detached routing stats (python numbers), overall and "per_task"; computed on first access."""
+        """Detached routing stats (python numbers), overall and "per_task"; computed on first access.
+        Under sequence parallelism they cover the micro-batch's tokens on all TP ranks (sums gathered in
+        forward)."""
         return routing_stats(self.selected, self.probs, self.task_ids, self.num_routed,
-                             self.collapse_threshold)
+                             self.collapse_threshold, self.sums)
 
 
 class MoELayer(_DeepSpeedMoE):
@@ -150,8 +153,11 @@ class MoELayer(_DeepSpeedMoE):
                              self._jitter_noise(x_TD, token_keys))
         r = route(logits, cfg)
         valid = None if task_ids is None else task_ids >= 0
-        balance, z, entropy = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid,
-                                            token_group)
+        # sequence parallel: the routing counts ride along in the router losses' all-reduce over the TP group
+        sums = (None if token_group is None
+                else count_sums(r.selected, r.probs, task_ids, cfg.num_routed_experts))
+        balance, z, entropy, sums = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid,
+                                                  token_group, extra=sums)
         # 2. shared experts, always on: the output the routed experts are added onto
         out = self._shared_experts(x_TD, r.shared_weights)
         # 3. permute -> grouped experts -> unpermute; the combine weights are applied here, at home
@@ -165,7 +171,7 @@ class MoELayer(_DeepSpeedMoE):
 
         aux = MoEAux(balance_loss=balance, z_loss=z, entropy_loss=entropy, selected=r.selected.detach(),
                      probs=r.probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
-                     collapse_threshold=cfg.collapse_entropy_threshold)
+                     collapse_threshold=cfg.collapse_entropy_threshold, sums=sums)
         return out.reshape(shape), aux
 
     def _jitter_noise(self, x_TD: torch.Tensor, token_keys: torch.Tensor | None) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ from moe.config import MoEConfig
 
 
 def router_losses(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor, num_dynamic: int,
-                  valid: torch.Tensor | None = None, token_group=None):
+                  valid: torch.Tensor | None = None, token_group=None, extra: torch.Tensor | None = None):
     """(balance, z, entropy) as fp32 scalars, averaged over valid tokens.
 
     balance = E * sum_e f_e * P_e, f_e = fraction of tokens that keep candidate e (multi-hot),
@@ -23,6 +23,8 @@ def router_losses(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Ten
     token_group (sequence parallelism): this rank holds 1/n of the tokens of the group. The token sums
     are all-reduced, so the values are those of all the group's tokens, while the gradients are this
     rank's share (the replicated router's gradients are summed over the group, which adds the shares up).
+    `extra` (detached fp32, e.g. routing count sums) rides along in the same all-reduce: the 4th value
+    returned is it summed over token_group (extra itself without a group).
     """
     m = torch.ones_like(probs[:, :1]) if valid is None else valid.reshape(-1, 1).to(probs.dtype)
     sel = selected.to(probs.dtype)
@@ -33,10 +35,13 @@ def router_losses(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Ten
     count, f_sum = m.sum(), (sel * m).sum(0)
     totals = None
     if token_group is not None:
-        flat = torch.cat([count.view(1), f_sum] + [t.detach().reshape(-1) for t in sums])
+        tail = [] if extra is None else [extra.reshape(-1).to(count.dtype)]
+        flat = torch.cat([count.view(1), f_sum] + [t.detach().reshape(-1) for t in sums] + tail)
         dist.all_reduce(flat, group=token_group)
         count, f_sum = flat[0], flat[1: 1 + f_sum.numel()]
-        totals = flat[1 + f_sum.numel():].split([t.numel() for t in sums])
+        totals = flat[1 + f_sum.numel():].split([t.numel() for t in sums] + [t.numel() for t in tail])
+        if extra is not None:
+            extra = totals[-1].view_as(extra)
     count = count.clamp(min=1.0)
     f = f_sum / count
 
@@ -45,7 +50,7 @@ def router_losses(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Ten
         return local if totals is None else local + (totals[i].view_as(local) / count - local).detach()
 
     balance = num_dynamic * (f * mean(0)).sum()
-    return balance, mean(1), mean(2)
+    return balance, mean(1), mean(2), extra
 
 
 def balance_weight(step: int, cfg: MoEConfig) -> float:

@@ -96,7 +96,7 @@ def test_step_loss_is_per_token_of_the_global_batch_whatever_the_micro_batches()
 
     from training.model.batch import collate
     from training.model.lm import TASKS
-    from training.token_loss import StepTokens
+    from training.stages import StepTokens
     cfg = _cfg()
     torch.manual_seed(0)
     model = AudioLM(ModelConfig(**{**cfg.__dict__, "moe": None, "moe_layers": "none"}))
@@ -117,3 +117,44 @@ def test_step_loss_is_per_token_of_the_global_batch_whatever_the_micro_batches()
         expected.append((out.token_loss_sum[sel].sum(0) / valid[sel].sum((0, 2))).sum())
     for split in (1, 2, 3, 6):
         torch.testing.assert_close(step_loss(split), torch.stack(expected), rtol=1e-6, atol=0)
+
+
+def test_bf16_combine_is_summed_in_fp32_and_rounded_once():
+    """unpermute of bf16 expert outputs: fp32 weights, products and sums, one rounding to bf16 at the end
+    (was: weights cast to bf16, bf16 products, bf16 index_add_ rounding every partial sum)."""
+    from moe.dispatch import unpermute
+    torch.manual_seed(0)
+    T, M, D = 64, 512, 32
+    out = torch.randn(T, D).to(torch.bfloat16)
+    y = torch.randn(M, D).to(torch.bfloat16)
+    ids = torch.randint(0, T, (M,))
+    w = torch.rand(M)
+    exact = out.double().index_add(0, ids, y.double() * w.double()[:, None])
+    got = unpermute(out.clone(), y, ids, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, exact.float().to(torch.bfloat16))
+
+
+def _routing_stats_split(rank, world_size):
+    from moe.layer import MoELayer
+    torch.manual_seed(0)
+    layer = MoELayer(_cfg().moe_config()).eval()
+    x = torch.randn(40, _cfg().hidden_size)
+    task = torch.tensor([0] * 25 + [1] * 12 + [-1] * 3)
+    whole = layer(x, task)[1].stats
+    group = dist.new_group([0, 1])
+    share = layer(x.chunk(2)[rank], task.chunk(2)[rank], token_group=group)[1].stats  # sequence parallel
+    return whole, share
+
+
+def test_routing_stats_under_sequence_parallelism_cover_all_the_tokens():
+    """Each TP rank routes half of the tokens (the first rank: the first samples); the stats it logs must be
+    those of all of them (counts gathered over the TP group), not of its half."""
+    for whole, share in run_distributed(_routing_stats_split, world_size=2, timeout=120):
+        assert share["tokens"] == whole["tokens"] == 37
+        for key in ("experts_per_token", "null_share", "router_entropy", "load_entropy", "all_null_fraction"):
+            assert abs(share[key] - whole[key]) < 1e-6, key
+        assert np.allclose(share["load"], whole["load"], atol=1e-6)
+        assert sorted(share["per_task"]) == [0, 1]
+        music, music_whole = share["per_task"][1], whole["per_task"][1]
+        assert abs(music["experts_per_token"] - music_whole["experts_per_token"]) < 1e-6

@@ -149,10 +149,17 @@ def test_zero0_bf16_is_refused_before_any_process_group(tmp_path, capsys):
     assert not os.path.exists(out)  # refused before the ranks (and their process group) started
 
 
-def test_zero1_and_zero2_bf16_count_the_experts_once_at_tp2(tmp_path_factory):
-    """ZeRO-1 bf16 (DeepSpeed's bf16 optimizer) and ZeRO-2 bf16 compute the same gradients, so their norms
-    agree closely; the bf16 optimizer summed the experts' norm over TP when DeepSpeed was told the experts
-    were TP-split (the expert-heavy model makes that visible: ~1e-4 relative)."""
-    z1 = _train(tmp_path_factory, Layout(1, "bf16", 2, True, 1, 1))[1]["grad_norm"]
-    z2 = _train(tmp_path_factory, Layout(2, "bf16", 2, True, 1, 1))[1]["grad_norm"]
-    assert abs(z1 - z2) <= 1e-5 * z2, (z1, z2)
+def test_zero1_and_zero2_bf16_count_the_experts_once_at_tp2(tmp_path):
+    """ZeRO-1 bf16 (DeepSpeed's bf16 optimizer) and ZeRO-2 bf16 compute the same gradients (one micro-batch
+    per step: ZeRO-2 accumulates micro-batches in bf16, the bf16 optimizer in fp32), so their norms agree
+    (measured 2.5e-7 relative); the bf16 optimizer summed the experts' norm over TP when DeepSpeed was told
+    the experts were TP-split (~1e-4 relative on this expert-heavy model)."""
+    norms = {}
+    for zero in (1, 2):
+        out = str(tmp_path / f"z{zero}")
+        layout = Layout(zero, "bf16", 2, True, 1, 1)
+        p = run(train_cmd("joint.yaml", out, *COMMON, *EXPERT_HEAVY, *layout.overrides(), "max_steps=1",
+                          "data.micro_batch_size=4", nproc=2), timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        norms[zero] = metrics(out)[1]["grad_norm"]
+    assert abs(norms[1] - norms[2]) <= 1e-5 * norms[2], norms

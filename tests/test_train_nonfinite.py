@@ -21,6 +21,7 @@ TINY = "training/configs/tiny/joint.yaml"
 def test_bf16_ds_config_checks_overflow_and_accumulates_in_fp32():
     cfg = load_config(TINY, ["parallel.precision=bf16", "parallel.ds_config=ds_configs/zero2_fp32.json"])
     ds = deepspeed_config(cfg, SimpleNamespace(dp=2))
+    # immediate_grad_update: each micro-batch's gradient counted once in DeepSpeed 0.19's bf16 optimizer
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True, "immediate_grad_update": True}
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     ds = deepspeed_config(load_config(TINY), SimpleNamespace(dp=2))

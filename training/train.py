@@ -226,8 +226,7 @@ def train_step(run, state, prefetch) -> tuple[dict, dict, bool]:
     from moe.layer import set_jitter_seed
     from training.data import padding_fraction
     from training.metrics import loss_per_codebook, mfu, peak_memory_mib
-    from training.stages import step_losses
-    from training.token_loss import StepTokens
+    from training.stages import StepTokens, step_losses
 
     cfg, pg, engine, model_cfg, step = run.cfg, run.pg, run.engine, run.model_cfg, state.step
     lr = lr_at(step, cfg.optim, run.total)
@@ -341,7 +340,7 @@ def _global_tokens(batches, pg) -> float:
 
 def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
     """Over micro-batches and data-parallel ranks: 'loss', 'loss_<task>' and 'codebook/k' are summed (each
-    micro-batch holds its share of the step's per-token loss, training.token_loss), the rest ('aux_..')
+    micro-batch holds its share of the step's per-token loss, stages.StepTokens), the rest ('aux_..')
     averaged; a task that appeared on no rank gets no key."""
     from training.cluster.parallel import all_reduce_values
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)

@@ -152,7 +152,7 @@ class ModelOutput:
     aux: list                                  # one moe aux per MoE layer (empty for dense)
     logits: torch.Tensor                       # [B, L, K, V]; vocab-local shard under tensor parallelism
     token_loss_sum: torch.Tensor | None = None  # [B, K] summed token losses per sample and codebook
-    token_count: torch.Tensor | None = None     # [B, K] their target counts (training.token_loss)
+    token_count: torch.Tensor | None = None     # [B, K] their target counts (training.stages.StepTokens)
 
 
 class RMSNorm(nn.Module):

@@ -86,7 +86,8 @@ def reduce_scatter_rows(x, group):
 
 
 class _SumGradsOverGroup(torch.autograd.Function):
-    """Identity on a module's parameters; backward all-reduces their gradients (one flat buffer per dtype)."""
+    """Identity on a module's parameters; backward all-reduces their gradients in one flat fp32 buffer
+    (bf16 gradients are summed in fp32 and cast back once)."""
 
     @staticmethod
     def forward(ctx, group, *params):
@@ -95,14 +96,10 @@ class _SumGradsOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        out = list(grads)
-        for dtype in dict.fromkeys(g.dtype for g in grads):  # parameter order: the same on every rank
-            idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
-            flat = torch.cat([grads[i].reshape(-1) for i in idx])
-            dist.all_reduce(flat, group=ctx.group)
-            for i, part in zip(idx, flat.split([grads[i].numel() for i in idx])):
-                out[i] = part.view_as(grads[i])
-        return (None, *out)
+        flat = torch.cat([g.reshape(-1).float() for g in grads])  # parameter order: the same on every rank
+        dist.all_reduce(flat, group=ctx.group)
+        parts = flat.split([g.numel() for g in grads])
+        return (None, *(part.view_as(g).to(g.dtype) for part, g in zip(parts, grads)))
 
 
 class TensorParallelRegions:
