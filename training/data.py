@@ -217,4 +217,7 @@ class Prefetcher:
         return batches
 
     def close(self) -> None:
+        """Stop the thread and wait for it (a step being read finishes): a daemon thread still inside torch
+        when the process exits can abort it ("terminate called without an active exception")."""
         self._stop.set()
+        self._thread.join(timeout=30)
