@@ -55,8 +55,8 @@ def build_engine(tc, pg):
     """The training's engine for `tc` (its param groups and DeepSpeed config), AdamW at lr 1e-4."""
     from moe.deepspeed_compat import initialize as initialize_engine
     from training.model import AudioLM
+    from training.setup_run import deepspeed_config
     from training.stages import optimizer_param_groups
-    from training.train import deepspeed_config
     torch.manual_seed(0)
     model = AudioLM(tc.model_config(), ep_group=pg.ep_group)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc), lr=1e-4)

@@ -102,3 +102,5 @@ def test_demo_end_to_end(tmp_path):
     for key in ("stage1_speech", "stage1_music", "stage2", "stage3", "joint"):
         tb = out / "runs" / key / "tb"
         assert tb.is_dir() and any(f.startswith("events") for f in os.listdir(tb)), key
+        rows = [json.loads(line) for line in (out / "runs" / key / "metrics.jsonl").read_text().splitlines()]
+        assert sum("valid_loss" in r for r in rows) >= 2, key  # validation during training, 4 times a stage

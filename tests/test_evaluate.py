@@ -184,3 +184,37 @@ def test_evaluate_model_report_equals_raw_decisions_of_the_same_batches(tmp_path
     ev.Reload()
     assert "routing/routing_load" in ev.Tags()["images"]
     assert "eval/loss_speech" in ev.Tags()["scalars"]
+
+
+def test_validation_loss_split_over_ranks_and_summed_equals_one_pass():
+    """The training loop's validation: every data-parallel rank sums its own batches, the sums are added
+    over the ranks, and the result equals evaluate_model's over all the batches at once."""
+    from training.eval.evaluate import evaluate_model, validation_loss
+    from training.model.batch import collate
+
+    model = _tiny_moe_model()
+    reader = _samples(12)
+    whole = evaluate_model(model, reader, batches=3, batch_size=4, routing=False)
+    shares = [[collate(reader[0:4], model.cfg), collate(reader[8:12], model.cfg)],
+              [collate(reader[4:8], model.cfg)]]
+    per_rank = [validation_loss(model, model, b) for b in shares]
+    assert per_rank[0]["loss"] != per_rank[1]["loss"]
+    from training.eval.evaluate import LossSums
+
+    rank_sums = []
+    for batches in shares:  # what each rank hands to the all-reduce
+        s = LossSums(model.cfg.num_codebooks)
+        for b in batches:
+            s.update(model, model(b).logits, b)
+        rank_sums.append(s.values())
+
+    def all_reduce(mine):  # rank 1's view of the sum over both ranks
+        assert mine == rank_sums[1]
+        return [a + b for a, b in zip(*rank_sums)]
+
+    got = validation_loss(model, model, shares[1], sum_over_ranks=all_reduce)
+    assert math.isclose(got["loss"], whole["loss"], rel_tol=1e-9)
+    for task in TASKS:
+        np.testing.assert_allclose(got["loss_per_codebook"][task], whole["loss_per_codebook"][task],
+                                   rtol=1e-9)
+        assert math.isclose(got["loss_per_task"][task], whole["loss_per_task"][task], rel_tol=1e-9)

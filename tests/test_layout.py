@@ -67,7 +67,8 @@ def test_rooms_exist_and_the_trainer_is_at_the_top():
     for room in ROOMS:
         assert os.path.isfile(os.path.join(ROOT, "training", room, "__init__.py")), room
     top = {f[:-3] for f in os.listdir(os.path.join(ROOT, "training")) if f.endswith(".py")}
-    assert top == {"__init__", "cli", "train", "stages", "data", "metrics", "config"}, top
+    assert top == {"__init__", "cli", "train", "setup_run", "validation", "stages", "data", "metrics",
+                   "config"}, top
 
 
 def test_ground_floor_never_imports_training():
@@ -90,6 +91,14 @@ def test_rooms_do_not_import_the_trainer_above_them():
 def test_model_imports_no_other_room():
     bad = [(m, t) for m, targets in import_graph().items() if _room(m) == "model"
            for t in targets if _room(t) not in (None, "model")]
+    assert not bad, bad
+
+
+def test_checkpoint_does_not_import_cluster():
+    """Saving and resuming get the process groups (and their collectives) handed in; they import nothing
+    from the launch/SLURM/planner room."""
+    bad = [(m, t) for m, targets in import_graph().items() if _room(m) == "checkpoint"
+           for t in targets if _room(t) == "cluster"]
     assert not bad, bad
 
 

@@ -12,7 +12,8 @@ import torch
 
 from tests.distributed import run_distributed
 from training.config import load_config
-from training.train import deepspeed_config, step_applied
+from training.setup_run import deepspeed_config
+from training.train import step_applied
 
 TINY = "training/configs/tiny/joint.yaml"
 

@@ -143,12 +143,19 @@ def test_reshard_ep2_to_ep1_next_steps_match(baseline, tmp_path):
     assert_same_losses(ref, metrics(out), [4, 5], tol=1e-5)  # step 5: AdamW's moments came along
 
 
-def test_resume_on_another_layout_names_the_reshard_command(baseline, tmp_path):
-    base, _ = baseline
-    p = run(train_cmd("joint.yaml", str(tmp_path / "dp1"), "--resume", base, "parallel.ep=1", nproc=1))
-    assert p.returncode == 2
-    assert "was saved at tp=1 ep=2 dp=2" in p.stderr and "this run is tp=1 ep=1 dp=1" in p.stderr
-    assert f"unimoe ckpt reshard --ckpt {base}/checkpoints/step_00000006 --tp 1 --ep 1 --dp 1" in p.stderr
+def test_resume_at_another_layout_reshards_on_load(baseline, tmp_path):
+    """Saved at TP1/EP2/DP2 (step 3), resumed at TP2/EP1/DP1 on the same 2 processes with the same
+    micro-batches: one line says so, and steps 4 and 5 match the run that never changed layout."""
+    base, ref = baseline
+    out = str(tmp_path / "tp2")
+    p = run(train_cmd("joint.yaml", out, "--resume", os.path.join(base, "checkpoints", "step_00000003"),
+                      "--max-steps", "5", "parallel.tp=2", "parallel.ep=1", "data.micro_batch_size=2"))
+    _ok(p)
+    assert p.stdout.count("resharded on load") == 1  # rank 0 only
+    assert "at step 3 (resharded on load from tp=1 ep=2 dp=2" in p.stdout and "to tp=2 ep=1 dp=1" in p.stdout
+    got = metrics(out)
+    assert sorted(got) == [4, 5]
+    assert_same_losses(ref, got, [4, 5], tol=1e-5)  # step 5: AdamW's moments came along
 
 
 def test_export_and_load_for_inference(baseline, tmp_path):
@@ -173,6 +180,22 @@ def test_export_and_load_for_inference(baseline, tmp_path):
         torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
     assert full_state_dict(tag)[1]["layout"]["ep"] == 2
     assert main(["ckpt", "export", "--ckpt", base, "--out", str(tmp_path / "model.pt")]) == 2
+
+
+def test_validation_across_ranks_equals_unimoe_eval_of_the_checkpoint(baseline, tmp_path):
+    """tiny/joint.yaml validates at steps 3 and 6 on one batch of 4 (2 per data-parallel rank, experts over
+    EP 2); `unimoe eval` of the saved step-6 model on the same 4 samples in one process gives that loss."""
+    from data_prep.demo import ensure_demo_data
+    from training.eval.evaluate import evaluate
+    base, ref = baseline
+    assert [s for s, r in ref.items() if "valid_loss" in r] == [3, 6]
+    result = evaluate(os.path.join(base, "checkpoints", "step_00000006"), ensure_demo_data()["valid"],
+                      out_dir=str(tmp_path), batches=1, batch_size=4, routing=False)
+    assert abs(result["loss"] - ref[6]["valid_loss"]) <= 1e-5 * ref[6]["valid_loss"]
+    for task, loss in result["loss_per_task"].items():
+        assert abs(loss - ref[6][f"valid_loss_{task}"]) <= 1e-5 * loss
+    meta = json.load(open(os.path.join(base, "checkpoints", "step_00000006", "meta.json")))
+    assert meta["valid"]["last"]["step"] == 6 and meta["valid"]["best"]["step"] in (3, 6)
 
 
 def test_bad_layout_is_a_config_error_before_any_process_group(tmp_path, capsys):

@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str | None = None  # mix.json of the training mixture; null = built-in demo corpus (tiny configs)
     demo_mix: str = "train_balanced"  # which demo mixture when train is null (a key of ensure_demo_data())
+    # validation mix.json (`unimoe data mix --split valid`), evaluated every logging.eval_every steps;
+    # null = none, or with train null the demo corpus's mixture `demo_valid_mix` (e.g. valid_speech)
+    valid: str | None = None
+    demo_valid_mix: str | None = None
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     micro_batch_size: int | None = None  # per rank and forward pass; default global / dp (no accumulation)
     cond_drop_prob: float = 0.1  # text conditioning dropped with this probability (classifier-free guidance)
@@ -138,6 +142,48 @@ class LoggingConfig:
     tensorboard: bool = True
     routing_every: int = 50  # routing stats to tensorboard every N steps
     peak_flops: float | None = None  # per GPU, for the MFU estimate; None: from the GPU's name (known ones)
+    # validation loss on data.valid every eval_every steps and at the last step (0 = never), on at most
+    # eval_batches global batches (as Megatron's eval_iters / torchtitan's validation.steps)
+    eval_every: int = 0
+    eval_batches: int = 4
+
+    def __post_init__(self):
+        if self.log_every < 1 or self.routing_every < 1:
+            raise ConfigError(f"logging.log_every and logging.routing_every must be >= 1, got "
+                              f"{self.log_every} and {self.routing_every}")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(f"logging.eval_every must be >= 0 (0 = no validation) and logging.eval_batches "
+                              f">= 1, got {self.eval_every} and {self.eval_batches}")
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""
+    mode: str = "offline"  # offline: files under RUN/wandb (`wandb sync` later); online: to the server
+    entity: str | None = None
+
+    def __post_init__(self):
+        if not self.project:
+            raise ConfigError("metrics.wandb.project: give the Weights & Biases project name")
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"metrics.wandb.mode must be one of {WANDB_MODES}, got {self.mode!r}")
+
+
+@dataclass
+class MetricsConfig:
+    """Extra metric sinks beside metrics.jsonl and tensorboard (rank 0)."""
+    wandb: WandbConfig | None = None  # {project: ..., mode: offline|online}: needs `pip install wandb`
+
+    def __post_init__(self):
+        if isinstance(self.wandb, dict):
+            known = {f.name for f in dataclasses.fields(WandbConfig)}
+            bad = set(self.wandb) - known
+            if bad:
+                raise ConfigError(f"unknown keys {sorted(bad)} in `metrics.wandb`; known: {sorted(known)}")
+            self.wandb = WandbConfig(**self.wandb)
 
 
 @dataclass
@@ -165,6 +211,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stage: StageConfig = field(default_factory=StageConfig)
 
     def __post_init__(self):
@@ -185,6 +232,11 @@ class TrainConfig:
                               "parallel.zero_stage=2 (or 1) for MoE stages")
         if self.moe is None and self.parallel.ep != 1:
             raise ConfigError(f"parallel.ep={self.parallel.ep} needs an MoE model; a dense model uses ep=1")
+
+    @property
+    def has_validation(self) -> bool:
+        d = self.data
+        return d.valid is not None or (d.train is None and d.demo_valid_mix is not None)
 
     @property
     def is_moe(self) -> bool:
@@ -259,6 +311,19 @@ class TrainConfig:
         if self.data.train is not None and not os.path.exists(self.data.train):
             raise ConfigError(f"data.train: {self.data.train} does not exist "
                               "(make it with `unimoe data mix`)")
+        if self.logging.eval_every and not self.has_validation:
+            raise ConfigError(f"logging.eval_every={self.logging.eval_every} needs validation data: set "
+                              "data.valid to a mix.json made by `unimoe data mix --split valid` (or "
+                              "logging.eval_every=0)")
+        if self.data.valid is not None and not os.path.exists(self.data.valid):
+            raise ConfigError(f"data.valid: {self.data.valid} does not exist (make it with "
+                              "`unimoe data mix ... --split valid`, or set data.valid=null)")
+        if self.metrics.wandb is not None and self.metrics.wandb.mode != "disabled":
+            import importlib.util
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("metrics.wandb is set but the wandb package is not installed: "
+                                  "pip install 'unimoe-audio[wandb]' (or pip install wandb), or remove "
+                                  "metrics.wandb")
         self.model_config()
         self.moe_config()
 
@@ -294,7 +359,8 @@ def divisors(n: int) -> list[int]:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "stage": StageConfig}
+                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "metrics": MetricsConfig,
+                  "stage": StageConfig}
 
 
 def from_dict(d: dict, source: str = "<dict>") -> TrainConfig:

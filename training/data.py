@@ -30,13 +30,25 @@ def resolve_train_mix(data_cfg) -> str:
     """The mix.json to read: data.train, or the built-in demo corpus's mixture `data.demo_mix`."""
     if data_cfg.train is not None:
         return data_cfg.train
+    return _demo_mix("demo_mix", data_cfg.demo_mix)
+
+
+def resolve_valid_mix(data_cfg) -> str | None:
+    """The validation mix.json: data.valid, or with the demo corpus its mixture `data.demo_valid_mix`."""
+    if data_cfg.valid is not None or data_cfg.train is not None or data_cfg.demo_valid_mix is None:
+        return data_cfg.valid
+    return _demo_mix("demo_valid_mix", data_cfg.demo_valid_mix)
+
+
+def _demo_mix(field: str, key: str) -> str:
+    """The path of the demo corpus's mixture `key` (the corpus is built on first use)."""
     from data_prep.demo import ensure_demo_data
     paths = ensure_demo_data()
-    if data_cfg.demo_mix not in paths:
+    if key not in paths:
         from training.config import ConfigError
-        raise ConfigError(f"data.demo_mix={data_cfg.demo_mix!r} is not a demo mixture; "
+        raise ConfigError(f"data.{field}={key!r} is not a demo mixture; "
                           f"choose one of {sorted(k for k, v in paths.items() if str(v).endswith('.json'))}")
-    return str(paths[data_cfg.demo_mix])
+    return str(paths[key])
 
 
 def open_reader(data_cfg, mix_path: str):
@@ -205,4 +217,7 @@ class Prefetcher:
         return batches
 
     def close(self) -> None:
+        """Stop the thread and wait for it (a step being read finishes): a daemon thread still inside torch
+        when the process exits can abort it ("terminate called without an active exception")."""
         self._stop.set()
+        self._thread.join(timeout=30)

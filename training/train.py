@@ -20,17 +20,15 @@ explicit overflow checking and fp32 gradient accumulation.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 
 from training.checkpoint.manifest import CheckpointError
 from training.cluster.launch import launch_local
-from training.config import ConfigError, load_config, save_config
+from training.config import ConfigError, load_config
 
 # torch, numpy and deepspeed are imported inside the functions that need them: the `--nproc` parent
 # process only reads the config and starts the ranks.
@@ -145,202 +143,178 @@ def check_init_from(cfg, out: str, resume: str | None) -> None:
                               "first or point at its run dir / checkpoint tag / exported model.safetensors")
 
 
-def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def deepspeed_config(cfg, pg) -> dict:
-    with open(cfg.parallel.ds_config_path()) as f:
-        ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    micro = cfg.micro_batch_size(pg.dp)
-    ds.update(train_batch_size=cfg.data.global_batch_size, train_micro_batch_size_per_gpu=micro,
-              gradient_accumulation_steps=cfg.grad_accum(pg.dp),
-              # a huge clip still makes ZeRO compute the norm, which is how it detects non-finite grads
-              gradient_clipping=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
-    ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
-    bf16 = cfg.parallel.precision == "bf16"
-    # overflow checking explicit (DeepSpeed's bf16 default changed between releases): a step with
-    # non-finite gradients is skipped, not applied. immediate_grad_update: DeepSpeed 0.19's bf16 optimizer
-    # otherwise adds each micro-batch's bf16 .grad (which autograd keeps accumulating) into its fp32 buffer
-    # at every micro-step, counting micro-batch 1 grad_accum times, 2 grad_accum - 1 times, ...
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True,
-                  "immediate_grad_update": True}
-    if bf16:  # gradients accumulate over micro-batches (and ZeRO partitions) in fp32
-        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    ds["fp16"] = {"enabled": False}
-    ds["zero_allow_untested_optimizer"] = True
-    return ds
-
-
 def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None, env=None) -> int:
+    """Set up, then the loop: step, evaluate, log, save. Returns the exit code (0, 3 or 75)."""
     import torch
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
-    from moe.deepspeed_compat import initialize as initialize_engine
-    from moe.layer import set_jitter_seed
-    from training.checkpoint import client as ckpt_client
-    from training.checkpoint import save as ckpt
-    from training.checkpoint.resume import resume as resume_checkpoint
     from training.cluster.parallel import init_parallel, shutdown
-    from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
-    from training.metrics import MetricsLogger, mfu
-    from training.model import AudioLM
-    from training.stages import StepTokens, init_stage_weights, optimizer_param_groups, step_losses
+    from training.setup_run import set_up
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
-    rank = pg.env.rank
     log = (lambda *a: print("[unimoe train]", *a, flush=True)) if pg.is_main else (lambda *a: None)
     finished = False
     try:
-        if pg.is_main:
-            os.makedirs(out, exist_ok=True)
-            save_config(cfg, os.path.join(out, "config.yaml"))
-        # ---- data and model
-        mix_path = resolve_train_mix(cfg.data)
-        reader = open_reader(cfg.data, mix_path)
-        from data_prep.text import load_tokenizer
-        info = dict(reader.codec_info)
-        model_cfg = cfg.model_config(text_vocab_size=load_tokenizer(reader.tokenizer_path).vocab_size,
-                                     num_codebooks=info.get("num_codebooks"),
-                                     codebook_size=info.get("codebook_size"))
-        _seed_all(cfg.seed)  # identical non-expert init on every rank
-        model = AudioLM(model_cfg, ep_group=pg.ep_group)
-        resume_dir = _resume_dir(resume, out)
-        if resume_dir is None:
-            init_stage_weights(model, cfg, model_cfg, log)
-        if pg.tp > 1:
-            from training.model.tensor_parallel import parallelize
-            parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on, defer_expert_grads=True)
-        groups = optimizer_param_groups(model, cfg)
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        ds_config = deepspeed_config(cfg, pg)
-        engine, _, _, _ = initialize_engine(model=model, optimizer=optimizer, config=ds_config,
-                                            mpu=pg.mpu, dist_init_required=False)
-        layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
-                  "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
-        data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
-                                  pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed,
-                                  batch_tokens=cfg.data.batch_tokens, batch_window=cfg.data.batch_window)
-        # ---- resume
-        step, skipped, nonfinite_in_row = 0, 0, 0
-        _seed_all(cfg.seed * 1000 + 17 + rank)  # per-rank stream (router jitter, dropout)
-        if resume_dir is not None:
-            client = resume_checkpoint(engine, pg, resume_dir, layout)
-            step, skipped = client["step"], client["skipped"]
-            nonfinite_in_row = client["nonfinite_in_row"]
-            data.load_state_dict(client["data"])
-            if client.get("rng") is not None:
-                ckpt_client.set_rng_state(client["rng"])
-            else:
-                _seed_all(cfg.seed * 1000 + 17 + rank + 7919 * step)
-            log(f"resumed {resume_dir} at step {step} ("
-                f"{'DeepSpeed files' if client['resumed_native'] else 'resharded state'})")
-        metrics = MetricsLogger(out, pg.is_main, cfg.logging.tensorboard, resume_step=step)
-        metrics.log_text("config", "    " + json.dumps(cfg.to_dict(), indent=1).replace("\n", "\n    "), step)
-        last = min(max_steps or cfg.max_steps, cfg.max_steps)
-        total = cfg.optim.schedule_steps or cfg.max_steps
-        meta_base = {"config": cfg.to_dict(), "model_config": _model_cfg_dict(model_cfg), "layout": layout,
-                     "codec_info": info, "tokenizer_path": reader.tokenizer_path, "mix": mix_path,
-                     "stage": cfg.stage.stage}
-
-        def save(reason: str) -> str:
-            client = {"step": step, "skipped": skipped, "nonfinite_in_row": nonfinite_in_row,
-                      "data": data.state_dict(), "rng": ckpt_client.rng_state(), "config": cfg.to_dict(),
-                      "reason": reason}
-            if step in _fault_steps("UNIMOE_FAULT_KILL_IN_SAVE"):
-                engine.save_checkpoint(os.path.join(out, ckpt.CKPT_SUBDIR), tag=ckpt.tag_name(step),
-                                       client_state=client, save_latest=False)
-                os.kill(os.getpid(), signal.SIGKILL)  # a crash after DeepSpeed wrote, before COMPLETE
-            path = ckpt.save(engine, pg, out, step, client, {**meta_base, "step": step}, cfg.checkpoint)
-            log(f"saved {path} ({reason})" if path else f"checkpoint of step {step} ({reason}) refused")
-            return path
-
-        log(f"stage {cfg.stage.stage}: steps {step + 1}..{last} of {cfg.max_steps}, "
-            f"world {pg.env.world_size} on {engine.device} "
-            f"(tp {pg.tp}{' sequence-parallel' if cfg.parallel.sequence_parallel_on else ''}, ep {pg.ep}, "
-            f"dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
-            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f} M params "
-            f"on rank 0, run dir {out}")
-        prefetch = Prefetcher(data)
-        nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
-        on_gpu = engine.device.type != "cpu"
-        exit_code, experts_per_token = 0, None
-        while step < last:
-            step += 1
-            lr = lr_at(step, cfg.optim, total)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            batches = prefetch.next_step()
-            tokens = StepTokens.of(batches, pg, model_cfg.codebook_loss, engine.device)  # per global token
-            set_jitter_seed(model, cfg.seed, step)  # router jitter keyed by (seed, step, layer, token)
-            acc, routing = None, {}
-            # routing stats (host copies) on logging steps only, of the micro-batch rank 0 logs: its last
-            want_routing = pg.is_main and (step % cfg.logging.routing_every == 0 or step == 1)
-            for i, mb in enumerate(batches):
-                if on_gpu:
-                    mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
-                out_ = engine(mb)
-                loss, parts, routing = step_losses(out_, cfg, model_cfg, step,
-                                                   want_routing and i == len(batches) - 1, tokens, mb["task"])
-                if step in nan_steps:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                engine.step()
-                acc = parts if acc is None else {k: acc.get(k, 0.0) + v for k, v in parts.items()}
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            applied = step_applied(grad_norm, engine.was_step_applied())
-            skipped += 0 if applied else 1
-            record, scalars = _reduce_metrics(acc, len(batches), pg)
-            finite = applied and math.isfinite(record["loss"])  # the same on every rank
-            nonfinite_in_row = 0 if finite else nonfinite_in_row + 1
-            dt = time.perf_counter() - t0
-            tokens = _global_tokens(batches, pg)
-            record = {"step": step, **record, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / dt, "skipped": skipped,
-                      "padding_fraction": padding_fraction(batches)}  # of rank 0's micro-batches
-            experts_per_token = routing.get("routing/experts_per_token", experts_per_token)  # last measured
-            if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
-                record["experts_per_token"] = experts_per_token
-            est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]), experts_per_token,
-                      num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
-            if est is not None:
-                record["mfu"] = est
-            scalars.update(routing)  # empty but on rank 0's routing steps
-            metrics.log_step(record, scalars if step % cfg.logging.log_every == 0 else None)
-            if nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
-                log(f"error: {nonfinite_in_row} non-finite steps in a row (loss or gradients are NaN/inf) at "
-                    f"step {step}; no checkpoint written (latest stays on the last finite one). Lower "
-                    f"optim.lr, check the data, or raise optim.max_nonfinite_in_row.")
-                exit_code = NONFINITE_EXIT_CODE
-                break
-            preempted = step < last and stop.any_rank()
-            every = cfg.checkpoint.save_every
-            if preempted or step == last or (every and step % every == 0):
-                if finite and _weights_finite(model):
-                    path = save("preempted" if preempted else "final" if step == last else "periodic")
-                    if path is None and step == last:  # the final save was refused for lack of space:
-                        exit_code = PREEMPTED_EXIT_CODE  # requeue once there is room
-                else:
-                    log(f"step {step} is non-finite: no checkpoint (latest stays on the last finite one)")
-            if preempted:
-                log(f"preempted by signal at step {step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
-                exit_code = PREEMPTED_EXIT_CODE
-                break
-        prefetch.close()
-        metrics.close()
+        run, state = set_up(cfg, out, pg, log, max_steps, resume)
+        log(_start_line(run, state))
+        exit_code = _loop(run, state, stop)
+        run.metrics.close()
         finished = True
         return exit_code
     finally:
         if finished:  # an error leaves with no collective: a barrier could pair with a peer's pending one
             shutdown()
+
+
+def _loop(run, state, stop) -> int:
+    """Step, evaluate, log, save, until the last step (0; 75 when the final save found no room), a
+    preemption signal on any rank (75) or too many non-finite steps in a row (3)."""
+    from training.data import Prefetcher
+    from training.metrics import ProgressLine
+    from training.validation import evaluation_due
+
+    cfg, log = run.cfg, run.log
+    prefetch = Prefetcher(run.data)
+    mcfg = run.model_cfg
+    progress = ProgressLine(state.step + 1, run.last, mcfg.num_codebooks, mcfg.codebook_loss,
+                            run.engine.device.type != "cpu")
+    exit_code = 0
+    try:
+        while state.step < run.last:
+            state.step += 1
+            record, scalars, finite = train_step(run, state, prefetch)
+            evaluated = (run.valid_data is not None
+                         and evaluation_due(state.step, run.last, cfg.logging.eval_every))
+            if evaluated:
+                evaluate(run, state, record, scalars)
+            log_step(run, progress, record, scalars, evaluated)
+            if state.nonfinite_in_row >= cfg.optim.max_nonfinite_in_row:
+                log(f"error: {state.nonfinite_in_row} non-finite steps in a row (loss or gradients are "
+                    f"NaN/inf) at step {state.step}; no checkpoint written (latest stays on the last finite "
+                    f"one). Lower optim.lr, check the data, or raise optim.max_nonfinite_in_row.")
+                return NONFINITE_EXIT_CODE
+            preempted = state.step < run.last and stop.any_rank()
+            if save_due(state.step, run.last, cfg.checkpoint.save_every, preempted):
+                reason = "preempted" if preempted else "final" if state.step == run.last else "periodic"
+                if not (finite and _weights_finite(run.model)):
+                    log(f"step {state.step} is non-finite: no checkpoint (latest stays on the last finite "
+                        "one)")
+                elif save(run, state, reason) is None and state.step == run.last:
+                    exit_code = PREEMPTED_EXIT_CODE  # the final save was refused for lack of space: requeue
+            if preempted:
+                log(f"preempted by signal at step {state.step}, exit {PREEMPTED_EXIT_CODE} (requeue)")
+                return PREEMPTED_EXIT_CODE
+        return exit_code
+    finally:
+        prefetch.close()
+
+
+def _start_line(run, state) -> str:
+    cfg, pg = run.cfg, run.pg
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in run.model.parameters()) / 1e6
+    return (f"stage {cfg.stage.stage}: steps {state.step + 1}..{run.last} of {cfg.max_steps}, "
+            f"world {pg.env.world_size} on {run.engine.device} "
+            f"(tp {pg.tp}{' sequence-parallel' if cfg.parallel.sequence_parallel_on else ''}, ep {pg.ep}, "
+            f"dp {pg.dp}, zero {cfg.parallel.zero_stage}), {params:.2f} M params on rank 0, "
+            f"run dir {run.out}")
+
+
+def train_step(run, state, prefetch) -> tuple[dict, dict, bool]:
+    """One optimizer step over this rank's micro-batches -> (metrics.jsonl record, tensorboard-only scalars,
+    finite: the step was applied with a finite loss, the same on every rank)."""
+    from moe.layer import set_jitter_seed
+    from training.data import padding_fraction
+    from training.metrics import loss_per_codebook, mfu, peak_memory_mib
+    from training.stages import StepTokens, step_losses
+
+    cfg, pg, engine, model_cfg, step = run.cfg, run.pg, run.engine, run.model_cfg, state.step
+    lr = lr_at(step, cfg.optim, run.total)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    batches = prefetch.next_step()
+    tokens = StepTokens.of(batches, pg, model_cfg.codebook_loss, engine.device)  # per global token
+    set_jitter_seed(run.model, cfg.seed, step)  # router jitter keyed by (seed, step, layer, token)
+    acc, routing = None, {}
+    # routing stats (host copies) on logging steps only, of the micro-batch rank 0 logs: its last
+    want_routing = pg.is_main and (step % cfg.logging.routing_every == 0 or step == 1)
+    nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
+    for i, mb in enumerate(batches):
+        if engine.device.type != "cpu":
+            mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
+        out = engine(mb)
+        loss, parts, routing = step_losses(out, cfg, model_cfg, step, want_routing and i == len(batches) - 1,
+                                           tokens, mb["task"])
+        if step in nan_steps:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        acc = parts if acc is None else {k: acc.get(k, 0.0) + v for k, v in parts.items()}
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    applied = step_applied(grad_norm, engine.was_step_applied())
+    state.skipped += 0 if applied else 1
+    record, scalars = _reduce_metrics(acc, len(batches), pg)
+    finite = applied and math.isfinite(record["loss"])  # the same on every rank
+    state.nonfinite_in_row = 0 if finite else state.nonfinite_in_row + 1
+    tokens_per_s = _global_tokens(batches, pg) / (time.perf_counter() - t0)
+    record = {"step": step, **record,
+              "loss_per_codebook": loss_per_codebook(record["loss"], model_cfg.num_codebooks,
+                                                     model_cfg.codebook_loss),
+              "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "skipped": state.skipped,
+              "padding_fraction": padding_fraction(batches),  # of rank 0's micro-batches
+              "peak_memory_mib": peak_memory_mib(engine.device)}
+    if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
+        state.experts_per_token = record["experts_per_token"] = routing["routing/experts_per_token"]
+    est = mfu(tokens_per_s, model_cfg, int(batches[0]["text"].shape[1]), state.experts_per_token,
+              num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
+    if est is not None:
+        record["mfu"] = est
+    scalars.update(routing)  # empty but on rank 0's routing steps
+    return record, scalars, finite
+
+
+def evaluate(run, state, record: dict, scalars: dict) -> None:
+    """Collective: the validation loss into the step's record and scalars, and into the state (meta)."""
+    from training.metrics import valid_metrics
+    from training.validation import run_validation, update_valid_state
+    result = run_validation(run.engine, run.valid_data, run.cfg.logging.eval_batches, run.pg)
+    mcfg = run.model_cfg
+    valid_record, valid_scalars = valid_metrics(result, mcfg.num_codebooks, mcfg.codebook_loss)
+    record.update(valid_record)
+    scalars.update(valid_scalars)
+    state.valid = update_valid_state(state.valid, state.step, result)
+
+
+def log_step(run, progress, record: dict, scalars: dict, evaluated: bool) -> None:
+    """Rank 0: metrics.jsonl every step, tensorboard/wandb scalars and the printed line every log_every."""
+    due = record["step"] % run.cfg.logging.log_every == 0
+    run.metrics.log_step(record, scalars if due or evaluated else None)
+    if due:
+        run.log(progress.line(record))
+    if evaluated:
+        run.log(progress.valid_line(record))
+
+
+def save_due(step: int, last: int, every: int, preempted: bool) -> bool:
+    return preempted or step == last or bool(every and step % every == 0)
+
+
+def save(run, state, reason: str) -> str | None:
+    """Collective: a checkpoint of this step; None when refused for lack of disk space."""
+    from training.checkpoint import save as ckpt
+    from training.checkpoint.client import rng_state
+    client = {**state.client(), "data": run.data.state_dict(), "rng": rng_state(),
+              "config": run.cfg.to_dict(), "reason": reason}
+    if state.step in _fault_steps("UNIMOE_FAULT_KILL_IN_SAVE"):
+        run.engine.save_checkpoint(os.path.join(run.out, ckpt.CKPT_SUBDIR), tag=ckpt.tag_name(state.step),
+                                   client_state=client, save_latest=False)
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash after DeepSpeed wrote, before COMPLETE
+    meta = {**run.meta, "step": state.step, "valid": state.valid}
+    path = ckpt.save(run.engine, run.pg, run.out, state.step, client, meta, run.cfg.checkpoint)
+    run.log(f"saved {path} ({reason})" if path else f"checkpoint of step {state.step} ({reason}) refused")
+    return path
 
 
 def step_applied(grad_norm: float, applied: bool) -> bool:
@@ -357,26 +331,6 @@ def _weights_finite(model) -> bool:
     from training.cluster.parallel import all_reduce_values
     ok = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one host sync
     return all_reduce_values([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0
-
-
-def _resume_dir(resume: str | None, out: str) -> str | None:
-    from training.checkpoint.manifest import find_checkpoint
-    if resume is None:
-        return None
-    if resume == "auto":
-        return find_checkpoint(out)  # None: a fresh start (the first submission of a requeued job)
-    found = find_checkpoint(resume)
-    if found is None:
-        raise ConfigError(f"--resume {resume}: no complete checkpoint there")
-    return found
-
-
-def _model_cfg_dict(model_cfg) -> dict:
-    from dataclasses import asdict, is_dataclass
-    d = asdict(model_cfg)
-    if is_dataclass(model_cfg.moe):
-        d["moe"] = asdict(model_cfg.moe)
-    return d
 
 
 def _global_tokens(batches, pg) -> float:

@@ -81,3 +81,22 @@ def save_client(tag_dir: str, rank: int, state: dict) -> str:
 
 def load_client(path: str) -> dict:
     return load_weights_only(path, _numpy_rng_globals())
+
+
+def layout_dp(layout: dict) -> int:
+    """A layout's data-parallel size (meta files that predate the "dp" key: world size / TP)."""
+    return layout.get("dp", layout["world_size"] // layout["tp"])
+
+
+def client_for_layout(tag_dir: str, saved: dict, layout: dict, rank: int) -> dict:
+    """The client state rank `rank` of `layout` continues from, in a tag saved at layout `saved`: that of
+    the source rank with the same TP and DP index (megatron order: TP ranks adjacent; a TP rank beyond
+    the saved TP size takes the last one). A data-parallel rank that did not exist gets rng None (re-seeded
+    at resume); step, data position and counters are the same on every rank."""
+    d, t = divmod(rank, layout["tp"])
+    src_dp = layout_dp(saved)
+    source = d * saved["tp"] + min(t, saved["tp"] - 1) if d < src_dp else 0
+    client = load_client(client_path(tag_dir, source))
+    if d >= src_dp:
+        client["rng"] = None
+    return client

@@ -5,6 +5,7 @@
     src.read("layers.0.attn.qkv_proj.weight")            # full fp32 tensor, TP shards joined
     src.read(name, "exp_avg"), src.adam_step()           # AdamW state (checkpoints, not exports)
     src.read_shard(name, kind, tp_rank, fragment)        # one TP rank's shard, optionally a flat slice
+    src.read_for(name, kind, tp_rank, tp, fragment)      # the same for a layout of another TP size
 
 Sources:
     DeepSpeedSource   DeepSpeed's own files (zero_files.py): fp32 master and moments from the ZeRO-1/2
@@ -61,8 +62,23 @@ class Source(ABC):
         return tuple(shard_tensor(full, shard_kind(name), self.cfg, tp_rank, tp).shape)
 
     @abstractmethod
-    def read_shard(self, name: str, kind: str, tp_rank: int, fragment=None) -> torch.Tensor | None:
-        """TP rank `tp_rank`'s shard of a tensor, or its flat elements fragment = (start, numel)."""
+    def read_shard(self, name: str, kind: str, tp_rank: int, fragment=None, out=None) -> torch.Tensor | None:
+        """TP rank `tp_rank`'s shard of a tensor, or its flat elements fragment = (start, numel); into
+        `out` when given."""
+
+    def read_for(self, name: str, kind: str, tp_rank: int, tp: int, fragment=None, out=None):
+        """Rank tp_rank's shard of a tensor for a layout with `tp` TP ranks (any TP size: when it is not the
+        saved one, the TP-split tensor is joined and split again), or its flat elements fragment =
+        (start, numel); into `out` when given. None for a moment this checkpoint does not hold."""
+        from training.model.tensor_parallel import shard_kind, shard_tensor
+        split = shard_kind(name)
+        if split is None or tp == self.tp:
+            return self.read_shard(name, kind, tp_rank if split is not None else 0, fragment, out=out)
+        full = self.read(name, kind)
+        if full is None:
+            return None
+        t = shard_tensor(full, split, self.cfg, tp_rank, tp)
+        return _into(t.reshape(-1).narrow(0, *fragment) if fragment is not None else t, out)
 
     def read(self, name: str, kind: str = "weight") -> torch.Tensor | None:
         """The full tensor (TP shards joined); None for a moment this checkpoint does not hold."""
@@ -97,7 +113,7 @@ class DeepSpeedSource(Source):
         if self.zero3 and self.tp > 1:
             raise CheckpointError(f"{tag_dir}: ZeRO-3 with tensor parallelism cannot be read offline")
 
-    def read_shard(self, name, kind, tp_rank, fragment=None):
+    def read_shard(self, name, kind, tp_rank, fragment=None, out=None):
         if self.zero3:
             if kind != "weight":
                 raise CheckpointError(f"{self.where}: ZeRO-3 optimizer state cannot be read offline "
@@ -107,7 +123,7 @@ class DeepSpeedSource(Source):
             t = self.shards[tp_rank].read(name, kind, self.shard_shape(name, tp_rank))
         if t is not None and fragment is not None:
             t = t.reshape(-1).narrow(0, *fragment)
-        return t
+        return _into(t, out)
 
     def _zero3(self) -> dict:
         """The ZeRO-3 weights of the whole model, built once (zero_to_fp32) and kept."""
@@ -180,17 +196,21 @@ class ExportedSource(Source):
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
-    def read_shard(self, name, kind, tp_rank, fragment=None):
+    def read_shard(self, name, kind, tp_rank, fragment=None, out=None):
         if kind != "weight":
             return None
         if name not in self._f.keys():
             raise CheckpointError(f"{self.where}: no tensor {name}; the export does not match its model "
                                   "config")
         t = self._f.get_tensor(name)
-        return t if fragment is None else t.reshape(-1).narrow(0, *fragment)
+        return _into(t if fragment is None else t.reshape(-1).narrow(0, *fragment), out)
 
     def stored_names(self) -> set[str]:
         return set(self._f.keys())
+
+
+def _into(t: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor | None:
+    return t if out is None or t is None else out.copy_(t.reshape(out.shape))
 
 
 def exported_meta_path(path: str) -> str:

@@ -22,15 +22,10 @@ import sys
 
 from tqdm import tqdm
 
-from training.checkpoint.client import client_path, load_client, save_client
+from training.checkpoint.client import client_for_layout, layout_dp, save_client
 from training.checkpoint.manifest import CKPT_SUBDIR, CheckpointError, write_atomic, write_complete
 from training.checkpoint.reader import KINDS, DeepSpeedSource, open_source
 from training.checkpoint.safetensors_io import write_safetensors
-
-
-def _dp(layout: dict) -> int:
-    """A layout's data-parallel size (meta files that predate the "dp" key: world size / TP)."""
-    return layout.get("dp", layout["world_size"] // layout["tp"])
 
 
 def target_layout(src, tp: int | None, ep: int | None, dp: int | None) -> dict:
@@ -38,7 +33,7 @@ def target_layout(src, tp: int | None, ep: int | None, dp: int | None) -> dict:
     from training.model.tensor_parallel import check_tp_size
     saved = src.meta["layout"]
     tp, ep = tp or saved["tp"], ep or saved["ep"]
-    dp = dp or _dp(saved)
+    dp = dp or layout_dp(saved)
     moe = src.meta["config"].get("moe")
     problems = []
     if moe is None and ep != 1:
@@ -101,15 +96,8 @@ def _write_tensors(src, out_tag: str, tp: int) -> None:
 
 
 def _write_clients(src, out_tag: str, layout: dict) -> None:
-    saved = src.meta["layout"]
-    src_tp, src_dp = saved["tp"], _dp(saved)
     for rank in range(layout["world_size"]):
-        d, t = divmod(rank, layout["tp"])  # megatron order: TP ranks are adjacent
-        source = d * src_tp + min(t, src_tp - 1) if d < src_dp else 0
-        client = load_client(client_path(src.where, source))
-        if d >= src_dp:
-            client["rng"] = None  # a data-parallel rank that did not exist: re-seeded at resume
-        save_client(out_tag, rank, client)
+        save_client(out_tag, rank, client_for_layout(src.where, src.meta["layout"], layout, rank))
 
 
 def reshard(ckpt: str, out: str, tp: int | None = None, ep: int | None = None,

@@ -1,14 +1,15 @@
-"""Resuming a run from a complete, intact checkpoint.
+"""Resuming a run from a complete, intact checkpoint, at the layout it was saved at or at another one.
 
     client = resume(engine, pg, tag_dir, layout)     # this rank's client state (step, data position, RNG)
 
 - Saved at this layout (world size, TP, EP, DP, ZeRO stage, precision): DeepSpeed's own
   `load_checkpoint`; each rank reads its ZeRO partition file, the module file and its own experts' files.
-- Written by `unimoe ckpt reshard` for this layout: each rank reads from resharded/*.safetensors only what
-  it holds: its module weights (its TP shard, its experts) and its ZeRO fragments of the fp32 master
-  weights and AdamW moments (safetensors slices; no other rank's state is read).
-- Anything else stops with a ConfigError that names the reshard command. A training job does not convert
-  by itself: the conversion is an offline job of one process, which a cluster job's ranks would idle on.
+- Saved at another layout (another TP, EP or DP size, ZeRO 0/1/2 stage or precision), or written by
+  `unimoe ckpt reshard`: resharded on load. Every rank reads by parameter name (reader.py) only what it
+  holds: its module weights (its TP shard, its experts) and its ZeRO fragments of the fp32 master weights
+  and AdamW moments; a tensor whose TP split changes is joined from the saved shards and split again.
+  Its client state is that of the saved rank with the same TP and DP index (client.client_for_layout).
+  ZeRO-3 checkpoints resume at their own layout only (their optimizer state is not readable by name).
 """
 
 from __future__ import annotations
@@ -18,46 +19,42 @@ import os
 import torch
 
 from training.checkpoint import deepspeed_io
-from training.checkpoint.client import client_path, load_client
+from training.checkpoint.client import client_for_layout, client_path, load_client
 from training.checkpoint.manifest import CheckpointError, read_meta, verify
-from training.checkpoint.reader import OPTIMIZER_KINDS, ReshardedSource
+from training.checkpoint.reader import OPTIMIZER_KINDS, DeepSpeedSource, ReshardedSource, Source
 from training.config import ConfigError
 
 LAYOUT_KEYS = ("world_size", "tp", "ep", "dp", "zero_stage", "precision")
 
 
-def _describe(lay: dict) -> str:
+def describe_layout(lay: dict) -> str:
     return (f"tp={lay.get('tp')} ep={lay.get('ep')} dp={lay.get('dp')} (world {lay.get('world_size')}, "
             f"ZeRO {lay.get('zero_stage')}, {lay.get('precision')})")
 
 
-def layout_mismatch(tag_dir: str, saved: dict, layout: dict) -> ConfigError:
-    command = (f"unimoe ckpt reshard --ckpt {tag_dir} --tp {layout['tp']} --ep {layout['ep']} "
-               f"--dp {layout['dp']} --out NEW_RUN_DIR")
-    return ConfigError(f"{tag_dir} was saved at {_describe(saved)}, this run is {_describe(layout)}; "
-                       "DeepSpeed loads its files only at their own layout. Convert them first:\n"
-                       f"    {command}\nthen train with --out NEW_RUN_DIR --resume auto")
-
-
 def resume(engine, pg, tag_dir: str, layout: dict) -> dict:
-    """Loads the training state into `engine`; returns this rank's client state."""
+    """Loads the training state into `engine`; returns this rank's client state, with "resharded_from"
+    (the saved layout) when it was resharded on load, else None."""
     verify(tag_dir)
     saved = read_meta(tag_dir)["layout"]
     resharded = os.path.isdir(os.path.join(tag_dir, "resharded"))
-    keys = LAYOUT_KEYS[:4] if resharded else LAYOUT_KEYS
-    if any(saved.get(k) != layout.get(k) for k in keys):
-        raise layout_mismatch(tag_dir, saved, layout)
-    if resharded:
-        load_resharded(engine, pg, ReshardedSource(tag_dir))
-    else:
+    if not resharded and all(saved.get(k) == layout.get(k) for k in LAYOUT_KEYS):
         deepspeed_io.install(engine)
         ckpt_dir, tag = os.path.split(tag_dir.rstrip("/"))
         path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed found no model state files to load")
-    client = load_client(client_path(tag_dir, pg.env.rank))
-    client["resumed_native"] = not resharded
+        client = load_client(client_path(tag_dir, pg.env.rank))
+        client["resharded_from"] = None
+        return client
+    src = ReshardedSource(tag_dir) if resharded else DeepSpeedSource(tag_dir)
+    if isinstance(src, DeepSpeedSource) and src.zero3:
+        raise ConfigError(f"{tag_dir} was saved with ZeRO stage 3 at {describe_layout(saved)}; this run is "
+                          f"{describe_layout(layout)}. ZeRO-3 checkpoints resume at their own layout only")
+    load_resharded(engine, pg, src)
+    client = client_for_layout(tag_dir, saved, layout, pg.env.rank)
+    client["resharded_from"] = saved
     return client
 
 
@@ -70,10 +67,10 @@ def _init_zero_optimizer_state(zopt, adam_step: int) -> None:
     zopt._lazy_init_hp_params_optimizer_state()
 
 
-def load_resharded(engine, pg, src: ReshardedSource) -> None:
-    """Weights and AdamW state by parameter name into an engine with ZeRO 0, 1 or 2 (any EP/DP layout;
-    the TP size the tag was resharded for). Reads the module weights of this rank and, for the optimizer,
-    only the fragments of the flat partitions this rank owns, each straight into its destination."""
+def load_resharded(engine, pg, src: Source) -> None:
+    """Weights and AdamW state by parameter name into an engine with ZeRO 0, 1 or 2 (any TP/EP/DP layout).
+    Reads the module weights of this rank and, for the optimizer, only the fragments of the flat partitions
+    this rank owns, each straight into its destination."""
     zopt = engine.optimizer if hasattr(engine.optimizer, "single_partition_of_fp32_groups") else None
     stage = engine.zero_optimization_stage()
     if zopt is None and stage != 0:
@@ -84,15 +81,15 @@ def load_resharded(engine, pg, src: ReshardedSource) -> None:
         _init_zero_optimizer_state(zopt, step)
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
-            shape = src.shard_shape(name, pg.tp_rank)
+            shape = src.shard_shape(name, pg.tp_rank, pg.tp)
             if shape != tuple(p.shape):
                 raise CheckpointError(f"{src.where}: {name} has shape {shape}, this run's model wants "
                                       f"{tuple(p.shape)} (another model config or TP size)")
             direct = p.dtype == torch.float32 and p.data.is_contiguous()
             if direct:
-                src.read_shard(name, "weight", pg.tp_rank, out=p.data)
+                src.read_for(name, "weight", pg.tp_rank, pg.tp, out=p.data)
             else:
-                p.data.copy_(src.read_shard(name, "weight", pg.tp_rank).to(p.dtype))
+                p.data.copy_(src.read_for(name, "weight", pg.tp_rank, pg.tp).to(p.dtype))
             mapping = getattr(p, "_hp_mapping", None)
             if zopt is not None and mapping is not None:
                 hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
@@ -102,12 +99,12 @@ def load_resharded(engine, pg, src: ReshardedSource) -> None:
                 if direct:  # p.data holds the stored fp32 shard, read straight into it: copy its fragment
                     master.copy_(p.data.view(-1).narrow(0, *fragment))
                 else:
-                    src.read_shard(name, "weight", pg.tp_rank, fragment, out=master)
+                    src.read_for(name, "weight", pg.tp_rank, pg.tp, fragment, out=master)
                 for kind in OPTIMIZER_KINDS:
                     if src.has_optimizer_state(name):
-                        src.read_shard(name, kind, pg.tp_rank, fragment,
-                                       out=zopt.optimizer.state[flat][kind].narrow(0, hp.start, hp.numel))
+                        src.read_for(name, kind, pg.tp_rank, pg.tp, fragment,
+                                     out=zopt.optimizer.state[flat][kind].narrow(0, hp.start, hp.numel))
             elif zopt is None and src.has_optimizer_state(name):  # ZeRO 0: the torch optimizer's own state
                 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
                 base.state[p] = {"step": torch.tensor(float(step)), **{
-                    k: src.read_shard(name, k, pg.tp_rank).to(p.dtype) for k in OPTIMIZER_KINDS}}
+                    k: src.read_for(name, k, pg.tp_rank, pg.tp).to(p.dtype) for k in OPTIMIZER_KINDS}}

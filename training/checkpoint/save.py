@@ -37,7 +37,6 @@ from training.checkpoint.manifest import (
     write_atomic,
     write_complete,
 )
-from training.cluster.parallel import all_reduce_values
 
 
 def _rank_estimate(engine, pg) -> float:
@@ -57,14 +56,15 @@ def _rank_estimate(engine, pg) -> float:
 
 def expected_bytes(engine, pg, ckpt_dir: str) -> int:
     """Collective. The checkpoint's size: the larger of the newest complete tag's and the estimate."""
-    (estimate,) = all_reduce_values([_rank_estimate(engine, pg)], dist.ReduceOp.SUM)
+    (estimate,) = pg.all_reduce([_rank_estimate(engine, pg)], dist.ReduceOp.SUM)
     tags = complete_tags(ckpt_dir)
     previous = sum((read_complete(tags[-1])["files"] or {}).values()) if tags else 0
     return int(max(estimate, previous))
 
 
 def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ckpt_cfg) -> str | None:
-    """Collective. Writes tag step_<step>; returns its path once every rank's files are on disk and rank 0
+    """Collective (pg: training.cluster.parallel.ParallelGroups, whose all_reduce it uses). Writes tag
+    step_<step>; returns its path once every rank's files are on disk and rank 0
     marked it complete, or None (on every rank) when the free space is below the expected size."""
     ckpt_dir = os.path.join(run_dir, CKPT_SUBDIR)
     tag = tag_name(step)
@@ -76,7 +76,7 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
     need = expected_bytes(engine, pg, ckpt_dir)
     free = shutil.disk_usage(ckpt_dir).free
     # unanimous; it also orders rank 0's rmtree above before any rank writes
-    (room,) = all_reduce_values([1.0 if free >= need else 0.0], dist.ReduceOp.MIN)
+    (room,) = pg.all_reduce([1.0 if free >= need else 0.0], dist.ReduceOp.MIN)
     if room < 1:
         if free < need:
             print(f"[rank {rank}] checkpoint {tag} refused: {free / 2**20:.0f} MiB free under {ckpt_dir}, "
@@ -95,7 +95,7 @@ def save(engine, pg, run_dir: str, step: int, client_state: dict, meta: dict, ck
     except OSError as e:
         print(f"[rank {rank}] error: writing checkpoint {tag} failed: {e}", file=sys.stderr, flush=True)
         ok = 0.0
-    (agreed,) = all_reduce_values([ok], dist.ReduceOp.MIN)
+    (agreed,) = pg.all_reduce([ok], dist.ReduceOp.MIN)
     if agreed < 1:
         raise OSError(f"{tag_dir}: a rank could not write its files; the checkpoint stays incomplete "
                       "(the previous complete one is still `latest`)")

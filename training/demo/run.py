@@ -42,7 +42,9 @@ def _train_cmd(st: StageRun, root: str, seed: int) -> list[str]:
     return [sys.executable, "-m", "training.cli", "train", "--config", st.config, "--out", st.out_dir(root),
             "--nproc", str(st.nproc), "--max-steps", str(st.steps), "--save-every", "0",
             f"max_steps={st.steps}", f"seed={seed}", f"optim.warmup_steps={warmup}",
-            f"optim.schedule_steps={st.steps}", *st.overrides]
+            f"optim.schedule_steps={st.steps}",
+            f"logging.eval_every={max(1, st.steps // 4)}",  # validation loss 4 times per stage
+            *st.overrides]
 
 
 def _last_metrics(run_dir: str) -> dict:

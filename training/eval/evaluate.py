@@ -16,13 +16,14 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from training.eval.routing_report import RoutingAccumulator, plot_report, routing_report
 from training.model import IGNORE_INDEX, TASKS
 
 
-class _LossSums:
-    """Token-weighted sums of the cross-entropy per task and codebook."""
+class LossSums:
+    """Token-weighted sums of the cross-entropy per task and codebook (on the logits' device)."""
 
     def __init__(self, num_codebooks: int):
         self.num = torch.zeros(len(TASKS), num_codebooks, dtype=torch.float64)
@@ -31,12 +32,20 @@ class _LossSums:
     def update(self, model, logits: torch.Tensor, batch: dict) -> None:
         labels = batch["labels"]  # [B, K, L]
         tok = torch.stack([model.cross_entropy(logits[:, :, k].clone(), labels[:, k])
-                           for k in range(labels.shape[1])], dim=1)  # [B, K, L]
+                           for k in range(labels.shape[1])], dim=1).to(torch.float64)  # [B, K, L]
         valid = (labels != IGNORE_INDEX).to(torch.float64)
-        for t in range(len(TASKS)):
-            sel = (batch["task"] == t).to(torch.float64)[:, None, None]
-            self.num[t] += (tok.to(torch.float64) * valid * sel).sum(dim=(0, 2))
-            self.den[t] += (valid * sel).sum(dim=(0, 2))
+        sel = F.one_hot(batch["task"].long(), len(TASKS)).to(torch.float64)  # [B, T]
+        self.num += torch.einsum("bt,bkl->tk", sel, tok * valid).cpu()
+        self.den += torch.einsum("bt,bkl->tk", sel, valid).cpu()
+
+    def values(self) -> list[float]:
+        """The sums as one list (for an all-reduce over the ranks that saw different samples)."""
+        return self.num.flatten().tolist() + self.den.flatten().tolist()
+
+    def load_values(self, values: list[float]) -> None:
+        n = self.num.numel()
+        self.num = torch.tensor(values[:n], dtype=torch.float64).view_as(self.num)
+        self.den = torch.tensor(values[n:], dtype=torch.float64).view_as(self.den)
 
     def result(self, reduce: str) -> dict:
         out = {"loss_per_task": {}, "loss_per_codebook": {}, "targets_per_task": {}}
@@ -55,6 +64,19 @@ class _LossSums:
         return out
 
 
+@torch.no_grad()
+def validation_loss(model, forward, batches, sum_over_ranks=None) -> dict:
+    """Loss per task and per codebook (LossSums.result) of `model` over `batches` (collated batches, each
+    rank its own share), `forward(batch)` giving the model output. `sum_over_ranks(list) -> list` adds the
+    sums of the ranks that saw different samples (a collective); the training loop's validation."""
+    sums = LossSums(model.cfg.num_codebooks)
+    for batch in batches:
+        sums.update(model, forward(batch).logits, batch)
+    if sum_over_ranks is not None:
+        sums.load_values(sum_over_ranks(sums.values()))
+    return sums.result(model.cfg.codebook_loss)
+
+
 def _moe_shape(model) -> tuple[int, int, list[int]]:
     cfg = model.cfg
     if not cfg.is_moe:
@@ -69,7 +91,7 @@ def evaluate_model(model, reader, batches: int = 8, batch_size: int = 8, routing
     from training.model.batch import collate
 
     model.eval()
-    sums = _LossSums(model.cfg.num_codebooks)
+    sums = LossSums(model.cfg.num_codebooks)
     num_routed, num_null, layer_ids = _moe_shape(model)
     acc = None
     if routing and layer_ids:
