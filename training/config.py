@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from training.cluster.gpus import gpu_preset_name
+
 # The directory holding training/ and ds_configs/: the checkout, or site-packages after `pip install .`
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "training", "configs")
@@ -148,6 +150,36 @@ class StageConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The job this config is sized for: `unimoe plan` fits its layout there (tests/test_plan.py checks the
+    shipped configs), `unimoe slurm submit` asks SLURM for it (nodes = gpus / gpus_per_node)."""
+    gpus: int | None = None  # total GPUs = ranks; None: not stated (the tiny CPU configs)
+    gpu: str = "H100-80G"  # a planner preset (training/cluster/gpus.py), any case
+    gpus_per_node: int = 8
+
+    def __post_init__(self):
+        try:
+            self.gpu = gpu_preset_name(self.gpu)
+        except ValueError as e:
+            raise ConfigError(f"cluster.gpu: {e}") from None
+        if self.gpus is not None and (not isinstance(self.gpus, int) or self.gpus < 1):
+            raise ConfigError(f"cluster.gpus must be an integer >= 1 or null, got {self.gpus!r}")
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
+            raise ConfigError(f"cluster.gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
+        if self.gpus and self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ConfigError(f"cluster.gpus={self.gpus} is not a whole number of nodes of "
+                              f"{self.gpus_per_node} GPUs (cluster.gpus_per_node)")
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.gpus // self.gpus_per_node) if self.gpus else 1
+
+    @property
+    def tasks_per_node(self) -> int:
+        return min(self.gpus, self.gpus_per_node) if self.gpus else 1
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     seed: int = 0
@@ -160,6 +192,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -215,11 +248,11 @@ class TrainConfig:
         dp = world_size // tp
         mcfg = self.model_config()
         problems = []
-        if dp % ep:
+        n_exp = int(mcfg.moe_kwargs().get("num_routed_experts", 8)) if mcfg.is_moe else 1
+        if dp % ep:  # the EP sizes that divide both the data-parallel size and the routed experts
             problems.append(f"parallel.ep={ep} must divide the data-parallel size {dp} (world {world_size} / "
-                            f"tp {tp}); choose ep in {divisors(dp)}")
+                            f"tp {tp}); choose ep in {[e for e in divisors(dp) if n_exp % e == 0]}")
         if mcfg.is_moe:
-            n_exp = int(mcfg.moe_kwargs().get("num_routed_experts", 8))
             if n_exp % ep:
                 problems.append(f"parallel.ep={ep} must divide moe.num_routed_experts={n_exp}")
         elif ep != 1:
@@ -288,7 +321,8 @@ def divisors(n: int) -> list[int]:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "stage": StageConfig}
+                  "checkpoint": CheckpointConfig, "logging": LoggingConfig, "stage": StageConfig,
+                  "cluster": ClusterConfig}
 
 
 def from_dict(d: dict, source: str = "<dict>") -> TrainConfig:
