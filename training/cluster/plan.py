@@ -235,9 +235,10 @@ def report(plan: dict, w: Workload, hw: Hardware, a: Assumptions) -> str:
     wl = plan["workload"]
     target = plan["target"]
     at = ("the config's target" if (target["gpus"], target["gpu"]) == (world, hw.name) else
-          f"the config's target is {target['gpus']} x {target['gpu']}" if target["gpus"] else "no target stated")
-    lines = [f"plan for {plan['config']} on {world} x {hw.name} ({nodes} node(s); {at}): ZeRO {wl['zero_stage']}, "
-             f"{wl['precision']}, recompute {wl['recompute']}, sequence parallel "
+          f"the config's target is {target['gpus']} x {target['gpu']}" if target["gpus"]
+          else "no target stated")
+    lines = [f"plan for {plan['config']} on {world} x {hw.name} ({nodes} node(s); {at}): "
+             f"ZeRO {wl['zero_stage']}, {wl['precision']}, recompute {wl['recompute']}, sequence parallel "
              f"{'on' if wl['sequence_parallel'] else 'off'}, {wl['seq_len']} tokens per sample, global batch "
              f"{wl['global_batch']}" + (f", micro-batch {wl['micro_batch']}" if wl["micro_batch"] else ""),
              "", "parameters"]

@@ -112,3 +112,22 @@ def fit_hints(cfg: TrainConfig, w: Workload, world: int, hw: Hardware, a: Assump
     if best:
         hints.append("fastest that fits, all settings: " + _describe(best[0]))
     return hints
+
+
+def target_memory(cfg: TrainConfig) -> tuple[float, float]:
+    """(GiB per GPU of the config's own layout at its target cluster.gpus x cluster.gpu, the GPU's GiB)
+    under the default assumptions; ConfigError when the config states no target or cannot run there."""
+    from training.cluster.gpus import GPUS
+    from training.cluster.plan_memory import workload_from_config
+    from training.config import ConfigError
+
+    c = cfg.cluster
+    if not c.gpus:
+        raise ConfigError("the config states no target (cluster.gpus)")
+    problems = cfg.layout_problems(c.gpus)
+    if problems:
+        raise ConfigError(f"its layout cannot run on its target cluster.gpus={c.gpus}: {problems[0]}")
+    hw = dataclasses.replace(GPUS[c.gpu], gpus_per_node=c.gpus_per_node)
+    mem = memory_per_gpu(workload_from_config(cfg), c.gpus, cfg.parallel.tp, cfg.parallel.ep,
+                         Assumptions().overhead_gib)
+    return mem["total"] / GiB, hw.memory_gib

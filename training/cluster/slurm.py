@@ -155,7 +155,7 @@ def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
         missing = _REQUIRED - set(merged)
         if missing:
             raise CurriculumError(f"{path}: stage {name!r} needs {sorted(missing)}")
-        merged = _substitute(merged, runs, path, name)
+        merged = _with_target(_substitute(merged, runs, path, name), path, name)
         try:
             stage = Stage(**merged)
         except CurriculumError as e:
@@ -169,6 +169,36 @@ def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
                                       f"listed before it (stages so far: {sorted(earlier)})")
         stages.append(stage)
     return stages
+
+
+def _config_target(fields: dict):
+    """The stage config's `cluster` section (with the stage's overrides); None when the config does not load
+    here (check_stage names why)."""
+    from training.config import ConfigError, load_config
+    try:
+        cfg = load_config(_abs(str(fields.get("config", "")), REPO_ROOT), fields.get("overrides") or [])
+        return cfg.cluster
+    except (ConfigError, OSError, TypeError):
+        return None
+
+
+def _with_target(fields: dict, path: str, name: str) -> dict:
+    """The job shape from the stage config's target (`cluster.gpus` = nodes x GPUs per node, one task per
+    GPU): the config is the one place that states it. Shape keys the curriculum states too must agree;
+    configs without a target (the tiny CPU ones) keep the curriculum's shape."""
+    cluster = _config_target(fields)
+    if cluster is None or not cluster.gpus:
+        return fields
+    shape = {"nodes": cluster.nodes, "tasks_per_node": cluster.tasks_per_node,
+             "gpus_per_node": cluster.tasks_per_node}
+    clash = [f"{k}: {fields[k]}" for k in shape if k in fields and fields[k] != shape[k]]
+    if clash:
+        raise CurriculumError(f"{path}: stage {name!r} states {', '.join(clash)}, but its config "
+                              f"{fields['config']} targets cluster.gpus: {cluster.gpus} ({shape['nodes']} "
+                              f"node(s) x {shape['tasks_per_node']} GPUs); the config states the job's size: "
+                              "drop those keys here, or retarget the config (its cluster section, or "
+                              "overrides: [cluster.gpus=N] with a layout that fits there: unimoe plan)")
+    return {**fields, **shape}
 
 
 def _substitute(value, runs: str, path: str, name: str):
@@ -248,7 +278,8 @@ def _abs(path: str, root: str) -> str:
 
 
 def check_stage(stage: Stage, root: str) -> None:
-    """Template and config exist; the config is valid for the job's world size."""
+    """Template and config exist; the config's layout fits its target (`unimoe plan`) and is valid for the
+    job's world size."""
     for key in ("template", "config"):
         if not os.path.exists(_abs(getattr(stage, key), root)):
             raise CurriculumError(f"stage {stage.name!r}: {key} {getattr(stage, key)} does not exist")
@@ -256,6 +287,14 @@ def check_stage(stage: Stage, root: str) -> None:
 
     try:
         cfg = load_config(_abs(stage.config, root), stage.overrides)
+        if cfg.cluster.gpus:  # its layout fits its target by `unimoe plan`
+            from training.cluster.plan_fit import target_memory
+            need, have = target_memory(cfg)
+            if need > have:
+                raise ConfigError(f"its layout tp={cfg.parallel.tp} ep={cfg.parallel.ep} needs {need:.1f} "
+                                  f"GiB per GPU on its target ({cfg.cluster.gpus} x {cfg.cluster.gpu}, "
+                                  f"{have:.1f} GiB) by `unimoe plan`; `unimoe plan --config {stage.config}` "
+                                  "says what fits")
         cfg.validate(world_size=stage.world_size)
     except ConfigError as e:
         raise CurriculumError(f"stage {stage.name!r} ({stage.nodes} node(s) x {stage.tasks_per_node} tasks): "
