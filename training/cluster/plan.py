@@ -346,8 +346,8 @@ def run_cli(args) -> int:
     if cl["problems"] or not cl["fits"]:
         why = "does not work" if cl["problems"] else f"does not fit in {hw.memory_gib:.1f} GiB"
         hints = [f"  {h}" for h in plan["hints"]] or [
-            "  none: nothing the planner can change (recompute, micro-batch, sequence length, layout) fits; "
-            "a larger GPU (--gpu) or a smaller model"]
+            "  none: no single change the planner tries (recompute, micro-batch, sequence length, ZeRO "
+            "stage, GPUs, layout) fits; a larger GPU (--gpu) or a smaller model"]
         print(f"unimoe plan: error: the layout tp={cl['tp']} ep={cl['ep']} of {args.config} {why} on {world} "
               "GPU(s) (see above); what fits instead (each change planned):\n" + "\n".join(hints),
               file=sys.stderr)
