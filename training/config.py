@@ -150,9 +150,7 @@ class StageConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """The job this config is sized for: `unimoe plan` fits its layout there (tests/test_plan.py checks the
-    shipped configs), `unimoe slurm submit` asks SLURM for it (nodes = gpus / gpus_per_node)."""
+class ClusterConfig:  # the job the config is sized for: `unimoe plan` and `unimoe slurm submit` read it
     gpus: int | None = None  # total GPUs = ranks; None: not stated (the tiny CPU configs)
     gpu: str = "H100-80G"  # a planner preset (training/cluster/gpus.py), any case
     gpus_per_node: int = 8
@@ -169,14 +167,6 @@ class ClusterConfig:
         if self.gpus and self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
             raise ConfigError(f"cluster.gpus={self.gpus} is not a whole number of nodes of "
                               f"{self.gpus_per_node} GPUs (cluster.gpus_per_node)")
-
-    @property
-    def nodes(self) -> int:
-        return -(-self.gpus // self.gpus_per_node) if self.gpus else 1
-
-    @property
-    def tasks_per_node(self) -> int:
-        return min(self.gpus, self.gpus_per_node) if self.gpus else 1
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""`unimoe plan --config C --gpus N [--gpu TYPE] [--json]`: which layout to submit, before submitting it.
+"""`unimoe plan --config C [--gpus N] [--gpu TYPE] [--json]`: which layout to submit, before submitting it.
+N and TYPE default to the config's target (`cluster.gpus`, `cluster.gpu`; TYPE in any case).
 
 Prints the parameter count (total; active per token under Top-P routing), the assumptions, and every valid
 TP x EP x DP layout for N GPUs with its memory per GPU (weights, gradients, optimizer states, activations
 with `model.recompute`, all-to-all buffers, a fixed overhead; training/cluster/plan_memory.py) and its
 step time, tokens/s and MFU from a roofline model (training/cluster/plan_time.py), fastest first among the
 layouts that fit. `--calibrate RUN` rescales the step times so that the model reproduces a real run's
-tokens/s (RUN/metrics.jsonl) at its layout, and uses the run's measured routed experts per token.
-Exits 2 with the reasons when the config's own layout is impossible on N GPUs or does not fit.
+tokens/s (RUN/metrics.jsonl) at its layout, and uses the run's measured routed experts per token; a run of
+another model size, precision or device is refused, naming what differs.
+Exits 2 with the reasons when the config's own layout is impossible on N GPUs or does not fit, and with what
+fits instead, each change planned (training/cluster/plan_fit.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,7 @@ and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
 
     runs: /scratch/me/unimoe/runs      # base of the run dirs: "{runs}" in the stage fields ($VARS expanded)
     defaults:                          # any stage field, for every stage
-      nodes: 4
-      tasks_per_node: 8                # one task per GPU
-      gpus_per_node: 8                 # 0 = CPU (the tiny curriculum); required where the cluster has GPUs
+      cpus_per_task: 8
       retries: 1                       # a failed (not preempted) job requeues itself this often
       env: {NCCL_DEBUG: WARN}
     stages:
@@ -23,6 +21,10 @@ and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
         overrides: ["stage.init_from=[{runs}/stage1_speech,{runs}/stage1_music]"]
         ...
 
+A stage's job size is its config's target, `cluster.gpus` (nodes = gpus / cluster.gpus_per_node, one task
+per GPU): the config states it once, and a curriculum that states another nodes/tasks_per_node/gpus_per_node
+is refused. Only configs without a target (the tiny CPU ones) take nodes, tasks_per_node and gpus_per_node
+(0 = CPU; required where the cluster has GPUs) from the curriculum.
 Paths are relative to the repository root (sbatch runs there). The runs root is `--runs DIR`, else the
 file's `runs:`, else $SCRATCH/unimoe/runs where the cluster sets $SCRATCH (run dirs off the checkout's
 file system), else runs/ in the checkout. A stage that leaves `gpus_per_node` out is an error on a
@@ -189,8 +191,8 @@ def _with_target(fields: dict, path: str, name: str) -> dict:
     cluster = _config_target(fields)
     if cluster is None or not cluster.gpus:
         return fields
-    shape = {"nodes": cluster.nodes, "tasks_per_node": cluster.tasks_per_node,
-             "gpus_per_node": cluster.tasks_per_node}
+    per_node = min(cluster.gpus, cluster.gpus_per_node)
+    shape = {"nodes": -(-cluster.gpus // per_node), "tasks_per_node": per_node, "gpus_per_node": per_node}
     clash = [f"{k}: {fields[k]}" for k in shape if k in fields and fields[k] != shape[k]]
     if clash:
         raise CurriculumError(f"{path}: stage {name!r} states {', '.join(clash)}, but its config "
