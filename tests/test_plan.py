@@ -416,3 +416,23 @@ def test_calibrate_refuses_a_run_of_another_model_precision_or_device(tmp_path, 
         assert message in str(e.value) and "model (" not in str(e.value) and "precision" not in str(e.value)
     run, _ = _calibration_run(tmp_path, same, device="NVIDIA A100-SXM4-80GB")
     assert calibrate(run, GPUS["A100-80G"], Assumptions(), None, w)[1]["measured_tokens_per_s"] == 1006.5
+
+
+def test_bench_plan_reports_every_shipped_config_at_its_target():
+    from benchmarks.bench_plan import shipped_targets
+
+    rows = shipped_targets()
+    assert [r["config"] for r in rows] == SHIPPED
+    for r in rows:
+        cluster = load_config(os.path.join(CONFIGS_DIR, r["config"])).cluster
+        assert (r["gpus"], r["gpu"]) == (cluster.gpus, cluster.gpu) and r["tp"] * r["dp"] == r["gpus"]
+        assert r["fits"] and 0 < r["gib_per_gpu"] <= r["gpu_gib"] and 0 < r["mfu"] < 1
+
+
+@pytest.mark.parametrize("device, preset", [("NVIDIA H100 80GB HBM3", "H100-80G"), ("NVIDIA H200", "H200"),
+                                            ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("cpu", None),
+                                            ("NVIDIA GH200 480GB", None), ("NVIDIA L40S", None)])
+def test_device_names_map_to_the_presets_calibration_compares(device, preset):
+    from training.cluster.gpus import device_preset
+
+    assert device_preset(device) == preset
