@@ -193,3 +193,22 @@ def test_submit_refuses_a_stage_whose_layout_does_not_fit_its_target(tmp_path, c
                                    r"needs [\d.]+ GiB per GPU on its target \(192 x H100-80G, 80.0 GiB", err)
     assert run_cli(argparse.Namespace(curriculum=path, dry_run=False, runs=None)) == 2
     assert "unimoe plan --config training/configs/stage3.yaml" in capsys.readouterr().err
+
+
+def test_a_job_of_another_size_than_its_configs_target_logs_one_warning():
+    """slurm/launch.sh runs `python -m training.cluster.slurm CONFIG NTASKS OVERRIDES` before training."""
+    import subprocess
+    import sys
+
+    from training.cluster.slurm import job_size_note
+
+    stage3 = "training/configs/stage3.yaml"
+    assert job_size_note(stage3, [], 192) is None and job_size_note(stage3, ["cluster.gpus=32"], 32) is None
+    assert job_size_note("training/configs/tiny/stage3.yaml", [], 2) is None  # no target stated
+    with open(os.path.join(REPO_ROOT, "slurm", "launch.sh")) as f:
+        assert 'python -m training.cluster.slurm "$CONFIG" "${SLURM_NTASKS:-1}" "${overrides[@]}"' in f.read()
+    p = subprocess.run([sys.executable, "-m", "training.cluster.slurm", stage3, "32", "optim.lr=2e-5"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr.strip() == (
+        f"warning: {stage3} is sized for cluster.gpus=192 x H100-80G, this job has 32 task(s): its layout "
+        f"was planned for 192 (check: unimoe plan --config {stage3} --gpus 32)")

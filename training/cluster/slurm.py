@@ -342,6 +342,21 @@ def submit(stages: list[Stage], root: str) -> dict[str, str]:
     return ids
 
 
+def job_size_note(config: str, overrides: list[str], ntasks: int) -> str | None:
+    """The line slurm/launch.sh logs when a job (sbatch of a template with other --nodes, say) is not the size
+    its config is sized for (cluster.gpus); None when it is, or the config states no target."""
+    from training.config import ConfigError, load_config
+    try:
+        cluster = load_config(config, overrides).cluster
+    except ConfigError:
+        return None  # `unimoe train` names the problem
+    if not cluster.gpus or cluster.gpus == ntasks:
+        return None
+    return (f"warning: {config} is sized for cluster.gpus={cluster.gpus} x {cluster.gpu}, this job has "
+            f"{ntasks} task(s): its layout was planned for {cluster.gpus} (check: unimoe plan --config "
+            f"{config} --gpus {ntasks})")
+
+
 def run_cli(args) -> int:
     root = REPO_ROOT
     try:
@@ -364,3 +379,9 @@ def run_cli(args) -> int:
         return 2
     print("job ids: " + " ".join(ids.values()))
     return 0
+
+
+if __name__ == "__main__":  # slurm/launch.sh: python -m training.cluster.slurm CONFIG NTASKS [OVERRIDE ...]
+    _note = job_size_note(sys.argv[1], sys.argv[3:], int(sys.argv[2]))
+    if _note:
+        print(_note, file=sys.stderr)
