@@ -114,7 +114,7 @@ def run_differences(run_model, run_precision: str, run_device: str | None, w: Wo
 
 
 def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None,
-              planned: Workload | None = None) -> tuple[Assumptions, dict]:
+              planned: Workload) -> tuple[Assumptions, dict]:
     """Assumptions whose step times reproduce the run's median tokens/s at its own layout (the first fifth of
     the steps, warm-up, left out), with the run's median routed experts per token. Refused (ConfigError
     naming what differs) when the run's model, precision or device is not the `planned` workload's."""
@@ -141,14 +141,13 @@ def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None,
               if k in ("text_vocab_size", "num_codebooks", "codebook_size")}
     run_w = workload_from_config(run_cfg, seq_len)
     run_w = dataclasses.replace(run_w, model=run_cfg.model_config(**filled))
-    if planned is not None:
-        differ = run_differences(run_w.model, lay_d.get("precision", run_w.precision), lay_d.get("device"),
-                                 planned, hw)
-        if differ:
-            raise ConfigError(f"--calibrate {run_dir}: the run differs from this plan in "
-                              + "; ".join(differ) + ": its tokens/s do not transfer, so nothing of it is "
-                              f"applied. Calibrate with a run of this model in {planned.precision} on "
-                              f"{hw.name} (a few hundred steps are enough), or plan without --calibrate")
+    differ = run_differences(run_w.model, lay_d.get("precision", run_w.precision), lay_d.get("device"),
+                             planned, hw)
+    if differ:
+        raise ConfigError(f"--calibrate {run_dir}: the run differs from this plan in " + "; ".join(differ)
+                          + ": its tokens/s do not transfer, so nothing of it is applied. Calibrate with a "
+                          f"run of this model in {planned.precision} on {hw.name} (a few hundred steps are "
+                          "enough), or plan without --calibrate")
     lay = Layout(int(lay_d["tp"]), int(lay_d["ep"]), int(lay_d["world_size"]) // int(lay_d["tp"]))
     measured = statistics.median(tps)
     k = statistics.median(ks) if ks else None
