@@ -17,6 +17,9 @@ one warm-up step first), compared with the planner's kept activations + backward
 
 Step time: the planner's roofline for Mixtral-8x7B at Megatron-Core's published H100 layout (see
 `mixtral_reference`) against their 468 TFLOP/s per GPU.
+
+Shipped configs: each stage config of training/configs planned at its own target (`cluster`): layout,
+memory per GPU, step time and MFU (the figures README's planner table quotes).
 """
 
 from __future__ import annotations
@@ -123,6 +126,34 @@ def gpu_activation_check(frames: int, micro: int = 2) -> dict:
             "activation_predicted_over_measured": (pred["kept"] + pred["transient"]) / measured}
 
 
+def shipped_targets() -> list[dict]:
+    """Every shipped stage config (training/configs/*.yaml) planned at its own target (cluster.gpus x
+    cluster.gpu) under the default assumptions: its layout, memory per GPU, step time and MFU."""
+    import dataclasses
+    import os
+
+    from training.cluster.gpus import GPUS
+    from training.cluster.plan import build_plan
+    from training.cluster.plan_memory import GiB, workload_from_config
+    from training.cluster.plan_time import Assumptions
+    from training.config import CONFIGS_DIR, load_config
+
+    rows = []
+    for name in sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml") and f != "curriculum.yaml"):
+        cfg = load_config(os.path.join(CONFIGS_DIR, name))
+        c, w = cfg.cluster, workload_from_config(cfg)
+        hw = dataclasses.replace(GPUS[c.gpu], gpus_per_node=c.gpus_per_node)
+        mine = next(r for r in build_plan(cfg, w, c.gpus, hw, Assumptions(), name)["layouts"]
+                    if r["config_layout"])
+        rows.append({"config": name, "gpus": c.gpus, "gpu": c.gpu, "tp": mine["tp"], "ep": mine["ep"],
+                     "dp": mine["dp"], "recompute": w.recompute, "micro_batch": mine["memory"]["micro_batch"],
+                     "gib_per_gpu": mine["memory"]["total"] / GiB, "gpu_gib": hw.memory_gib,
+                     "fits": mine["fits"],
+                     "step_s": mine["time"]["step_s"], "tokens_per_s": mine["time"]["tokens_per_s"],
+                     "mfu": mine["time"]["mfu"]})
+    return rows
+
+
 def run(quick: bool = False, device: str = "cpu") -> dict:
     from training.cluster.plan_time import mixtral_reference
 
@@ -140,6 +171,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         ratio["gpu_bf16"] = [round(g["activation_predicted_over_measured"], 4) for g in gpu]
     ref = mixtral_reference()
     res["mixtral_8x7b_h100"] = ref
+    res["shipped_configs_at_their_targets"] = shipped_targets()
     return res
 
 
@@ -157,6 +189,11 @@ def run_cli(args) -> int:
     print(f"Mixtral-8x7B on {m['gpus']} H100: predicted {m['predicted_tflops_per_gpu']:.0f} TFLOP/s per GPU, "
           f"Megatron-Core published {m['published_tflops_per_gpu']:.0f} "
           f"(x{m['predicted_over_published']:.3f})")
+    for r in res["shipped_configs_at_their_targets"]:
+        print(f"{r['config']} on {r['gpus']} x {r['gpu']}: tp {r['tp']} ep {r['ep']} dp {r['dp']}, recompute "
+              f"{r['recompute']}, micro-batch {r['micro_batch']}: {r['gib_per_gpu']:.1f} of "
+              f"{r['gpu_gib']:.1f} GiB per GPU, {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {r['mfu']:.3f}")
     if args.json:
         print(json.dumps(res))
     return 0

@@ -114,6 +114,8 @@ unimoe_train() {
     # word lists, split on blanks without glob expansion (overrides may hold [a,b])
     read -r -a train_args <<< "${TRAIN_ARGS:-}"
     read -r -a overrides <<< "${OVERRIDES:-}"
+    # the config states the job it is sized for (cluster.gpus): one warning line when this job is another size
+    python -m training.cluster.slurm "$CONFIG" "${SLURM_NTASKS:-1}" "${overrides[@]}" || true
     unimoe_stage unimoe train --config "$CONFIG" --out "$RUN_DIR" --resume auto "${train_args[@]}" "${overrides[@]}"
 }
 

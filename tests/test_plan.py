@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import yaml
 
 from benchmarks.bench_plan import activation_check
 from training.cluster.plan import all_layouts, build_plan, calibrate, layout_problems, run_cli
+from training.cluster.plan_fit import fitting_settings
 from training.cluster.plan_memory import (
     GiB,
     Workload,
@@ -24,7 +26,7 @@ from training.cluster.plan_memory import (
     workload_from_config,
 )
 from training.cluster.plan_time import GPUS, Assumptions, Layout, matmul_flops, mixtral_reference, step_time
-from training.config import ConfigError, load_config, save_config
+from training.config import CONFIGS_DIR, ConfigError, load_config, save_config
 from training.model import AudioLM
 
 MOE = {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_codebooks": 2, "codebook_size": 16,
@@ -250,26 +252,39 @@ def test_gpu_presets_change_memory_limit_and_speed(tmp_path):
     assert plans["H200"]["gpu"]["memory_gib"] > 130
 
 
-def test_calibrate_reproduces_the_runs_tokens_per_s_and_uses_its_experts_per_token(tmp_path):
-    _, cfg = _config(tmp_path, MOE)
+H100_NAME = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name() on an H100 SXM
+
+
+def _calibration_run(tmp_path, cfg, device: str | None = H100_NAME) -> tuple[str, str]:
+    """A run dir as `unimoe train` leaves it: config.yaml, metrics.jsonl, one complete checkpoint whose meta
+    records the layout (and the device, unless None: checkpoints from before it was recorded)."""
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step_00000010"
-    tag.mkdir(parents=True)
+    tag.mkdir(parents=True, exist_ok=True)
     save_config(cfg, str(run / "config.yaml"))
-    (tag / "meta.json").write_text(json.dumps({"layout": {"world_size": 8, "tp": 2, "ep": 2, "dp": 4}}))
+    layout = {"world_size": 8, "tp": 2, "ep": 2, "dp": 4, "precision": cfg.parallel.precision}
+    if device is not None:
+        layout["device"] = device
+    (tag / "meta.json").write_text(json.dumps({"layout": layout}))
     (tag / "COMPLETE").write_text("10\n")
     lines = [{"step": s, "loss": 1.0, "tokens_per_s": 50.0 if s <= 2 else 1000.0 + s,
               "experts_per_token": 1.5} for s in range(1, 11)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(run), str(tag)
+
+
+def test_calibrate_reproduces_the_runs_tokens_per_s_and_uses_its_experts_per_token(tmp_path):
+    _, cfg = _config(tmp_path, MOE)
+    run, tag = _calibration_run(tmp_path, cfg)
     hw = GPUS["H100-80G"]
-    a, info = calibrate(str(run), hw, Assumptions(), None)
-    assert info["measured_tokens_per_s"] == 1006.5 and a.experts_per_token == 1.5
     w = workload_from_config(cfg)
+    a, info = calibrate(run, hw, Assumptions(), None, w)
+    assert info["measured_tokens_per_s"] == 1006.5 and a.experts_per_token == 1.5
     assert step_time(w, Layout(2, 2, 4), hw, a)["tokens_per_s"] == pytest.approx(1006.5)
     assert step_time(w, Layout(2, 2, 4), hw, a)["experts_per_token"] == 1.5
-    os.remove(tag / "COMPLETE")
+    os.remove(os.path.join(tag, "COMPLETE"))
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        calibrate(str(run), hw, Assumptions(), None)
+        calibrate(run, hw, Assumptions(), None, w)
 
 
 def test_memory_is_in_bytes_of_plausible_size(tmp_path):
@@ -287,3 +302,137 @@ def test_planner_reads_recompute_and_sequence_parallel_with_defaults(tmp_path):
     assert workload_from_config(cfg).recompute == "block"
     with pytest.raises(ValueError, match="model.recompute"):
         Workload(w.model, 8, None, 32, recompute="all")
+
+
+SHIPPED = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml") and f != "curriculum.yaml")
+STAGE3 = os.path.join(CONFIGS_DIR, "stage3.yaml")
+STAGE3_BEFORE = ["parallel.tp=2", "parallel.ep=4", "data.micro_batch_size=4", "model.recompute=none"]  # old
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_fits_its_stated_target_with_the_fastest_layout_the_planner_finds(name, capsys):
+    """Planned at its own target (cluster.gpus x cluster.gpu, no --gpus/--gpu) under the default assumptions:
+    the config's layout fits, is the fastest layout that fits, and no other recompute x micro-batch x layout
+    the planner can choose is faster."""
+    path = os.path.join(CONFIGS_DIR, name)
+    cfg = load_config(path)
+    assert cfg.cluster.gpus, f"{name} states no target (cluster.gpus)"
+    assert run_cli(_args(path, None, gpu=None, json=True)) == 0, capsys.readouterr().err
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["gpus"], plan["gpu"]["name"]) == (cfg.cluster.gpus, cfg.cluster.gpu)
+    assert plan["assumptions"] == dataclasses.asdict(Assumptions())
+    fitting = [r for r in plan["layouts"] if r["fits"]]
+    assert fitting and fitting[0]["config_layout"], f"{name}: its layout is not the fastest that fits"
+    hw = dataclasses.replace(GPUS[cfg.cluster.gpu], gpus_per_node=cfg.cluster.gpus_per_node)
+    best = fitting_settings(cfg, workload_from_config(cfg), cfg.cluster.gpus, hw, Assumptions())[0]
+    assert fitting[0]["time"]["step_s"] <= best["step_s"] * (1 + 1e-9), (name, best)
+
+
+def test_cluster_section_is_validated_and_the_gpu_name_case_insensitive(tmp_path, capsys):
+    assert load_config(STAGE3, ["cluster.gpu=h200"]).cluster.gpu == "H200"
+    for override, message in [("cluster.gpu=V100", "cluster.gpu: unknown GPU 'V100'; presets: A100-80G"),
+                              ("cluster.gpus=0", "cluster.gpus must be an integer >= 1"),
+                              ("cluster.gpus=12", "not a whole number of nodes of 8 GPUs")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(STAGE3, [override])
+    path, _ = _config(tmp_path, MOE)
+    assert run_cli(_args(path, 8, gpu="h100-80g", json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["gpu"]["name"] == "H100-80G"
+    assert run_cli(_args(path, None, gpu=None)) == 2  # no --gpus and no cluster.gpus
+    assert "--gpus N is needed: the config states no target (cluster.gpus)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world, tp, ep, experts", [(12, 2, 4, 8), (12, 1, 8, 8), (24, 2, 8, 8),
+                                                    (36, 1, 8, 4)])
+def test_suggested_ep_sizes_divide_the_routed_experts_and_the_dp_size(tmp_path, world, tp, ep, experts):
+    d = {**MOE, "moe": {**MOE["moe"], "num_routed_experts": experts}, "data": {"global_batch_size": 72}}
+    _, cfg = _config(tmp_path, d, [f"parallel.tp={tp}", f"parallel.ep={ep}"])
+    problems = " ".join(layout_problems(cfg, world, tp, ep))
+    suggested = [int(e) for e in re.search(r"choose ep in \[([\d, ]+)\]", problems).group(1).split(",")]
+    dp = world // tp
+    assert suggested == [e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0], problems
+
+
+def test_stage3_on_12_gpus_suggests_no_ep_that_leaves_experts_over(capsys):
+    assert run_cli(_args(STAGE3, 12, overrides=STAGE3_BEFORE)) == 2
+    out = capsys.readouterr().out
+    assert "choose ep in [1, 2]" in out and "3, 6" not in out
+
+
+def _hint_overrides(line: str) -> list[str]:
+    return re.findall(r"((?:model|data|parallel)\.\w+=\w+)", line)
+
+
+def _fits_with(path, world, overrides, capsys, **kw) -> bool:
+    run_cli(_args(path, world, overrides=overrides, json=True, **kw))
+    return json.loads(capsys.readouterr().out)["config_layout"]["fits"]
+
+
+def test_hints_for_an_moe_config_name_only_changes_that_make_it_fit(capsys):
+    """The issue's case: stage 3 at its old layout on 64 H100s needs ~97 GiB, mostly activations. Hints:
+    recompute, a smaller micro-batch, shorter samples, a layout that fits; never ZeRO-3 (refused for MoE),
+    never more GPUs (the activations do not shrink with them). Each config change named fits when applied."""
+    assert run_cli(_args(STAGE3, 64, overrides=STAGE3_BEFORE)) == 2
+    err = capsys.readouterr().err
+    hints = err.split("what fits instead (each change planned):")[1].strip().splitlines()
+    text = "\n".join(hints)
+    for wanted in ("model.recompute=block", "data.micro_batch_size=2", "--seq-len 2048", "fastest that fits"):
+        assert wanted in text, (wanted, text)
+    assert "zero_stage" not in err and "--gpus" not in err and "more GPUs" not in err
+    for line in hints:
+        changes = _hint_overrides(line)
+        if changes:
+            assert _fits_with(STAGE3, 64, STAGE3_BEFORE + changes, capsys), line
+    seq = int(re.search(r"--seq-len (\d+)", text).group(1))
+    assert _fits_with(STAGE3, 64, STAGE3_BEFORE, capsys, seq_len=seq)
+
+
+def test_hints_for_a_dense_config_whose_model_states_overflow_name_zero_and_more_gpus(capsys):
+    path = os.path.join(CONFIGS_DIR, "stage1_speech.yaml")
+    tight = {"gpu_mem": 12.0, "seq_len": 256}  # short samples: weights, gradients and Adam states dominate
+    assert run_cli(_args(path, 8, overrides=["parallel.zero_stage=1"], **tight)) == 2
+    err = capsys.readouterr().err
+    assert "parallel.zero_stage=2" in err and "--gpus 16" in err and "recompute" not in err
+    assert _fits_with(path, 8, ["parallel.zero_stage=2"], capsys, **tight)
+    assert _fits_with(path, 16, ["parallel.zero_stage=1"], capsys, **tight)
+
+
+def test_calibrate_refuses_a_run_of_another_model_precision_or_device(tmp_path, capsys):
+    """The issue's case: a tiny fp32 CPU run applied to the paper-scale bf16 plan (step times x 24867)."""
+    _, tiny = _config(tmp_path, MOE, ["parallel.precision=fp32"])
+    run, _ = _calibration_run(tmp_path, tiny, device="cpu")
+    assert run_cli(_args(STAGE3, 192, calibrate=run)) == 2
+    err = capsys.readouterr().err
+    assert "the run differs from this plan in model (num_layers 2 vs 36, hidden_size 64 vs 2048" in err
+    assert "precision (fp32 vs bf16)" in err and "device (cpu vs H100-80G)" in err
+    assert "nothing of it is applied" in err
+    _, same = _config(tmp_path, MOE)  # same model and precision; only the device differs
+    w, hw = workload_from_config(same), GPUS["H100-80G"]
+    for device, message in [("cpu", "device (cpu vs H100-80G)"), ("NVIDIA A100-SXM4-80GB", "vs H100-80G"),
+                            (None, "device (not recorded")]:
+        run, _ = _calibration_run(tmp_path, same, device=device)
+        with pytest.raises(ConfigError) as e:
+            calibrate(run, hw, Assumptions(), None, w)
+        assert message in str(e.value) and "model (" not in str(e.value) and "precision" not in str(e.value)
+    run, _ = _calibration_run(tmp_path, same, device="NVIDIA A100-SXM4-80GB")
+    assert calibrate(run, GPUS["A100-80G"], Assumptions(), None, w)[1]["measured_tokens_per_s"] == 1006.5
+
+
+def test_bench_plan_reports_every_shipped_config_at_its_target():
+    from benchmarks.bench_plan import shipped_targets
+
+    rows = shipped_targets()
+    assert [r["config"] for r in rows] == SHIPPED
+    for r in rows:
+        cluster = load_config(os.path.join(CONFIGS_DIR, r["config"])).cluster
+        assert (r["gpus"], r["gpu"]) == (cluster.gpus, cluster.gpu) and r["tp"] * r["dp"] == r["gpus"]
+        assert r["fits"] and 0 < r["gib_per_gpu"] <= r["gpu_gib"] and 0 < r["mfu"] < 1
+
+
+@pytest.mark.parametrize("device, preset", [("NVIDIA H100 80GB HBM3", "H100-80G"), ("NVIDIA H200", "H200"),
+                                            ("NVIDIA A100-SXM4-80GB", "A100-80G"), ("cpu", None),
+                                            ("NVIDIA GH200 480GB", None), ("NVIDIA L40S", None)])
+def test_device_names_map_to_the_presets_calibration_compares(device, preset):
+    from training.cluster.gpus import device_preset
+
+    assert device_preset(device) == preset

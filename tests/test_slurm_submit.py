@@ -21,7 +21,7 @@ from training.cluster.slurm import (
     sbatch_command,
 )
 
-SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "slurm_submit_dry_run_4x8.txt")
+SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "slurm_submit_dry_run.txt")
 CURRICULUM = os.path.join("training", "configs", "curriculum.yaml")
 
 
@@ -31,7 +31,7 @@ def _dry_run(capsys, curriculum, runs=None):
     return code, captured.out.replace(REPO_ROOT, "<ROOT>"), captured.err
 
 
-def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys, monkeypatch):
+def test_dry_run_snapshot_at_the_configs_targets(capsys, monkeypatch):
     monkeypatch.delenv("SCRATCH", raising=False)  # run dirs under runs/ in the checkout
     code, out, _ = _dry_run(capsys, CURRICULUM)
     assert code == 0
@@ -41,9 +41,10 @@ def test_dry_run_snapshot_4_nodes_x_8_gpus(capsys, monkeypatch):
             f.write(out)
     with open(SNAPSHOT) as f:
         assert out == f.read(), "dry-run output changed; UPDATE_SNAPSHOTS=1 if intended"
-    # what the snapshot documents: the multi-node shape and the afterok chain
-    assert out.count("--nodes=4 --ntasks-per-node=8 --gpus-per-node=8") == 2
-    assert out.count("--nodes=2 --ntasks-per-node=8 --gpus-per-node=8") == 2
+    # what the snapshot documents: each job's shape is its stage config's target (cluster.gpus: 192 for the
+    # MoE stages, 48 per specialist), and the afterok chain
+    assert out.count("--nodes=24 --ntasks-per-node=8 --gpus-per-node=8") == 2
+    assert out.count("--nodes=6 --ntasks-per-node=8 --gpus-per-node=8") == 2
     assert "--dependency=afterok:$STAGE1_SPEECH_JOB:$STAGE1_MUSIC_JOB" in out
     assert "--dependency=afterok:$STAGE2_JOB" in out
     # the name torch reads (NCCL_ASYNC_ERROR_HANDLING is deprecated) and the bounded retry of a failed stage
@@ -136,3 +137,78 @@ def test_retries_is_a_bounded_stage_key_exported_to_the_job(tmp_path):
     with pytest.raises(CurriculumError, match="retries must be an integer >= 0"):
         load_curriculum(_write(tmp_path, {"stages": [{**STAGE, "retries": -1}]}))
 
+
+
+STAGE_CONFIGS = {"stage1.sbatch": ["stage1_speech.yaml", "stage1_music.yaml"],
+                 "stage2.sbatch": ["stage2.yaml"], "stage3.sbatch": ["stage3.yaml"]}
+
+
+def _target(config, overrides=()):
+    from training.config import load_config
+    return load_config(os.path.join(REPO_ROOT, config), list(overrides)).cluster
+
+
+def test_job_shape_is_the_stage_configs_target_stated_once():
+    """curriculum.yaml states no job size: each stage's comes from its config's `cluster` section."""
+    with open(os.path.join(REPO_ROOT, CURRICULUM)) as f:
+        doc = yaml.safe_load(f)
+    shape_keys = {"nodes", "tasks_per_node", "gpus_per_node"}
+    assert not shape_keys & set(doc["defaults"]) and not any(shape_keys & set(s) for s in doc["stages"])
+    for stage in load_curriculum(os.path.join(REPO_ROOT, CURRICULUM), runs="/r"):
+        target = _target(stage.config, stage.overrides)
+        assert target.gpus and stage.world_size == target.gpus, stage.name
+        assert stage.gpus_per_node == stage.tasks_per_node == target.gpus_per_node
+        assert stage.nodes == target.gpus // target.gpus_per_node
+
+
+def test_a_job_size_that_contradicts_the_config_is_refused_and_overrides_retarget(tmp_path):
+    stage3 = {**STAGE, "name": "s3", "config": "training/configs/stage3.yaml",
+              "overrides": ["stage.init_from=x"]}
+    clash = r"'s3' states nodes: 4, but its config training/configs/stage3.yaml targets cluster.gpus: 192 "
+    with pytest.raises(CurriculumError, match=clash + r"\(24 node\(s\) x 8 GPUs\)"):
+        load_curriculum(_write(tmp_path, {"stages": [{**stage3, "nodes": 4}]}))
+    doc = {"defaults": {"gpus_per_node": 8}, "stages": [{**stage3, "nodes": 24}]}
+    agree = load_curriculum(_write(tmp_path, doc))
+    assert agree[0].world_size == 192
+    moved = {**stage3, "overrides": ["stage.init_from=x", "cluster.gpus=64"]}
+    assert load_curriculum(_write(tmp_path, {"stages": [moved]}))[0].nodes == 8
+
+
+@pytest.mark.parametrize("template", sorted(STAGE_CONFIGS))
+def test_sbatch_templates_ask_for_their_configs_target(template):
+    with open(os.path.join(REPO_ROOT, "slurm", template)) as f:
+        sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", f.read(), re.M))
+    for config in STAGE_CONFIGS[template]:
+        target = _target(os.path.join("training", "configs", config))
+        assert int(sbatch["nodes"]) * int(sbatch["ntasks-per-node"]) == target.gpus, (template, config)
+        assert int(sbatch["gpus-per-node"]) == int(sbatch["ntasks-per-node"]) == target.gpus_per_node
+
+
+def test_submit_refuses_a_stage_whose_layout_does_not_fit_its_target(tmp_path, capsys):
+    doc = {"stages": [{**STAGE, "name": "s3", "config": "training/configs/stage3.yaml",
+                       "overrides": ["stage.init_from=x", "model.recompute=none"]}]}
+    path = _write(tmp_path, doc)
+    code, _, err = _dry_run(capsys, path)
+    assert code == 0 and re.search(r"warning: stage 's3' \(24 node\(s\) x 8 tasks\): its layout tp=1 ep=1 "
+                                   r"needs [\d.]+ GiB per GPU on its target \(192 x H100-80G, 80.0 GiB", err)
+    assert run_cli(argparse.Namespace(curriculum=path, dry_run=False, runs=None)) == 2
+    assert "unimoe plan --config training/configs/stage3.yaml" in capsys.readouterr().err
+
+
+def test_a_job_of_another_size_than_its_configs_target_logs_one_warning():
+    """slurm/launch.sh runs `python -m training.cluster.slurm CONFIG NTASKS OVERRIDES` before training."""
+    import subprocess
+    import sys
+
+    from training.cluster.slurm import job_size_note
+
+    stage3 = "training/configs/stage3.yaml"
+    assert job_size_note(stage3, [], 192) is None and job_size_note(stage3, ["cluster.gpus=32"], 32) is None
+    assert job_size_note("training/configs/tiny/stage3.yaml", [], 2) is None  # no target stated
+    with open(os.path.join(REPO_ROOT, "slurm", "launch.sh")) as f:
+        assert 'python -m training.cluster.slurm "$CONFIG" "${SLURM_NTASKS:-1}" "${overrides[@]}"' in f.read()
+    p = subprocess.run([sys.executable, "-m", "training.cluster.slurm", stage3, "32", "optim.lr=2e-5"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr.strip() == (
+        f"warning: {stage3} is sized for cluster.gpus=192 x H100-80G, this job has 32 task(s): its layout "
+        f"was planned for 192 (check: unimoe plan --config {stage3} --gpus 32)")

@@ -39,11 +39,13 @@ def _train_args(p):
 
 def _plan_args(p):
     p.add_argument("--config", required=True)
-    p.add_argument("--gpus", type=int, required=True, help="total GPUs of the job")
-    p.add_argument("--gpu", default="H100-80G", help="GPU preset: A100-80G, H100-80G (default), H200")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="total GPUs of the job (default: the config's target, cluster.gpus)")
+    p.add_argument("--gpu", default=None,
+                   help="GPU preset, any case: A100-80G, H100-80G, H200 (default: cluster.gpu, H100-80G)")
     p.add_argument("--json", action="store_true", help="the whole plan as one JSON object")
     p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the preset's)")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default 8")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: cluster.gpus_per_node (8)")
     p.add_argument("--inter-node-gbps", type=float, default=None,
                    help="inter-node bandwidth per GPU, Gbit/s (default: the preset's NIC, 200 or 400)")
     p.add_argument("--intra-node-gbps", type=float, default=None,

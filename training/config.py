@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from training.cluster.gpus import gpu_preset_name
+
 # The directory holding training/ and ds_configs/: the checkout, or site-packages after `pip install .`
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "training", "configs")
@@ -200,6 +202,26 @@ class StageConfig:
 
 
 @dataclass
+class ClusterConfig:  # the job the config is sized for: `unimoe plan` and `unimoe slurm submit` read it
+    gpus: int | None = None  # total GPUs = ranks; None: not stated (the tiny CPU configs)
+    gpu: str = "H100-80G"  # a planner preset (training/cluster/gpus.py), any case
+    gpus_per_node: int = 8
+
+    def __post_init__(self):
+        try:
+            self.gpu = gpu_preset_name(self.gpu)
+        except ValueError as e:
+            raise ConfigError(f"cluster.gpu: {e}") from None
+        if self.gpus is not None and (not isinstance(self.gpus, int) or self.gpus < 1):
+            raise ConfigError(f"cluster.gpus must be an integer >= 1 or null, got {self.gpus!r}")
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
+            raise ConfigError(f"cluster.gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
+        if self.gpus and self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ConfigError(f"cluster.gpus={self.gpus} is not a whole number of nodes of "
+                              f"{self.gpus_per_node} GPUs (cluster.gpus_per_node)")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     seed: int = 0
@@ -213,6 +235,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -273,11 +296,11 @@ class TrainConfig:
         dp = world_size // tp
         mcfg = self.model_config()
         problems = []
-        if dp % ep:
+        n_exp = int(mcfg.moe_kwargs().get("num_routed_experts", 8)) if mcfg.is_moe else 1
+        if dp % ep:  # the EP sizes that divide both the data-parallel size and the routed experts
             problems.append(f"parallel.ep={ep} must divide the data-parallel size {dp} (world {world_size} / "
-                            f"tp {tp}); choose ep in {divisors(dp)}")
+                            f"tp {tp}); choose ep in {[e for e in divisors(dp) if n_exp % e == 0]}")
         if mcfg.is_moe:
-            n_exp = int(mcfg.moe_kwargs().get("num_routed_experts", 8))
             if n_exp % ep:
                 problems.append(f"parallel.ep={ep} must divide moe.num_routed_experts={n_exp}")
         elif ep != 1:
@@ -360,7 +383,7 @@ def divisors(n: int) -> list[int]:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
                   "checkpoint": CheckpointConfig, "logging": LoggingConfig, "metrics": MetricsConfig,
-                  "stage": StageConfig}
+                  "stage": StageConfig, "cluster": ClusterConfig}
 
 
 def from_dict(d: dict, source: str = "<dict>") -> TrainConfig:

@@ -77,7 +77,9 @@ def set_up(cfg, out: str, pg, log, max_steps: int | None, resume: str | None) ->
     engine, _, _, _ = initialize_engine(model=model, optimizer=optimizer, config=deepspeed_config(cfg, pg),
                                         mpu=pg.mpu, dist_init_required=False)
     layout = {"world_size": pg.env.world_size, "tp": pg.tp, "ep": pg.ep, "dp": pg.dp,
-              "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision}
+              "zero_stage": cfg.parallel.zero_stage, "precision": cfg.parallel.precision,
+              "device": (torch.cuda.get_device_name() if engine.device.type == "cuda"
+                         else engine.device.type)}  # for `unimoe plan --calibrate`
     data = DistributedBatches(reader, model_cfg, cfg.data.global_batch_size, cfg.micro_batch_size(pg.dp),
                               pg.dp_rank, pg.dp, cfg.data.cond_drop_prob, cfg.data.seed,
                               batch_tokens=cfg.data.batch_tokens, batch_window=cfg.data.batch_window)

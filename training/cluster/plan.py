@@ -1,12 +1,15 @@
-"""`unimoe plan --config C --gpus N [--gpu TYPE] [--json]`: which layout to submit, before submitting it.
+"""`unimoe plan --config C [--gpus N] [--gpu TYPE] [--json]`: which layout to submit, before submitting it.
+N and TYPE default to the config's target (`cluster.gpus`, `cluster.gpu`; TYPE in any case).
 
 Prints the parameter count (total; active per token under Top-P routing), the assumptions, and every valid
 TP x EP x DP layout for N GPUs with its memory per GPU (weights, gradients, optimizer states, activations
 with `model.recompute`, all-to-all buffers, a fixed overhead; training/cluster/plan_memory.py) and its
 step time, tokens/s and MFU from a roofline model (training/cluster/plan_time.py), fastest first among the
 layouts that fit. `--calibrate RUN` rescales the step times so that the model reproduces a real run's
-tokens/s (RUN/metrics.jsonl) at its layout, and uses the run's measured routed experts per token.
-Exits 2 with the reasons when the config's own layout is impossible on N GPUs or does not fit.
+tokens/s (RUN/metrics.jsonl) at its layout, and uses the run's measured routed experts per token; a run of
+another model size, precision or device is refused, naming what differs.
+Exits 2 with the reasons when the config's own layout is impossible on N GPUs or does not fit, and with what
+fits instead, each change planned (training/cluster/plan_fit.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import statistics
 import sys
 from dataclasses import dataclass
 
+from training.cluster.gpus import GPUS, Hardware, device_preset, gpu_preset_name
+from training.cluster.plan_fit import fit_hints
 from training.cluster.plan_memory import (
     MEMORY_PARTS,
     GiB,
@@ -28,8 +33,9 @@ from training.cluster.plan_memory import (
     parameter_split,
     workload_from_config,
 )
-from training.cluster.plan_time import GPUS, Assumptions, Hardware, Layout, mean_experts_per_token, step_time
+from training.cluster.plan_time import Assumptions, Layout, mean_experts_per_token, step_time
 from training.config import ConfigError, TrainConfig, divisors, load_config
+from training.model.params import moe_numbers
 
 
 @dataclass
@@ -68,18 +74,50 @@ def evaluate(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- calibrate
-def _run_layout(run_dir: str) -> dict:
+def _run_meta(run_dir: str) -> dict:
     from training.checkpoint.manifest import find_checkpoint, read_meta
     tag = find_checkpoint(run_dir)
     if tag is None:
         raise ConfigError(f"--calibrate {run_dir}: no complete checkpoint there, so the run's layout (GPUs, "
                           "tp, ep) is unknown; calibrate with a run that saved at least once")
-    return read_meta(tag)["layout"]
+    return read_meta(tag)
 
 
-def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None) -> tuple[Assumptions, dict]:
+_SIZE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "num_codebooks",
+                "codebook_size")
+
+
+def run_differences(run_model, run_precision: str, run_device: str | None, w: Workload,
+                    hw: Hardware) -> list[str]:
+    """What makes a run's tokens/s say nothing about this plan: another model size, precision or device."""
+    def shape(m) -> dict:
+        d = {k: getattr(m, k) for k in _SIZE_FIELDS}
+        if m.is_moe:
+            d.update({f"moe {k}": v for k, v in moe_numbers(m).items() if k in ("routed", "null", "shared")})
+        return d
+
+    out = []
+    ran, planned = shape(run_model), shape(w.model)
+    fields = [f"{k} {ran.get(k)} vs {planned.get(k)}" for k in {**ran, **planned}
+              if ran.get(k) != planned.get(k)]
+    if fields:
+        out.append(f"model ({', '.join(fields)}; {_fmt_params(parameter_split(run_model)['total'])} vs "
+                   f"{_fmt_params(parameter_split(w.model)['total'])} parameters)")
+    if run_precision != w.precision:
+        out.append(f"precision ({run_precision} vs {w.precision})")
+    if run_device is None:
+        out.append(f"device (not recorded in the run's checkpoint, which is older than the record; the "
+                   f"plan is for {hw.name})")
+    elif device_preset(run_device) != hw.name:
+        out.append(f"device ({run_device} vs {hw.name})")
+    return out
+
+
+def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None,
+              planned: Workload) -> tuple[Assumptions, dict]:
     """Assumptions whose step times reproduce the run's median tokens/s at its own layout (the first fifth of
-    the steps, warm-up, left out), with the run's median routed experts per token."""
+    the steps, warm-up, left out), with the run's median routed experts per token. Refused (ConfigError
+    naming what differs) when the run's model, precision or device is not the `planned` workload's."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise ConfigError(f"--calibrate {run_dir}: no metrics.jsonl (is it a `unimoe train` run dir?)")
@@ -97,12 +135,24 @@ def calibrate(run_dir: str, hw: Hardware, a: Assumptions, seq_len: int | None) -
         raise ConfigError(f"--calibrate {path}: no tokens_per_s in its records")
     ks = [r["experts_per_token"] for r in records if isinstance(r.get("experts_per_token"), (int, float))]
     run_cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    lay_d = _run_layout(run_dir)
+    meta = _run_meta(run_dir)
+    lay_d = meta["layout"]
+    filled = {k: v for k, v in (meta.get("model_config") or {}).items()
+              if k in ("text_vocab_size", "num_codebooks", "codebook_size")}
+    run_w = workload_from_config(run_cfg, seq_len)
+    run_w = dataclasses.replace(run_w, model=run_cfg.model_config(**filled))
+    differ = run_differences(run_w.model, lay_d.get("precision", run_w.precision), lay_d.get("device"),
+                             planned, hw)
+    if differ:
+        raise ConfigError(f"--calibrate {run_dir}: the run differs from this plan in " + "; ".join(differ)
+                          + ": its tokens/s do not transfer, so nothing of it is applied. Calibrate with a "
+                          f"run of this model in {planned.precision} on {hw.name} (a few hundred steps are "
+                          "enough), or plan without --calibrate")
     lay = Layout(int(lay_d["tp"]), int(lay_d["ep"]), int(lay_d["world_size"]) // int(lay_d["tp"]))
     measured = statistics.median(tps)
     k = statistics.median(ks) if ks else None
     run_a = dataclasses.replace(a, experts_per_token=k, time_scale=1.0)
-    predicted = step_time(workload_from_config(run_cfg, seq_len), lay, hw, run_a)["tokens_per_s"]
+    predicted = step_time(run_w, lay, hw, run_a)["tokens_per_s"]
     scale = predicted / measured
     source = f"measured in {run_dir}" if k is not None else a.experts_source
     out = dataclasses.replace(a, time_scale=scale, experts_source=source,
@@ -169,6 +219,7 @@ def build_plan(cfg: TrainConfig, w: Workload, world: int, hw: Hardware, a: Assum
     chosen = layout_problems(cfg, world, p.tp, p.ep)
     mine = next((r for r in rows if r["config_layout"]), None)
     return {"config": name, "gpus": world, "gpu": dataclasses.asdict(hw),
+            "target": {"gpus": cfg.cluster.gpus, "gpu": cfg.cluster.gpu},
             "assumptions": dataclasses.asdict(a),
             "workload": {"precision": w.precision, "zero_stage": w.zero_stage, "recompute": w.recompute,
                          "sequence_parallel": w.sequence_parallel, "seq_len": w.seq_len,
@@ -184,8 +235,12 @@ def report(plan: dict, w: Workload, hw: Hardware, a: Assumptions) -> str:
     split, world = plan["parameters"], plan["gpus"]
     nodes = -(-world // hw.gpus_per_node)
     wl = plan["workload"]
-    lines = [f"plan for {plan['config']} on {world} x {hw.name} ({nodes} node(s)): ZeRO {wl['zero_stage']}, "
-             f"{wl['precision']}, recompute {wl['recompute']}, sequence parallel "
+    target = plan["target"]
+    at = ("the config's target" if (target["gpus"], target["gpu"]) == (world, hw.name) else
+          f"the config's target is {target['gpus']} x {target['gpu']}" if target["gpus"]
+          else "no target stated")
+    lines = [f"plan for {plan['config']} on {world} x {hw.name} ({nodes} node(s); {at}): "
+             f"ZeRO {wl['zero_stage']}, {wl['precision']}, recompute {wl['recompute']}, sequence parallel "
              f"{'on' if wl['sequence_parallel'] else 'off'}, {wl['seq_len']} tokens per sample, global batch "
              f"{wl['global_batch']}" + (f", micro-batch {wl['micro_batch']}" if wl["micro_batch"] else ""),
              "", "parameters"]
@@ -231,11 +286,16 @@ def report(plan: dict, w: Workload, hw: Hardware, a: Assumptions) -> str:
     return "\n".join(lines)
 
 
-def hardware_from_args(args) -> Hardware:
-    name = getattr(args, "gpu", None) or "H100-80G"
-    if name not in GPUS:
-        raise ConfigError(f"--gpu {name}: unknown; presets: {', '.join(GPUS)}")
-    hw = dataclasses.replace(GPUS[name])
+def hardware_from_args(args, cluster=None) -> Hardware:
+    """--gpu (any case) or the config's cluster.gpu, with the flags' overrides (and the config's
+    cluster.gpus_per_node where --gpus-per-node is not given)."""
+    name = getattr(args, "gpu", None) or (cluster.gpu if cluster else "H100-80G")
+    try:
+        hw = dataclasses.replace(GPUS[gpu_preset_name(name)])
+    except ValueError as e:
+        raise ConfigError(f"--gpu {name}: {e}") from None
+    if cluster is not None:
+        hw.gpus_per_node = cluster.gpus_per_node
     for flag, field in (("gpu_mem", "memory_gib"), ("intra_node_gbps", "intra_node_gbps"),
                         ("inter_node_gbps", "inter_node_gbps"), ("gpus_per_node", "gpus_per_node")):
         value = getattr(args, flag, None)
@@ -262,18 +322,22 @@ def assumptions_from_args(args) -> Assumptions:
 
 
 def run_cli(args) -> int:
-    if args.gpus < 1:
-        print(f"unimoe plan: error: --gpus must be >= 1, got {args.gpus}", file=sys.stderr)
-        return 2
     seq_len = getattr(args, "seq_len", None)
     try:
-        hw, a = hardware_from_args(args), assumptions_from_args(args)
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
+        world = args.gpus if args.gpus is not None else cfg.cluster.gpus
+        if world is None:
+            raise ConfigError("--gpus N is needed: the config states no target (cluster.gpus)")
+        if world < 1:
+            raise ConfigError(f"--gpus must be >= 1, got {world}")
+        hw, a = hardware_from_args(args, cfg.cluster), assumptions_from_args(args)
         w = workload_from_config(cfg, seq_len)
         calibration = None
         if getattr(args, "calibrate", None):
-            a, calibration = calibrate(args.calibrate, hw, a, seq_len)
-        plan = build_plan(cfg, w, args.gpus, hw, a, args.config, calibration)
+            a, calibration = calibrate(args.calibrate, hw, a, seq_len, w)
+        plan = build_plan(cfg, w, world, hw, a, args.config, calibration)
+        cl = plan["config_layout"]
+        plan["hints"] = [] if cl["fits"] else fit_hints(cfg, w, world, hw, a)
     except (ConfigError, ValueError) as e:
         print(f"unimoe plan: error: {args.config}: {e}", file=sys.stderr)
         return 2
@@ -281,13 +345,13 @@ def run_cli(args) -> int:
         print(json.dumps(plan, default=str))
     else:
         print(report(plan, w, hw, a))
-    cl = plan["config_layout"]
     if cl["problems"] or not cl["fits"]:
         why = "does not work" if cl["problems"] else f"does not fit in {hw.memory_gib:.1f} GiB"
-        print(f"unimoe plan: error: the layout tp={cl['tp']} ep={cl['ep']} of {args.config} {why} on "
-              f"{args.gpus} GPU(s) (see above); pick one of the layouts that fit (parallel.tp=.. "
-              "parallel.ep=..), raise zero_stage, set model.recompute, lower data.micro_batch_size, or use "
-              "more GPUs", file=sys.stderr)
+        hints = [f"  {h}" for h in plan["hints"]] or [
+            "  none: no single change the planner tries (recompute, micro-batch, sequence length, ZeRO "
+            "stage, GPUs, layout) fits; a larger GPU (--gpu) or a smaller model"]
+        print(f"unimoe plan: error: the layout tp={cl['tp']} ep={cl['ep']} of {args.config} {why} on {world} "
+              "GPU(s) (see above); what fits instead (each change planned):\n" + "\n".join(hints),
+              file=sys.stderr)
         return 2
     return 0
-

@@ -38,28 +38,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.cluster.gpus import GPUS, Hardware
 from training.cluster.plan_memory import Workload, activations, moe_sizes, parameter_split
 from training.model.params import routed_experts_per_token, train_flops_per_token
-
-
-@dataclass
-class Hardware:
-    name: str
-    memory_gib: float
-    bf16_tflops: float  # dense peak per GPU (no sparsity)
-    hbm_tbps: float  # HBM bandwidth, TB/s
-    intra_node_gbps: float  # NVLink per GPU per direction, Gbit/s
-    inter_node_gbps: float  # per GPU (its share of the node's NICs), Gbit/s
-    gpus_per_node: int = 8
-
-
-# Datasheet numbers of the SXM parts (dense bf16, HBM, NVLink per direction) and one 200/400 Gbit/s NIC per
-# GPU as in DGX/HGX nodes.
-GPUS = {
-    "A100-80G": Hardware("A100-80G", 80.0, 312.0, 2.039, 2400.0, 200.0),
-    "H100-80G": Hardware("H100-80G", 80.0, 989.0, 3.35, 3600.0, 400.0),
-    "H200": Hardware("H200", 141e9 / 2**30, 989.0, 4.8, 3600.0, 400.0),
-}
 
 
 @dataclass

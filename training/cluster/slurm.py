@@ -8,9 +8,7 @@ and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
 
     runs: /scratch/me/unimoe/runs      # base of the run dirs: "{runs}" in the stage fields ($VARS expanded)
     defaults:                          # any stage field, for every stage
-      nodes: 4
-      tasks_per_node: 8                # one task per GPU
-      gpus_per_node: 8                 # 0 = CPU (the tiny curriculum); required where the cluster has GPUs
+      cpus_per_task: 8
       retries: 1                       # a failed (not preempted) job requeues itself this often
       env: {NCCL_DEBUG: WARN}
     stages:
@@ -23,6 +21,10 @@ and stage 3 when stage 2 did. A failed stage cancels the stages that wait for it
         overrides: ["stage.init_from=[{runs}/stage1_speech,{runs}/stage1_music]"]
         ...
 
+A stage's job size is its config's target, `cluster.gpus` (nodes = gpus / cluster.gpus_per_node, one task
+per GPU): the config states it once, and a curriculum that states another nodes/tasks_per_node/gpus_per_node
+is refused. Only configs without a target (the tiny CPU ones) take nodes, tasks_per_node and gpus_per_node
+(0 = CPU; required where the cluster has GPUs) from the curriculum.
 Paths are relative to the repository root (sbatch runs there). The runs root is `--runs DIR`, else the
 file's `runs:`, else $SCRATCH/unimoe/runs where the cluster sets $SCRATCH (run dirs off the checkout's
 file system), else runs/ in the checkout. A stage that leaves `gpus_per_node` out is an error on a
@@ -155,7 +157,7 @@ def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
         missing = _REQUIRED - set(merged)
         if missing:
             raise CurriculumError(f"{path}: stage {name!r} needs {sorted(missing)}")
-        merged = _substitute(merged, runs, path, name)
+        merged = _with_target(_substitute(merged, runs, path, name), path, name)
         try:
             stage = Stage(**merged)
         except CurriculumError as e:
@@ -169,6 +171,36 @@ def load_curriculum(path: str, runs: str | None = None) -> list[Stage]:
                                       f"listed before it (stages so far: {sorted(earlier)})")
         stages.append(stage)
     return stages
+
+
+def _config_target(fields: dict):
+    """The stage config's `cluster` section (with the stage's overrides); None when the config does not load
+    here (check_stage names why)."""
+    from training.config import ConfigError, load_config
+    try:
+        cfg = load_config(_abs(str(fields.get("config", "")), REPO_ROOT), fields.get("overrides") or [])
+        return cfg.cluster
+    except (ConfigError, OSError, TypeError):
+        return None
+
+
+def _with_target(fields: dict, path: str, name: str) -> dict:
+    """The job shape from the stage config's target (`cluster.gpus` = nodes x GPUs per node, one task per
+    GPU): the config is the one place that states it. Shape keys the curriculum states too must agree;
+    configs without a target (the tiny CPU ones) keep the curriculum's shape."""
+    cluster = _config_target(fields)
+    if cluster is None or not cluster.gpus:
+        return fields
+    per_node = min(cluster.gpus, cluster.gpus_per_node)
+    shape = {"nodes": -(-cluster.gpus // per_node), "tasks_per_node": per_node, "gpus_per_node": per_node}
+    clash = [f"{k}: {fields[k]}" for k in shape if k in fields and fields[k] != shape[k]]
+    if clash:
+        raise CurriculumError(f"{path}: stage {name!r} states {', '.join(clash)}, but its config "
+                              f"{fields['config']} targets cluster.gpus: {cluster.gpus} ({shape['nodes']} "
+                              f"node(s) x {shape['tasks_per_node']} GPUs); the config states the job's size: "
+                              "drop those keys here, or retarget the config (its cluster section, or "
+                              "overrides: [cluster.gpus=N] with a layout that fits there: unimoe plan)")
+    return {**fields, **shape}
 
 
 def _substitute(value, runs: str, path: str, name: str):
@@ -248,7 +280,8 @@ def _abs(path: str, root: str) -> str:
 
 
 def check_stage(stage: Stage, root: str) -> None:
-    """Template and config exist; the config is valid for the job's world size."""
+    """Template and config exist; the config's layout fits its target (`unimoe plan`) and is valid for the
+    job's world size."""
     for key in ("template", "config"):
         if not os.path.exists(_abs(getattr(stage, key), root)):
             raise CurriculumError(f"stage {stage.name!r}: {key} {getattr(stage, key)} does not exist")
@@ -256,6 +289,14 @@ def check_stage(stage: Stage, root: str) -> None:
 
     try:
         cfg = load_config(_abs(stage.config, root), stage.overrides)
+        if cfg.cluster.gpus:  # its layout fits its target by `unimoe plan`
+            from training.cluster.plan_fit import target_memory
+            need, have = target_memory(cfg)
+            if need > have:
+                raise ConfigError(f"its layout tp={cfg.parallel.tp} ep={cfg.parallel.ep} needs {need:.1f} "
+                                  f"GiB per GPU on its target ({cfg.cluster.gpus} x {cfg.cluster.gpu}, "
+                                  f"{have:.1f} GiB) by `unimoe plan`; `unimoe plan --config {stage.config}` "
+                                  "says what fits")
         cfg.validate(world_size=stage.world_size)
     except ConfigError as e:
         raise CurriculumError(f"stage {stage.name!r} ({stage.nodes} node(s) x {stage.tasks_per_node} tasks): "
@@ -301,6 +342,21 @@ def submit(stages: list[Stage], root: str) -> dict[str, str]:
     return ids
 
 
+def job_size_note(config: str, overrides: list[str], ntasks: int) -> str | None:
+    """The line slurm/launch.sh logs when a job (sbatch of a template with other --nodes, say) is not the size
+    its config is sized for (cluster.gpus); None when it is, or the config states no target."""
+    from training.config import ConfigError, load_config
+    try:
+        cluster = load_config(config, overrides).cluster
+    except ConfigError:
+        return None  # `unimoe train` names the problem
+    if not cluster.gpus or cluster.gpus == ntasks:
+        return None
+    return (f"warning: {config} is sized for cluster.gpus={cluster.gpus} x {cluster.gpu}, this job has "
+            f"{ntasks} task(s): its layout was planned for {cluster.gpus} (check: unimoe plan --config "
+            f"{config} --gpus {ntasks})")
+
+
 def run_cli(args) -> int:
     root = REPO_ROOT
     try:
@@ -323,3 +379,9 @@ def run_cli(args) -> int:
         return 2
     print("job ids: " + " ".join(ids.values()))
     return 0
+
+
+if __name__ == "__main__":  # slurm/launch.sh: python -m training.cluster.slurm CONFIG NTASKS [OVERRIDE ...]
+    _note = job_size_note(sys.argv[1], sys.argv[3:], int(sys.argv[2]))
+    if _note:
+        print(_note, file=sys.stderr)
