@@ -97,10 +97,16 @@ def _synth_args(p):
 
 
 def _import_args(p):
+    from data_prep.valid_split import DEFAULT_VALID_FRACTION, DEFAULT_VALID_MAX_ITEMS
     p.add_argument("--format", required=True, choices=["ljspeech", "libritts", "jsonl"])
     p.add_argument("src", help="dataset root (ljspeech/libritts) or jsonl file")
     p.add_argument("--out", required=True, help="manifest.jsonl to write")
     p.add_argument("--task", default=None, choices=["speech", "music"], help="task for jsonl sources")
+    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
+                   help="share of speakers (or items, one-speaker tasks) held out as split 'valid' per task "
+                        "where the source has no validation split; 0: none")
+    p.add_argument("--valid-max-items", type=int, default=DEFAULT_VALID_MAX_ITEMS,
+                   help="at most this many held-out items per task")
 
 
 def _tokenizer_args(p):
