@@ -144,6 +144,7 @@ class MixtureReader:
 
         check_codec_info(self.codec_info, mix_json)
         self.tokenizer_path = os.path.normpath(os.path.join(base, self.mix["tokenizer"]))
+        self.tokenizer_sha256 = self.mix.get("tokenizer_sha256")
         self.tasks = sorted(self.mix["counts"])
         self.weights = self.mix["weights"]
         self.max_open_shards = max_open_shards

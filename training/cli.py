@@ -59,7 +59,7 @@ def _plan_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model.safetensors")
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model (directory)")
     p.add_argument("--task", required=True, choices=["speech", "music"])
     p.add_argument("--text", required=True, help="transcript (speech) or caption (music)")
     p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
@@ -73,6 +73,8 @@ def _generate_args(p):
     p.add_argument("--min-seconds", type=float, default=None)
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: as in the run)")
+    p.add_argument("--tokenizer", default=None, help="spm.model (default: the one recorded in / beside the "
+                   "checkpoint); refused when its sha256 differs from the model's")
 
 
 def _eval_args(p):
@@ -160,7 +162,8 @@ def _mix_args(p):
 
 def _export_args(p):
     p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory (a run dir or one tag)")
-    p.add_argument("--out", required=True, help="model.safetensors (model.json is written beside it)")
+    p.add_argument("--out", required=True, help="bundle directory (weights, model.json, tokenizer, codec); "
+                   "a *.safetensors path writes the older layout (model.json beside it)")
 
 
 def _reshard_args(p):
