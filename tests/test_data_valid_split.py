@@ -122,3 +122,10 @@ def test_own_corpus_path_mixes_train_and_valid(tmp_path, capsys):
     assert counts["valid"]["speech"] >= 1 and counts["valid"]["music"] >= 1
     assert counts["train"]["speech"] + counts["valid"]["speech"] == 12
     assert counts["train"]["music"] + counts["valid"]["music"] == 8
+    # swapped sources: the error says which --source holds what
+    capsys.readouterr()
+    assert cli(["data", "mix", "--source", f"speech={d / 'music'}", "--source", f"music={d / 'speech'}",
+                "--ratio", "speech=1,music=1", "--out", str(d / "swapped.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--source speech={d / 'music'} holds" in err and f"--source music={d / 'speech'} holds" in err
+    assert "swapped --source?" in err

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-from training.checkpoint.manifest import CheckpointError
+from training.checkpoint.manifest import CheckpointError, check_resume_arg
 from training.cluster.launch import launch_local
 from training.config import ConfigError, load_config, save_config
 
@@ -97,6 +97,7 @@ def _run(args) -> int:
     if args.save_every is not None:
         cfg.checkpoint.save_every = args.save_every
     out = args.out or os.path.join("runs", cfg.name)
+    check_resume_arg(args.resume, out)  # before any process starts
     if args.nproc:
         cfg.validate(world_size=args.nproc)
         check_init_from(cfg, out, args.resume, say=lambda *a: None)  # warnings: from rank 0
