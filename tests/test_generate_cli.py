@@ -208,6 +208,10 @@ def test_exported_bundle_travels_without_its_tokenizer(run_dir, tmp_path, capsys
     from_bundle = str(tmp_path / "bundle.wav")
     assert _generate(str(moved), "music", "slow strings", from_bundle, seed=7, num=1) == 0
     np.testing.assert_array_equal(_read(from_run)[0], _read(from_bundle)[0])
+    from data_prep.demo import ensure_demo_data
+
+    assert main(["eval", "--ckpt", str(moved), "--data", ensure_demo_data()["valid"], "--out",
+                 str(tmp_path / "eval"), "--batches", "1", "--batch-size", "2"]) == 0
     capsys.readouterr()
     assert _generate(legacy, "music", "slow strings", str(tmp_path / "x.wav"), seed=7, num=1) == 2
     assert "is missing" in capsys.readouterr().err

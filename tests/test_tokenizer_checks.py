@@ -96,3 +96,21 @@ def test_small_local_codec_weights_travel_in_the_bundle(tmp_path):
     assert resolved["codec_info"]["checkpoint"] == str(moved / "codec" / "demo_codec.safetensors")
     assert resolved["tokenizer_path"] == str(moved / "tokenizer.model")
     assert json.loads((moved / "codec.json").read_text())["name"] == "demo"
+
+
+def test_exported_bundles_as_specialists_are_checked_too(tmp_path, capsys):
+    """stage.init_from may name exported bundle directories: they are accepted as sources and checked."""
+    dirs = []
+    for name, sha in (("speech", "a" * 64), ("music", "d" * 64)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"")  # only the meta is read before the refusal
+        meta = {"tokenizer_path": "tokenizer.model", "tokenizer_sha256": sha, "codec_info": {},
+                "bundle": {"tokenizer": "tokenizer.model"}, "model_config": {"text_vocab_size": 64}}
+        (d / "model.json").write_text(json.dumps(meta))
+        dirs.append(str(d))
+    code = main(["train", "--config", STAGE2, "--nproc", "2", "--out", str(tmp_path / "run"),
+                 f"stage.init_from=[{dirs[0]},{dirs[1]}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different tokenizers" in err and "dddddddddddd" in err
+    assert str(tmp_path / "speech" / "tokenizer.model") in err  # the bundle's path, resolved

@@ -143,13 +143,14 @@ def check_init_from(cfg, out: str, resume: str | None, say=print) -> None:
     """A stage that starts from earlier runs needs their complete checkpoints (unless it resumes itself)."""
     if not cfg.stage.init_from:
         return
+    from training.checkpoint.bundle import is_bundle
     from training.checkpoint.manifest import find_checkpoint
     if resume is not None and find_checkpoint(out if resume == "auto" else resume) is not None:
         return
     for src in cfg.stage.init_from:
-        if not os.path.isfile(src) and find_checkpoint(src) is None:
+        if not os.path.isfile(src) and not is_bundle(src) and find_checkpoint(src) is None:
             raise ConfigError(f"stage.init_from: {src} has no complete checkpoint; run the previous stage "
-                              "first or point at its run dir / checkpoint tag / exported model.safetensors")
+                              "first or point at its run dir / checkpoint tag / exported model directory")
     from training.checkpoint.tokenizers import check_init_sources
     check_init_sources(cfg.stage.init_from, cfg.data.train, log=say)
 

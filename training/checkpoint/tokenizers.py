@@ -92,9 +92,13 @@ def check_init_sources(sources: list[str], data_mix: str | None, log=print) -> N
             f"{', '.join(old)} (saved by an older version)")
 
 
-def check_model_data(meta: dict, ckpt: str, data_mix: str) -> None:
+def check_model_data(meta: dict, ckpt: str, data_mix: str, log=print) -> None:
     """ValueError when the model's tokenizer is not the one the mixture's text ids were made with."""
     model, data = of_meta(meta, ckpt), of_mix(data_mix)
+    old = unchecked([model, data])
+    if old:
+        log(f"warning: cannot check that the model and the data share a tokenizer: no tokenizer sha256 "
+            f"recorded in {', '.join(old)} (saved by an older version)")
     if differ(model, data):
         raise ValueError(f"tokenizer mismatch: the model {model.describe()} was trained with another "
                          f"tokenizer than {data.describe()}; evaluate on data prepared with the model's "

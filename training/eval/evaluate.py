@@ -130,7 +130,7 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
     model, meta = load_model(ckpt)
-    check_model_data(meta, ckpt, data)
+    check_model_data(meta, ckpt, data, log=lambda m: print(m, file=sys.stderr))
     reader = MixtureReader(data)
     codec_model, codec_data = meta.get("codec_info") or {}, reader.codec_info or {}
     for key in ("name", "sample_rate", "num_codebooks", "codebook_size"):
