@@ -77,10 +77,12 @@ def run_cli(args) -> int:
     """Every ConfigError (loading, layout checks, during set-up) ends the run with one line and exit 2."""
     try:
         return _run(args)
-    except (ConfigError, CheckpointError) as e:  # CheckpointError: missing, truncated or unreadable files
-        if _launcher_rank() == 0 or getattr(e, "every_rank", False):  # the same on every rank: said once
-            kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-            print(f"{kind} error: {e}", file=sys.stderr)
+    except ConfigError as e:  # the same config on every rank: said once, by rank 0 (unless rank-specific)
+        if _launcher_rank() == 0 or getattr(e, "every_rank", False):
+            print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    except CheckpointError as e:  # missing, truncated or unreadable files: each rank reads its own
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
 
 
