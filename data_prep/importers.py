@@ -6,6 +6,8 @@ layouts.
   the subset folder gives the split: train-* -> train, dev-* -> valid, test-* -> test.
 - jsonl (MusicCaps-style): one object per line with a path (`audio`, `path`, `file` or `wav`, relative to
   the jsonl's folder) and a caption (`caption` or `text`); optional `id`, `task` (default `--task` or music).
+Every entry gets a `split`: the source's own (LibriTTS folders, a jsonl `split`), else a deterministic
+validation hold-out (`--valid-fraction`, data_prep/valid_split.py) and "train".
 Audio paths are written absolute. Text is read as strict UTF-8. Lines the importer cannot parse (not UTF-8,
 not JSON, missing fields) are listed on stderr with their number and left out; entries whose audio is
 missing are still written (prep rejects and reports them) and counted here.
@@ -20,6 +22,7 @@ import re
 import sys
 
 from data_prep.manifest import TASKS, write_manifest
+from data_prep.valid_split import DEFAULT_VALID_FRACTION, DEFAULT_VALID_MAX_ITEMS, assign_valid_split
 
 FORMATS = ("ljspeech", "libritts", "jsonl")
 LIBRITTS_SPLITS = {"train": "train", "dev": "valid", "test": "test"}  # subset prefix -> manifest split
@@ -164,6 +167,12 @@ def run_cli(args) -> int:
         print(f"error: no usable entries found in {args.src}", file=sys.stderr)
         return 1
     try:
+        notes = assign_valid_split(entries, getattr(args, "valid_fraction", DEFAULT_VALID_FRACTION),
+                                   getattr(args, "valid_max_items", DEFAULT_VALID_MAX_ITEMS))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         write_manifest(args.out, entries)
     except OSError as e:
         print(f"error: cannot write {args.out}: {e.strerror}", file=sys.stderr)
@@ -171,4 +180,6 @@ def run_cli(args) -> int:
     missing = sum(not os.path.isfile(e["audio"]) for e in entries)
     note = f" ({missing} with missing audio: prep will reject them)" if missing else ""
     print(f"[import] {len(entries)} entries -> {args.out}{note}; {len(problems)} lines skipped")
+    for line in notes:
+        print(f"[import] split: {line}")
     return 0

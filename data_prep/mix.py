@@ -34,7 +34,7 @@ from fractions import Fraction
 import numpy as np
 
 from data_prep.manifest import TASKS
-from data_prep.mix_index import build_arrays, open_index, shard_expect, write_index
+from data_prep.mix_index import build_arrays, item_counts, open_index, shard_expect, write_index
 from data_prep.shard_reader import OpenShard, ShardCache
 from data_prep.shards import shard_name, write_json_atomic
 
@@ -68,6 +68,25 @@ def _tokenizer_key(listing: dict) -> str:
     return tok.get("sha256") or tok["path"]
 
 
+def _what_sources_hold(sources, sets, empty: list[str], split: str) -> list[str]:
+    """One line per source of an empty task: what its directory holds instead (a swapped --source, another
+    split)."""
+    lines = []
+    for task, d in sources:
+        if task not in empty:
+            continue
+        held = item_counts(sets[os.path.abspath(d)])
+        what = ", ".join(f"{n} {t}/{s}" for (t, s), n in sorted(held.items())) or "no items"
+        hint = ""
+        if any(t == task for t, _ in held):
+            hint = f" (other splits: `--split`; import with --valid-fraction for a '{split}' split)" \
+                if split == "valid" else " (other splits: `--split`)"
+        elif held:
+            hint = " (another task's data: swapped --source?)"
+        lines.append(f"--source {task}={d} holds {what} (task/split){hint}")
+    return lines
+
+
 def build_mix(
     sources: list[tuple[str, str]],
     out: str,
@@ -97,7 +116,8 @@ def build_mix(
     counts = {t: int(b - a) for t, (a, b) in offsets.items()}
     empty = [t for t, n in counts.items() if n == 0]
     if empty:
-        raise ValueError(f"no {split!r} items of task {', '.join(empty)} in the given sources")
+        raise ValueError(f"no {split!r} items of task {', '.join(empty)} in the given sources: "
+                         + "; ".join(_what_sources_hold(sources, sets, empty, split)))
     weights = _weights(counts, ratio, temperature)
     length = int(max(np.ceil(counts[t] / weights[t]) for t in counts))
     base = os.path.dirname(os.path.abspath(out))
@@ -144,6 +164,7 @@ class MixtureReader:
 
         check_codec_info(self.codec_info, mix_json)
         self.tokenizer_path = os.path.normpath(os.path.join(base, self.mix["tokenizer"]))
+        self.tokenizer_sha256 = self.mix.get("tokenizer_sha256")
         self.tasks = sorted(self.mix["counts"])
         self.weights = self.mix["weights"]
         self.max_open_shards = max_open_shards

@@ -63,6 +63,16 @@ def _scan_shard(ss: ShardSet, s: int) -> dict:
     }
 
 
+def item_counts(ss: ShardSet) -> dict[tuple[str, str], int]:
+    """{(task, split): items} of a prepared directory (to say what a source holds when it lacks something)."""
+    counts: dict[tuple[str, str], int] = {}
+    for s in range(len(ss.shards)):
+        sc = _scan_shard(ss, s)
+        for key in zip(sc["task"], sc["split"]):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def build_arrays(sources: list[tuple[str, str]], split: str, tasks: list[str], seed: int,
                  max_items: int | None) -> tuple[dict, dict, list[str], dict]:
     """Scan the shards of sources [(task, dir)] -> (arrays, task_offsets, dirs (absolute), {dir: ShardSet}).

@@ -32,12 +32,15 @@
 # On TERM alone (scancel, `scontrol requeue`, PreemptMode=REQUEUE) SLURM itself decides what happens to
 # the job, so no second requeue is issued.
 #
+# Config errors (exit 2: a bad config, argument or checkpoint, reported before training starts) are not
+# retried: they would fail the same way every time.
 # Failure (any other non-zero exit: a crash, a task killed, a lost node): the job requeues itself at most
 # UNIMOE_RETRIES times (counted in $RUN_DIR/slurm-<job id>.failures; preemptions do not count) and the
 # next run resumes from the newest complete checkpoint; after that it fails, and `afterok` dependents are
 # cancelled.
 
 PREEMPTED_EXIT_CODE=75
+CONFIG_EXIT_CODE=2  # training.train.CONFIG_EXIT_CODE: a bad config/argument/checkpoint fails the same way again
 
 _unimoe_log() { echo "[launch $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}] $*" >&2; }
 
@@ -120,7 +123,8 @@ unimoe_train() {
 }
 
 # srun "$@" (a command that resumes from $RUN_DIR's newest checkpoint), then: requeue after a preemption
-# (exit 75), requeue after a failure while at most UNIMOE_RETRIES failures were counted, else its exit code.
+# (exit 75), requeue after a failure (not a config error, exit 2) while at most UNIMOE_RETRIES failures were
+# counted, else its exit code.
 # Not after TERM: then SLURM is ending the job (scancel, time limit) and decides about it.
 unimoe_stage() {
     : "${RUN_DIR:?set RUN_DIR (the run directory)}"
@@ -129,6 +133,11 @@ unimoe_stage() {
     unimoe_srun "$@"
     rc=$?
     _unimoe_log "training exited with $rc"
+    if [ "$rc" = "$CONFIG_EXIT_CODE" ]; then
+        _unimoe_log "config error (exit $rc): not retried, it would fail the same way; fix the config or" \
+            "arguments (the message is above) and resubmit"
+        return "$rc"
+    fi
     if [ "$rc" != 0 ] && [ "$rc" != "$PREEMPTED_EXIT_CODE" ] && [ -z "$_unimoe_term" ]; then
         failures=$(( $(cat "$count_file" 2>/dev/null || echo 0) + 1 ))
         echo "$failures" > "$count_file"

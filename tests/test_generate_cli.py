@@ -160,3 +160,89 @@ def test_eval_cli_on_the_trained_checkpoint(run_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(tmp_path / "no_run"), "--data", valid]) == 2
     assert "no_run does not exist" in capsys.readouterr().err
+
+
+def _run_with_own_tokenizer(run_dir, tmp_path):
+    """A copy of the run whose meta points at a tokenizer copy of its own (deleted by the tests)."""
+    from training.checkpoint.manifest import find_checkpoint, read_meta, tag_step, write_complete
+
+    run = tmp_path / "run_copy"
+    shutil.copytree(run_dir, run)
+    tag = find_checkpoint(str(run))
+    meta = read_meta(tag)
+    tok = tmp_path / "tok" / "spm.model"
+    tok.parent.mkdir()
+    shutil.copyfile(meta["tokenizer_path"], tok)
+    meta["tokenizer_path"] = str(tok)
+    with open(os.path.join(tag, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    write_complete(tag, tag_step(tag))
+    return str(run), tok
+
+
+def test_checkpoint_meta_records_the_tokenizer_sha256(run_dir):
+    from data_prep.shards import sha256_file
+    from training.checkpoint.manifest import find_checkpoint, read_meta
+
+    meta = read_meta(find_checkpoint(run_dir))
+    assert meta["tokenizer_sha256"] == sha256_file(meta["tokenizer_path"])
+
+
+def test_exported_bundle_travels_without_its_tokenizer(run_dir, tmp_path, capsys):
+    """Export to a directory, delete the tokenizer the run was trained with, move the directory: generate
+    gives the same audio as the run. The older single-file export of the same run cannot find its tokenizer
+    then, and does with --tokenizer (the bundle's copy); another tokenizer is refused by its sha256."""
+    run, tok = _run_with_own_tokenizer(run_dir, tmp_path)
+    bundle, legacy = tmp_path / "bundle", str(tmp_path / "legacy" / "model.safetensors")
+    assert main(["ckpt", "export", "--ckpt", run, "--out", str(bundle)]) == 0
+    assert main(["ckpt", "export", "--ckpt", run, "--out", legacy]) == 0
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.safetensors", "model.json", "tokenizer.model", "codec.json"} <= names
+    codec = json.loads((bundle / "codec.json").read_text())
+    assert codec["name"] == "random" and codec["sample_rate"] == 24000 and codec["fingerprint"]
+    from_run = str(tmp_path / "run.wav")
+    assert _generate(run, "music", "slow strings", from_run, seed=7, num=1) == 0
+    tok.unlink()
+    moved = tmp_path / "elsewhere" / "my_model"
+    shutil.move(str(bundle), moved)
+    from_bundle = str(tmp_path / "bundle.wav")
+    assert _generate(str(moved), "music", "slow strings", from_bundle, seed=7, num=1) == 0
+    np.testing.assert_array_equal(_read(from_run)[0], _read(from_bundle)[0])
+    from data_prep.demo import ensure_demo_data
+
+    assert main(["eval", "--ckpt", str(moved), "--data", ensure_demo_data()["valid"], "--out",
+                 str(tmp_path / "eval"), "--batches", "1", "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    assert _generate(legacy, "music", "slow strings", str(tmp_path / "x.wav"), seed=7, num=1) == 2
+    assert "is missing" in capsys.readouterr().err
+    own = str(moved / "tokenizer.model")
+    assert _generate(legacy, "music", "slow strings", str(tmp_path / "y.wav"), seed=7, num=1,
+                     extra=["--tokenizer", own]) == 0
+    from data_prep.text import train_tokenizer
+
+    foreign = str(tmp_path / "foreign.model")
+    train_tokenizer(["a completely different corpus of text", "with other words in it"] * 20, foreign,
+                    vocab_size=40, log=lambda m: None)
+    capsys.readouterr()
+    assert _generate(str(moved), "music", "x", str(tmp_path / "z.wav"), seed=7, num=1,
+                     extra=["--tokenizer", foreign]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and foreign in err
+
+
+def test_eval_refuses_data_of_another_tokenizer(run_dir, tmp_path, capsys):
+    from data_prep.codec import load_codec
+    from data_prep.fixtures import corpus_with_tokenizer
+    from data_prep.mix import build_mix
+    from data_prep.prep import PrepConfig, prep
+
+    manifest, tok = corpus_with_tokenizer(str(tmp_path), speech=2, music=2, seconds=0.3, valid=1)
+    out = str(tmp_path / "prep")
+    prep(PrepConfig(manifest=manifest, out=out, tokenizer=tok, codec="random", workers=0, progress=False),
+         codec=load_codec("random"), log=lambda m: None)
+    mix = str(tmp_path / "valid.json")
+    build_mix([("speech", out), ("music", out)], mix, ratio={"speech": 1, "music": 1}, split="valid")
+    assert main(["eval", "--ckpt", run_dir, "--data", mix, "--out", str(tmp_path / "eval"),
+                 "--batches", "1", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and mix in err and run_dir in err

@@ -61,7 +61,7 @@ def _plan_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model.safetensors")
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag or exported model (directory)")
     p.add_argument("--task", required=True, choices=["speech", "music"])
     p.add_argument("--text", required=True, help="transcript (speech) or caption (music)")
     p.add_argument("--out", required=True, help="output WAV (with --num N: out_0.wav ...)")
@@ -72,9 +72,11 @@ def _generate_args(p):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-seconds", type=float, default=None)
-    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--min-seconds", type=float, default=None, help="default 1 (at most --max-seconds)")
+    p.add_argument("--max-seconds", type=float, default=None, help="default 10 (capped by model.max_seq_len)")
     p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: as in the run)")
+    p.add_argument("--tokenizer", default=None, help="spm.model (default: the one recorded in / beside the "
+                   "checkpoint); refused when its sha256 differs from the model's")
 
 
 def _eval_args(p):
@@ -99,10 +101,16 @@ def _synth_args(p):
 
 
 def _import_args(p):
+    from data_prep.valid_split import DEFAULT_VALID_FRACTION, DEFAULT_VALID_MAX_ITEMS
     p.add_argument("--format", required=True, choices=["ljspeech", "libritts", "jsonl"])
     p.add_argument("src", help="dataset root (ljspeech/libritts) or jsonl file")
     p.add_argument("--out", required=True, help="manifest.jsonl to write")
     p.add_argument("--task", default=None, choices=["speech", "music"], help="task for jsonl sources")
+    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
+                   help="share of speakers (or items, one-speaker tasks) held out as split 'valid' per task "
+                        "where the source has no validation split; 0: none")
+    p.add_argument("--valid-max-items", type=int, default=DEFAULT_VALID_MAX_ITEMS,
+                   help="at most this many held-out items per task")
 
 
 def _tokenizer_args(p):
@@ -156,7 +164,8 @@ def _mix_args(p):
 
 def _export_args(p):
     p.add_argument("--ckpt", required=True, help="ZeRO checkpoint directory (a run dir or one tag)")
-    p.add_argument("--out", required=True, help="model.safetensors (model.json is written beside it)")
+    p.add_argument("--out", required=True, help="bundle directory (weights, model.json, tokenizer, codec); "
+                   "a *.safetensors path writes the older layout (model.json beside it)")
 
 
 def _reshard_args(p):
@@ -253,6 +262,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def build_parser(cmd: Command) -> argparse.ArgumentParser:
+    """The subcommand's parser; `--help` shows each option's default (unless its help already names one)."""
+    parser = argparse.ArgumentParser(prog="unimoe " + " ".join(cmd.path), description=cmd.help)
+    cmd.add_arguments(parser)
+    for action in parser._actions:
+        help_text = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "default" not in help_text):
+            action.help = f"{help_text} (default: %(default)s)".strip()
+    return parser
+
+
 def find_command(argv: list[str]) -> Command | None:
     for cmd in sorted(COMMANDS, key=lambda c: -len(c.path)):
         if tuple(argv[: len(cmd.path)]) == cmd.path:
@@ -274,16 +295,32 @@ def set_environment_defaults() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
 
 
+# Import-time notices of third-party packages that say nothing about the user's run (megatron-core without
+# TransformerEngine/Apex falls back to torch: expected on CPU and where they are not installed). Matched by
+# message, so every other warning, ours included, still shows.
+THIRD_PARTY_NOTICES = (
+    (UserWarning, r"Transformer Engine and Apex are not installed"),
+    (UserWarning, r"Apex is not installed"),
+    (UserWarning, r"Transformer Engine is not installed"),
+    (FutureWarning, r".*torch\.nn\.utils\.weight_norm.* is deprecated"),
+)
+
+
+def quiet_third_party_notices() -> None:
+    import warnings
+    for category, message in THIRD_PARTY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
     set_environment_defaults()
+    quiet_third_party_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = find_command(argv)
     if cmd is None:
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    parser = argparse.ArgumentParser(prog="unimoe " + " ".join(cmd.path), description=cmd.help)
-    cmd.add_arguments(parser)
-    args = parser.parse_args(argv[len(cmd.path):])
+    args = build_parser(cmd).parse_intermixed_args(argv[len(cmd.path):])  # options and key=value in any order
     module_name, func_name = cmd.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     return int(handler(args) or 0)

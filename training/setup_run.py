@@ -91,6 +91,7 @@ def set_up(cfg, out: str, pg, log, max_steps: int | None, resume: str | None) ->
     metrics.log_text("config", text, state.step)
     meta = {"config": cfg.to_dict(), "model_config": _model_cfg_dict(model_cfg), "layout": layout,
             "codec_info": info, "tokenizer_path": reader.tokenizer_path, "mix": mix_path,
+            "tokenizer_sha256": reader.tokenizer_sha256,
             "stage": cfg.stage.stage}
     run = Run(cfg, out, pg, log, model_cfg, model, engine, data, valid_data, metrics, meta,
               last=min(max_steps or cfg.max_steps, cfg.max_steps),

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 
-from training.checkpoint.manifest import CheckpointError
+from training.checkpoint.manifest import CheckpointError, check_resume_arg
 from training.cluster.launch import launch_local
 from training.config import ConfigError, load_config
 
@@ -75,12 +75,18 @@ def run_cli(args) -> int:
     """Every ConfigError (loading, layout checks, during set-up) ends the run with one line and exit 2."""
     try:
         return _run(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # the same config on every rank: said once, by rank 0 (unless rank-specific)
+        if _launcher_rank() == 0 or getattr(e, "every_rank", False):
+            print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
-    except CheckpointError as e:  # missing, truncated or unreadable checkpoint files
+    except CheckpointError as e:  # missing, truncated or unreadable files: each rank reads its own
         print(f"checkpoint error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it (torchrun/--nproc RANK, srun SLURM_PROCID), 0 if none."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def _run(args) -> int:
@@ -91,9 +97,10 @@ def _run(args) -> int:
     if args.save_every is not None:
         cfg.checkpoint.save_every = args.save_every
     out = args.out or os.path.join("runs", cfg.name)
+    check_resume_arg(args.resume, out)  # before any process starts
     if args.nproc:
         cfg.validate(world_size=args.nproc)
-        check_init_from(cfg, out, args.resume)
+        check_init_from(cfg, out, args.resume, say=lambda *a: None)  # warnings: from rank 0
         argv = ["train", "--config", args.config, "--out", out]
         max_steps = cap_max_steps(args.max_steps, cfg, say=True)  # the children get the capped value
         for flag, value in (("--max-steps", max_steps), ("--save-every", args.save_every),
@@ -105,7 +112,7 @@ def _run(args) -> int:
     env = dist_env()
     cfg.validate(world_size=env.world_size)
     _check_gpu_for_rank(env)
-    check_init_from(cfg, out, args.resume)
+    check_init_from(cfg, out, args.resume, say=print if env.rank == 0 else lambda *a: None)
     max_steps = cap_max_steps(args.max_steps, cfg, say=env.rank == 0)
     return train(cfg, out, max_steps=max_steps, resume=args.resume, env=env)
 
@@ -125,22 +132,27 @@ def cap_max_steps(max_steps: int | None, cfg, say: bool) -> int | None:
 def _check_gpu_for_rank(env) -> None:
     import torch
     if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"rank {env.rank} has local rank {env.local_rank} but this node has "
+        err = ConfigError(f"rank {env.rank} has local rank {env.local_rank} but this node has "
                           f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
                           "(--nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU")
+        err.every_rank = True  # this rank's own problem: said by the ranks that have it
+        raise err
 
 
-def check_init_from(cfg, out: str, resume: str | None) -> None:
+def check_init_from(cfg, out: str, resume: str | None, say=print) -> None:
     """A stage that starts from earlier runs needs their complete checkpoints (unless it resumes itself)."""
     if not cfg.stage.init_from:
         return
+    from training.checkpoint.bundle import is_bundle
     from training.checkpoint.manifest import find_checkpoint
     if resume is not None and find_checkpoint(out if resume == "auto" else resume) is not None:
         return
     for src in cfg.stage.init_from:
-        if not os.path.isfile(src) and find_checkpoint(src) is None:
+        if not os.path.isfile(src) and not is_bundle(src) and find_checkpoint(src) is None:
             raise ConfigError(f"stage.init_from: {src} has no complete checkpoint; run the previous stage "
-                              "first or point at its run dir / checkpoint tag / exported model.safetensors")
+                              "first or point at its run dir / checkpoint tag / exported model directory")
+    from training.checkpoint.tokenizers import check_init_sources
+    check_init_sources(cfg.stage.init_from, cfg.data.train, log=say)
 
 
 def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None, env=None) -> int:

@@ -134,3 +134,17 @@ def find_verified(path: str) -> str:
 def read_meta(tag_dir: str) -> dict:
     with open(os.path.join(tag_dir, "meta.json")) as f:
         return json.load(f)
+
+
+def check_resume_arg(resume: str | None, out: str) -> None:
+    """`--resume` before any process starts: "auto" (the newest complete checkpoint of `out`, if any) or a
+    path holding a complete checkpoint; anything else raises CheckpointError naming the argument."""
+    if resume is None or resume == "auto":
+        return
+    if not os.path.exists(resume):
+        hint = " (did you mean 'auto'?)" if resume.lower() == "auto" else ""
+        raise CheckpointError(f"--resume {resume}: neither 'auto' nor an existing path{hint}; give "
+                              "'auto' (the newest complete checkpoint in --out) or a run dir / step_* dir")
+    if find_checkpoint(resume) is None:
+        raise CheckpointError(f"--resume {resume}: no complete checkpoint there (a run dir or a checkpoints/"
+                              f"step_* dir with {COMPLETE})")

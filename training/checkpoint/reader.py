@@ -11,7 +11,8 @@ Sources:
     DeepSpeedSource   DeepSpeed's own files (zero_files.py): fp32 master and moments from the ZeRO-1/2
                       partitions; ZeRO-3 weights through DeepSpeed's zero_to_fp32
     ReshardedSource   TAG/resharded/*.safetensors of `unimoe ckpt reshard` (reshard.py)
-    ExportedSource    model.safetensors + model.json of `unimoe ckpt export` (weights only)
+    ExportedSource    model.safetensors + model.json of `unimoe ckpt export` (weights only; a bundle
+                      directory, bundle.py, or the file)
 A tag is verified against its COMPLETE manifest before anything is read. Nothing here unpickles code:
 safetensors and JSON, or torch files with weights_only (torch_files.py); ZeRO-3 is the exception.
 """
@@ -24,6 +25,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from training.checkpoint.bundle import WEIGHTS, is_bundle, resolve_bundle
 from training.checkpoint.manifest import CheckpointError, find_verified, read_meta
 from training.checkpoint.safetensors_io import SafetensorsReader
 from training.checkpoint.zero_files import ZeroShard, zero3_full_state
@@ -189,7 +191,7 @@ class ExportedSource(Source):
             raise CheckpointError(f"{path}: its meta file {meta_path} is missing (both are written by "
                                   "`unimoe ckpt export`)")
         with open(meta_path) as f:
-            super().__init__(json.load(f), path)
+            super().__init__(resolve_bundle(json.load(f), os.path.dirname(os.path.abspath(path))), path)
         from safetensors import safe_open
         try:
             self._f = safe_open(path, framework="pt")
@@ -218,17 +220,19 @@ def exported_meta_path(path: str) -> str:
 
 
 def open_source(path: str) -> Source:
-    """A run dir / checkpoints dir / tag dir (newest complete tag, verified) or an exported
-    model.safetensors. Pickle files (an old model.pt) are refused unread."""
+    """A run dir / checkpoints dir / tag dir (newest complete tag, verified), an exported bundle directory or
+    an exported model.safetensors. Pickle files (an old model.pt) are refused unread."""
+    if is_bundle(path):
+        return ExportedSource(os.path.join(path, WEIGHTS))
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             return ExportedSource(path)
         raise CheckpointError(f"{path}: not read: exported models are .safetensors files with a .json meta "
                               "file (they run no code when loaded); a .pt file is a pickle. Export the run "
-                              "with `unimoe ckpt export --ckpt RUN --out model.safetensors`")
+                              "with `unimoe ckpt export --ckpt RUN --out DIR`")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist (give a run dir, a checkpoints/step_* dir or an "
-                              "exported model.safetensors)")
+                              "exported model directory)")
     tag_dir = find_verified(path)
     if os.path.isdir(os.path.join(tag_dir, "resharded")):
         return ReshardedSource(tag_dir)

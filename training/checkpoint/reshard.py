@@ -103,6 +103,9 @@ def _write_clients(src, out_tag: str, layout: dict) -> None:
 def reshard(ckpt: str, out: str, tp: int | None = None, ep: int | None = None,
             dp: int | None = None) -> tuple[str, dict]:
     """-> (the new tag dir, its layout)."""
+    if not os.path.exists(ckpt):  # (open_source's message would also suggest an export, which holds no state)
+        raise CheckpointError(f"--ckpt {ckpt} does not exist (give a training run dir or one of its "
+                              "checkpoints/step_* dirs)")
     src = open_source(ckpt)
     if isinstance(src, DeepSpeedSource) and src.zero_stage not in (1, 2):
         raise CheckpointError(f"{src.where}: resharding reads ZeRO stage 1/2 checkpoints (this one is ZeRO "

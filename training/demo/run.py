@@ -208,8 +208,9 @@ def _run(args) -> int:
     import warnings
 
     from data_prep.demo import ensure_demo_data
+    from training.checkpoint.inference import load_everything
     from training.eval.evaluate import evaluate
-    from training.eval.generate_cli import generate_to_files, load_everything
+    from training.eval.generate_cli import generate_to_files
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # encodec's weight_norm deprecation
     t_start = time.time()

@@ -146,11 +146,13 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
              routing: bool = True) -> dict:
     """Load a checkpoint, evaluate on a mix.json, write the report; returns the result dict."""
     from data_prep.mix import MixtureReader
-    from training.eval.generate_cli import load_checkpoint
+    from training.checkpoint.inference import load_model
+    from training.checkpoint.tokenizers import check_model_data
 
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
-    model, meta = load_checkpoint(ckpt)
+    model, meta = load_model(ckpt)
+    check_model_data(meta, ckpt, data, log=lambda m: print(m, file=sys.stderr))
     reader = MixtureReader(data)
     codec_model, codec_data = meta.get("codec_info") or {}, reader.codec_info or {}
     for key in ("name", "sample_rate", "num_codebooks", "codebook_size"):
@@ -181,11 +183,11 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def run_cli(args) -> int:
-    from training.eval.generate_cli import GenerateError
+    from training.checkpoint.inference import ModelLoadError
 
     try:
         result = evaluate(args.ckpt, args.data, args.out, args.batches, args.batch_size)
-    except (FileNotFoundError, ValueError, GenerateError) as e:
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:
         print(f"unimoe eval: {e}", file=sys.stderr)
         return 2
     for line in summary_lines(result):
