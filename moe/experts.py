@@ -121,8 +121,8 @@ class GroupedMM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad_MN, torch.stack(weights), offs=offs)
-        if any(ctx.needs_input_grad[2:]):  # per group x_g^T grad_g: [G, K, N], each expert's [N, K] view
-            grad_w = torch._grouped_mm(x.t(), grad_MN, offs=offs).transpose(-2, -1).contiguous().unbind(0)
+        if any(ctx.needs_input_grad[2:]):  # per group grad_g^T x_g: [G, N, K], one [N, K] per expert
+            grad_w = torch._grouped_mm(grad_MN.t(), x, offs=offs).unbind(0)
         return grad_x, None, *(grad_w or [None] * len(weights))
 
 

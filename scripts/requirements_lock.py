@@ -21,7 +21,8 @@ def top_level_requirements(setup_cfg: str) -> list[str]:
     """install_requires plus the test extra of setup.cfg."""
     cfg = configparser.ConfigParser()
     cfg.read(setup_cfg)
-    lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["test"].splitlines()
+    options = cfg["options"]["install_requires"], cfg["options.extras_require"]["test"]
+    lines = [line for text in options for line in text.splitlines()]
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 

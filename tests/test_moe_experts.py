@@ -109,7 +109,8 @@ def test_the_path_taken_is_logged_once(capsys, monkeypatch):
     monkeypatch.setattr(moe.experts, "_LOGGED", set())
     x, weights, _ = _inputs(torch.bfloat16)
     offs = torch.tensor(COUNTS).cumsum(0).to(torch.int32)
-    assert experts_path(x, weights[0], weights[2]) == ("loop", "tensors on cpu, the CUTLASS grouped GEMM needs CUDA")
+    path, why = experts_path(x, weights[0], weights[2])
+    assert path == "loop" and why == "tensors on cpu, the CUTLASS grouped GEMM needs CUDA"
     for _ in range(2):
         grouped_swiglu(x, COUNTS, offs, *weights)
     err = capsys.readouterr().err
@@ -119,3 +120,15 @@ def test_the_path_taken_is_logged_once(capsys, monkeypatch):
     with pytest.raises(ValueError, match="forced_path"):
         with forced_path("cutlass"):
             pass
+
+
+def test_grouped_path_keeps_no_stacked_weights_for_backward():
+    """Forward + backward through 3 expert layers (8 experts) on torch._grouped_mm: the old way kept every
+    layer's stacked weights until its backward; GroupedMM keeps the per-expert weights only, so its peak is
+    lower by at least two layers' stacks (the last layer's backward starts right after its forward)."""
+    from benchmarks.memory import grouped_experts_memory
+
+    m = grouped_experts_memory(tokens=256, hidden=64, ffn=64, experts=8, layers=3, device="cpu",
+                               dtype=torch.float32)
+    stack = m["stacked_weights_mib_per_layer"]
+    assert m["peak_fwd_bwd_mib_per_expert"] <= m["peak_fwd_bwd_mib_stacked"] - 2 * stack, m
