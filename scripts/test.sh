@@ -18,6 +18,9 @@ if [ -x scripts/local_slurm.sh ] && command -v slurmctld >/dev/null 2>&1; then
 fi
 
 cd "$ROOT"
+# The suite runs on the CPU (gloo, DeepSpeed's CPU accelerator) also on a GPU machine; the GPU tests are
+# scripts/gpu_check.sh's (pytest -m gpu)
+export CUDA_VISIBLE_DEVICES=
 set +e
 python -m pytest "$@"
 rc=$?

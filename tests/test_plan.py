@@ -287,3 +287,13 @@ def test_planner_reads_recompute_and_sequence_parallel_with_defaults(tmp_path):
     assert workload_from_config(cfg).recompute == "block"
     with pytest.raises(ValueError, match="model.recompute"):
         Workload(w.model, 8, None, 32, recompute="all")
+
+
+def test_mfu_of_an_fp32_plan_is_against_the_tf32_peak():
+    """fp32 runs use TF32 (half the bf16 peak): the plan's MFU divides by that peak, not the bf16 one."""
+    hw, a = GPUS["H100-80G"], Assumptions()
+    w = workload_from_config(load_config(os.path.join(os.path.dirname(__file__), "..", "training", "configs",
+                                                      "tiny", "joint.yaml")))
+    for precision, share in (("bf16", 1.0), ("fp32", 0.5)):
+        r = step_time(dataclasses.replace(w, precision=precision), Layout(1, 1, 8), hw, a)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / (hw.bf16_tflops * share))

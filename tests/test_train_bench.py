@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from training.metrics import mfu
 from training.model import ModelConfig
@@ -31,6 +32,24 @@ def test_mfu_is_per_gpu():
     assert math.isclose(one, 8000.0 * train_flops_per_token(cfg, 100) / 1e12)
     assert math.isclose(mfu(8000.0, cfg, 100, num_gpus=8, peak=1e12), one / 8)
     assert mfu(8000.0, cfg, 100) is None  # CPU: no peak known
+
+
+def test_fp32_on_cuda_runs_tf32_and_its_mfu_uses_the_tf32_peak(monkeypatch):
+    from training.cluster.parallel import use_tf32
+    from training.metrics import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert peak_flops("bf16") == 989e12 and peak_flops("fp32") == 989e12 / 2
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, codebook_size=13, num_codebooks=2)
+    assert math.isclose(mfu(8000.0, cfg, 100, precision="fp32"), 2 * mfu(8000.0, cfg, 100))
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert not use_tf32("bf16") and not torch.backends.cuda.matmul.allow_tf32
+        assert use_tf32("fp32") and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def test_bench_train_moe_vs_dense_and_recompute():

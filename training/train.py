@@ -126,7 +126,9 @@ def cap_max_steps(max_steps: int | None, cfg, say: bool) -> int | None:
 
 def _check_gpu_for_rank(env) -> None:
     import torch
-    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
+
+    from training.cluster.parallel import cpu_accelerator
+    if torch.cuda.is_available() and not cpu_accelerator() and env.local_rank >= torch.cuda.device_count():
         raise ConfigError(f"rank {env.rank} has local rank {env.local_rank} but this node has "
                           f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
                           "(--nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU")
@@ -181,7 +183,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.checkpoint import client as ckpt_client
     from training.checkpoint import save as ckpt
     from training.checkpoint.resume import resume as resume_checkpoint
-    from training.cluster.parallel import init_parallel, shutdown
+    from training.cluster.parallel import init_parallel, shutdown, use_tf32
     from training.data import DistributedBatches, Prefetcher, open_reader, padding_fraction, resolve_train_mix
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
@@ -189,6 +191,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
+    use_tf32(cfg.parallel.precision)
     rank = pg.env.rank
     log = (lambda *a: print("[unimoe train]", *a, flush=True)) if pg.is_main else (lambda *a: None)
     finished = False
@@ -304,7 +307,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
                 record["experts_per_token"] = experts_per_token
             est = mfu(record["tokens_per_s"], model_cfg, int(batches[0]["text"].shape[1]), experts_per_token,
-                      num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
+                      num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops,
+                      precision=cfg.parallel.precision)
             if est is not None:
                 record["mfu"] = est
             scalars.update(routing)  # empty but on rank 0's routing steps
