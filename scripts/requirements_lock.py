@@ -2,6 +2,10 @@
 the running Python: what the test suite ran with. Used by scripts/gpu_wheels.sh for requirements.lock.
 
     python scripts/requirements_lock.py > requirements.lock
+    python scripts/requirements_lock.py --beside-torch   # names a venv with only torch still needs
+
+--beside-torch: the runtime closure minus torch and everything torch itself installs, minus torchaudio
+(it must match the node's torch release; encodec runs without it, data_prep.codec) and the test extra's ruff.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ def closure(requirements: list[str]) -> dict[str, str]:
 
 def main() -> None:
     pins = closure(top_level_requirements(os.path.join(ROOT, "setup.cfg")))
+    if sys.argv[1:] == ["--beside-torch"]:
+        with_torch = {n.lower() for n in closure(["torch"])} | {"torchaudio", "ruff"}
+        print(" ".join(sorted(n for n in pins if n.lower() not in with_torch)))
+        return
     print(f"# unimoe-audio runtime + test closure, Python {sys.version.split()[0]}")
     for name in sorted(pins, key=str.lower):
         print(f"{name}=={pins[name]}")
