@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.train_inputs import tiny_cfg
 from training.metrics import mfu
 from training.model import ModelConfig
 from training.model.params import train_flops_per_token
@@ -56,6 +57,12 @@ def test_bench_train_moe_vs_dense_and_recompute():
     res = _bench()
     assert res["moe_step_s"] > 0 and res["dense_step_s"] > 0 and res["tokens_per_step"] > 0
     assert res["experts_per_token"] > 0 and res["dense_equal_active_ffn_width"] > 0
+    # the dense baseline runs at a multiple of 64, its time scaled to the exact width's FLOPs
+    width, timed = res["dense_equal_active_ffn_width"], res["dense_timed_ffn_width"]
+    assert timed % 64 == 0 and abs(timed - width) <= 32 and res["precision"] == "fp32"
+    exact, rounded = (train_flops_per_token(tiny_cfg(None, f, res["layers"], res["hidden"]), res["seq_len"])
+                      for f in (width, timed))
+    assert math.isclose(res["dense_time_flop_scale"], exact / rounded)
     res = _bench("--recompute", "block")
     assert res["recompute"] == "block" and res["memory_kind"] == "max RSS delta"
     assert res["none_peak_mem_mb"] > 0 and res["block_peak_mem_mb"] > 0 and res["block_step_s"] > 0
