@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_check install OUT WHEELS SITE ROOT
         pip install --no-index --no-deps --target SITE: the wheels whose distribution this python lacks
-        (plus ALWAYS), then the project at ROOT (--no-build-isolation: setuptools from the python or SITE);
+        (plus ALWAYS; every wheel with GPU_CHECK_REINSTALL=1), then the project at ROOT
+        (--no-build-isolation: setuptools from the python or SITE);
         prints one JSON line; never touches the network
     python -m benchmarks.gpu_check env OUT                  OUT/env.json; exit 2 (and OUT/summary.json)
                                                             when torch sees no CUDA device
@@ -67,6 +68,10 @@ def _imports() -> dict:
     out = {}
     for name, module in MODULES.items():
         try:
+            if name == "encodec":  # the project's import: torchaudio of another torch release is tolerated
+                from data_prep.codec import import_encodec
+                out[name] = os.path.dirname(import_encodec().__file__)
+                continue
             out[name] = os.path.dirname(importlib.import_module(module).__file__)
         except Exception as e:  # reported, not hidden
             out[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
@@ -83,7 +88,8 @@ def install(wheels: str, site: str, root: str) -> dict:
 
     have = {_norm(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
     files = sorted(f for f in os.listdir(wheels) if f.endswith(".whl"))
-    pick = [f for f in files if _norm(f.split("-")[0]) not in have or _norm(f.split("-")[0]) in ALWAYS]
+    every = os.environ.get("GPU_CHECK_REINSTALL") == "1"
+    pick = [f for f in files if every or {_norm(f.split("-")[0])} - (have - ALWAYS)]
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--upgrade",
            "--disable-pip-version-check", "--target", site]
     env = {**os.environ, "PIP_NO_INDEX": "1", "PYTHONPATH": os.pathsep.join([site, os.environ.get(

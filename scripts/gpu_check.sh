@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, in one shot on an offline GPU node: bash scripts/gpu_check.sh [--wheels DIR] [--budget S] [OUT]
+# The GPU check, in one shot on an offline GPU node:
+#     bash scripts/gpu_check.sh [--wheels DIR] [--reinstall] [--budget S] [OUT]
 #
 # Uses the python3 that already has a CUDA torch (GPU_CHECK_PYTHON to name another; it may itself be a venv,
 # so nothing new is created beside it). With --wheels (a wheelhouse from scripts/gpu_wheels.sh; default
 # ./wheels when it exists) the distributions that python lacks and this project are installed with
 # `pip install --no-index --no-deps --target SITE` (GPU_CHECK_SITE, default $TMPDIR/unimoe-gpu-site) and
-# put on PYTHONPATH; nothing here touches the network or apt.
+# put on PYTHONPATH (--reinstall: every wheel, also those it has); nothing here touches the network or apt.
 # OUT (default runs/gpu_check): env.json first (GPU, capability, memory, driver, nvidia-smi, torch/CUDA/
 # deepspeed/megatron-core versions, other processes on the GPU), then one JSON object per step (NAME.json, an
 # error object when the step failed; logs in OUT/logs) and summary.json, rewritten after every step.
@@ -27,7 +28,8 @@ while [ $# -gt 0 ]; do
     case $1 in
         --wheels) WHEELS=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
-        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+        --reinstall) export GPU_CHECK_REINSTALL=1; shift ;;
+        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
         *) OUT=$1; shift ;;
     esac
