@@ -297,3 +297,18 @@ def test_mfu_of_an_fp32_plan_is_against_the_tf32_peak():
     for precision, share in (("bf16", 1.0), ("fp32", 0.5)):
         r = step_time(dataclasses.replace(w, precision=precision), Layout(1, 1, 8), hw, a)
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / (hw.bf16_tflops * share))
+
+
+def test_grouped_gemm_backward_transient_counts_one_stacked_projection_per_ep_rank(tmp_path):
+    """No stacked expert weights are kept for backward (GroupedMM); the planner counts the one projection the
+    backward stacks, with its weight gradient, as a transient: 2 b (N_r / EP) Fr D."""
+    from training.cluster.plan_memory import grouped_gemm_transient
+
+    _, cfg = _config(tmp_path, {**MOE, "moe": {**MOE["moe"], "num_routed_experts": 8}})
+    w = workload_from_config(cfg)
+    m = w.model
+    fr = m.moe_kwargs()["routed_ffn_size"]
+    assert grouped_gemm_transient(w, ep=1) == 2 * 2 * 8 * fr * m.hidden_size  # bf16
+    assert grouped_gemm_transient(w, ep=2) == grouped_gemm_transient(w, ep=1) / 2
+    tiny_micro = activations(dataclasses.replace(w, seq_len=1), tp=1, ep=1, micro=1)
+    assert tiny_micro["transient"] >= grouped_gemm_transient(w, ep=1)
