@@ -35,6 +35,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -z "$WHEELS" ] && [ -d "$ROOT/wheels" ] && WHEELS=$ROOT/wheels
+if [ -n "$WHEELS" ]; then
+    [ -d "$WHEELS" ] || { echo "gpu_check.sh: --wheels $WHEELS is not a directory (scripts/gpu_wheels.sh)" >&2; exit 2; }
+    WHEELS=$(cd "$WHEELS" && pwd)
+fi
 OUT=${OUT:-$ROOT/runs/gpu_check}
 mkdir -p "$OUT/logs" && OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/*.json "$OUT"/*.xml "$OUT/steps.jsonl" "$OUT"/logs/*.log
@@ -59,7 +63,7 @@ record() {  # record NAME RC SECONDS [--junit XML]: NAME.json, steps.jsonl, summ
 
 if [ -n "$WHEELS" ]; then
     t0=$SECONDS
-    helper install "$OUT" "$(cd "$WHEELS" && pwd)" "$SITE" "$ROOT" > "$OUT/logs/install.log" 2>&1
+    helper install "$OUT" "$WHEELS" "$SITE" "$ROOT" > "$OUT/logs/install.log" 2>&1
     record install $? $((SECONDS - t0))
     export PYTHONPATH=$ROOT:$SITE PATH=$SITE/bin:$PATH
 fi
