@@ -52,26 +52,29 @@ def optimizer_param_groups(model, cfg) -> list[dict]:
 
 
 def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True):
-    """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
+    """-> (loss to backpropagate, fixed-key values for metrics, routing stats of this micro-batch).
 
     Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
-    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models."""
+    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models. The values
+    stay detached tensors on the device (no host sync per micro-batch): summed over the step's
+    micro-batches, they are read back once, by the step's all-reduce (training.train._reduce_metrics)."""
     loss = out.loss
-    parts = {"loss": float(out.loss.detach())}
-    for t in TASKS:
+    parts = {"loss": out.loss.detach()}
+    present = out.task_present.unbind() if out.task_present is not None else None
+    for i, t in enumerate(TASKS):
         v = out.loss_per_task.get(t)
-        parts[f"loss_{t}"] = float(v.detach()) if v is not None else 0.0
-        parts[f"_count_loss_{t}"] = 1.0 if v is not None else 0.0
+        parts[f"loss_{t}"] = v.detach() if v is not None else 0.0
+        parts[f"_count_loss_{t}"] = present[i] if present is not None else float(v is not None)
     if out.loss_per_codebook is not None:
-        for k, v in enumerate(out.loss_per_codebook.detach().tolist()):
-            parts[f"codebook/{k}"] = float(v)
+        for k, v in enumerate(out.loss_per_codebook.detach().unbind()):
+            parts[f"codebook/{k}"] = v
     routing = {}
     if out.aux:
         from moe.losses import combine_aux
-        aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config())
+        aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config(), host=False)
         loss = loss + aux_total
         for k, v in logs.items():
-            parts[k if k.startswith("aux_") else f"aux_{k}"] = float(v)
+            parts[k if k.startswith("aux_") else f"aux_{k}"] = v
         if want_routing:  # computing the stats costs a little: only on logging steps
             from moe.stats import summarize
             routing = summarize(out.aux, prefix="routing")  # per layer and per task, + means over layers

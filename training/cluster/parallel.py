@@ -76,13 +76,16 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_values(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
-    """Collective when torch.distributed is up (else the values as given): `values` reduced with `op` over
-    `group`, in float64, one all-reduce."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=op, group=group)
+def all_reduce_values(values: list, op=dist.ReduceOp.SUM, group=None) -> list[float]:
+    """Collective when torch.distributed is up (else no communication): `values` (floats or 0-dim
+    tensors, on any device) reduced with `op` over `group`, in float64, one all-reduce; floats back, with
+    one device-to-host copy."""
+    device = comm_device()
+    t = torch.zeros(0, dtype=torch.float64)
+    if values:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op, group=group)
     return t.cpu().tolist()
 
 
