@@ -28,6 +28,7 @@ import importlib.metadata as metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -97,6 +98,8 @@ def install(wheels: str, site: str, root: str) -> dict:
     t0 = time.perf_counter()
     result = {"wheels": wheels, "site": site, "installed": pick,
               "present": [f.split("-")[0] for f in files if f not in pick]}
+    leftovers = [os.path.join(root, d) for d in ("build", "unimoe_audio.egg-info")
+                 if not os.path.exists(os.path.join(root, d))]  # what the in-tree build adds to the checkout
     for what, args in (("wheels", [os.path.join(wheels, f) for f in pick]),
                        ("project", ["--no-build-isolation", root])):
         if not args:
@@ -105,6 +108,8 @@ def install(wheels: str, site: str, root: str) -> dict:
         if proc.returncode != 0:
             result["error"] = f"pip install of the {what} failed ({proc.returncode}): {proc.stderr[-2000:]}"
             break
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
