@@ -35,6 +35,7 @@ import xml.etree.ElementTree as ET
 
 PACKAGES = ("torch", "deepspeed", "megatron-core", "encodec", "soxr", "soundfile", "numpy", "pydantic",
             "sentencepiece", "safetensors")
+NOT_STARTED = 200  # the exit code scripts/gpu_check.sh records for a step the budget left no time for
 ALWAYS = {"packaging", "typing_extensions"}  # megatron-core and pydantic need newer ones than old images have
 MODULES = {"deepspeed": "deepspeed", "megatron-core": "megatron.core", "encodec": "encodec", "soxr": "soxr",
            "soundfile": "soundfile"}
@@ -194,7 +195,10 @@ def _log_tail(log: str, chars: int = 3000) -> str:
 
 def step_result(out: str, name: str, rc: int, seconds: float, junit: str | None = None) -> dict:
     log = os.path.join(out, "logs", f"{name}.log")
-    result = junit_result(junit) if junit else last_json_line(log)
+    if rc == NOT_STARTED:
+        result = {"error": "not started: the budget was spent"}
+    else:
+        result = junit_result(junit) if junit else last_json_line(log)
     if result is None:
         result = {"error": "the step left no JSON"}
     reasons = list(result.get("failures") or []) + list(result.get("over_tolerance") or [])
@@ -202,10 +206,9 @@ def step_result(out: str, name: str, rc: int, seconds: float, junit: str | None 
         reasons.append(result["error"])
     if result.get("ok") is False and not reasons:
         reasons.append("ok: false")
-    if rc != 0:
+    if rc not in (0, NOT_STARTED):
         reasons.append({124: "killed at the deadline (SIGINT)", 137: "killed (SIGKILL after the deadline)",
-                        130: "interrupted (SIGINT)", 200: "not started: the budget was spent"}.get(
-                           rc, f"exit code {rc}"))
+                        130: "interrupted (SIGINT)"}.get(rc, f"exit code {rc}"))
     if rc != 0 or "error" in result:
         result = {**result, "exit_code": rc, "log_tail": _log_tail(log)}
     write_json(os.path.join(out, f"{name}.json"), result)

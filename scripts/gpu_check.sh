@@ -20,7 +20,9 @@
 #   bench_train_bf16 / bench_train_fp32   MFU and peak memory, fp32 with TF32
 #   plan_memory    the planner's predicted vs measured peak memory of one step (within 25%)
 #   train_fixture  `unimoe train --nproc 1` one step on the GPU, on fixture data
-# Exit 0 only when every step passed. CI never runs this script.
+# Exit 0 only when every step passed. CI never runs this script. GPU_CHECK_DEVICE=cpu runs the steps on the
+# CPU instead of stopping at "no CUDA" (a dry run of this machinery: tests/test_gpu_check.py);
+# GPU_CHECK_STEPS="bench_moe precision" runs only those steps (a second run for what failed).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS="" BUDGET=300 OUT=""
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
         --reinstall) export GPU_CHECK_REINSTALL=1; shift ;;
-        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
         *) OUT=$1; shift ;;
     esac
@@ -67,12 +69,18 @@ if [ -n "$WHEELS" ]; then
     record install $? $((SECONDS - t0))
     export PYTHONPATH=$ROOT:$SITE PATH=$SITE/bin:$PATH
 fi
-helper env "$OUT" || { echo "[gpu_check] no CUDA device: $OUT/summary.json" >&2; exit 2; }
-export DS_ACCELERATOR=cuda
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+if [ "$DEVICE" = cuda ]; then
+    helper env "$OUT" || { echo "[gpu_check] no CUDA device: $OUT/summary.json" >&2; exit 2; }
+    export DS_ACCELERATOR=cuda
+else
+    helper env "$OUT"
+fi
 
 step() {  # step NAME [--junit XML] -- CMD...: CMD under what is left of the deadline, SIGINT at the end
     local name=$1 junit=() left t0 rc
     shift
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then return; fi
     [ "$1" = --junit ] && { junit=(--junit "$2"); shift 2; }
     shift  # --
     left=$((DEADLINE - SECONDS))
@@ -91,12 +99,12 @@ per_test() { local left=$((DEADLINE - SECONDS - 10)); echo $((left < 150 ? (left
 PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider)
 TRAIN_TEST=tests/test_launch_gpu.py::test_nproc_trains_on_the_gpu
 
-step precision -- "$PY" -m benchmarks.bench_precision --device cuda --json
-step bench_moe -- "$PY" -m training.cli bench moe --device cuda --dtype bf16 --json
+step precision -- "$PY" -m benchmarks.bench_precision --device "$DEVICE" --json
+step bench_moe -- "$PY" -m training.cli bench moe --device "$DEVICE" --dtype bf16 --json
 step pytest_gpu --junit "$OUT/pytest_gpu.xml" -- "${PYTEST[@]}" --timeout "$(per_test)" \
     --junitxml "$OUT/pytest_gpu.xml" --deselect "$TRAIN_TEST" tests
-step bench_train_bf16 -- "$PY" -m training.cli bench train --device cuda --precision bf16 --json
-step bench_train_fp32 -- "$PY" -m training.cli bench train --device cuda --precision fp32 --json
+step bench_train_bf16 -- "$PY" -m training.cli bench train --device "$DEVICE" --precision bf16 --json
+step bench_train_fp32 -- "$PY" -m training.cli bench train --device "$DEVICE" --precision fp32 --json
 step plan_memory -- "$PY" -m benchmarks.gpu_check plan-memory "$OUT"
 step train_fixture --junit "$OUT/train_fixture.xml" -- "${PYTEST[@]}" --timeout "$(per_test)" \
     --junitxml "$OUT/train_fixture.xml" "$TRAIN_TEST"

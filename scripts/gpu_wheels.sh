@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
         --python-version) PYVER=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --full) FULL=1; shift ;;
-        -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         -*) echo "gpu_wheels.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac

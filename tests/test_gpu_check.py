@@ -139,3 +139,26 @@ def test_full_wheelhouse_installs_offline_into_a_venv_with_only_torch(tmp_path):
     assert all(path.startswith(site) for path in env_json["imports"].values()), env_json["imports"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"]["install"]["ok"] and summary["reason"].startswith("no CUDA device")
+
+
+def test_one_deadline_a_step_running_at_it_is_interrupted_the_next_not_started(tmp_path):
+    """A dry run on the CPU (GPU_CHECK_DEVICE=cpu) of two steps, bench_moe (minutes at its CPU size) and
+    train_fixture, with a 30 s budget: bench_moe gets what is left after env.json, is interrupted with SIGINT
+    at the deadline, train_fixture is not started; each leaves a JSON object (an error object) and
+    summary.json lists both, so a run cut at its deadline still says what happened."""
+    env = {**_offline_env(tmp_path, sys.executable), "GPU_CHECK_DEVICE": "cpu",
+           "GPU_CHECK_STEPS": "bench_moe train_fixture"}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--budget", "30", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["steps"]) == ["bench_moe", "train_fixture"] and summary["ok"] is False
+    moe, train = summary["steps"]["bench_moe"], summary["steps"]["train_fixture"]
+    assert moe["exit_code"] == 124, moe
+    assert moe["why_failed"] == ["the step left no JSON", "killed at the deadline (SIGINT)"]
+    error = json.loads((out / "bench_moe.json").read_text())
+    assert error["exit_code"] == 124 and "KeyboardInterrupt" in error["log_tail"]  # SIGINT, not SIGKILL
+    assert train["why_failed"] == ["not started: the budget was spent"]
+    assert json.loads((out / "train_fixture.json").read_text())["error"] == train["why_failed"][0]
+    assert json.loads((out / "env.json").read_text())["cuda_available"] is False
