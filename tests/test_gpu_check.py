@@ -142,11 +142,16 @@ def test_full_wheelhouse_installs_offline_into_a_venv_with_only_torch(tmp_path):
 
 
 def test_one_deadline_a_step_running_at_it_is_interrupted_the_next_not_started(tmp_path):
-    """A dry run on the CPU (GPU_CHECK_DEVICE=cpu) of two steps, bench_moe (minutes at its CPU size) and
-    train_fixture, with a 30 s budget: bench_moe gets what is left after env.json, is interrupted with SIGINT
-    at the deadline, train_fixture is not started; each leaves a JSON object (an error object) and
-    summary.json lists both, so a run cut at its deadline still says what happened."""
-    env = {**_offline_env(tmp_path, sys.executable), "GPU_CHECK_DEVICE": "cpu",
+    """A dry run on the CPU (GPU_CHECK_DEVICE=cpu) of two steps, bench_moe (made to hang: the python the
+    check uses sleeps instead of running the benchmark) and train_fixture, with a 30 s budget: bench_moe gets
+    what is left after env.json, is interrupted with SIGINT at the deadline, train_fixture is not started;
+    each leaves a JSON object (an error object) and summary.json lists both, so a run cut at its deadline
+    still says what happened."""
+    python = tmp_path / "python-whose-bench-moe-hangs"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *"bench moe"*) exec {sys.executable} -c "import time; '
+                      f'time.sleep(600)";; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**_offline_env(tmp_path, str(python)), "GPU_CHECK_DEVICE": "cpu",
            "GPU_CHECK_STEPS": "bench_moe train_fixture"}
     out = tmp_path / "out"
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--budget", "30", str(out)],
