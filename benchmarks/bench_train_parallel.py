@@ -3,9 +3,12 @@
     unimoe bench train --json --tp 2            # TP=2 with and without sequence parallelism, beside TP=1
     unimoe bench train --json --recompute block # peak memory and step time against recompute none
 
---tp N: `moe_token_share_per_tp_rank` is the fraction of a step's tokens one TP rank's MoE layers route
-(from the routing counts: 1/N with sequence parallelism, 1 without); step times (median) of TP=1 on one
-process (the others wait) and of TP=N on N processes (gloo on CPU, NCCL on GPU), one CPU thread each.
+--tp N: `sp_allreduce_bytes_per_step` (and `_before`) are the bytes one rank all-reduces in a step of 4
+micro-batches with sequence parallelism, the experts' gradients summed over TP once per step (before: in
+every block's sum, each micro-batch); `moe_token_share_per_tp_rank` is the fraction of a step's tokens one
+TP rank's MoE layers route (from the routing counts: 1/N with sequence parallelism, 1 without); step times
+(median) of TP=1 on one process (the others wait) and of TP=N on N processes (gloo on CPU, NCCL on GPU),
+one CPU thread each.
 --recompute MODE: peak memory of a training step (CPU: max RSS minus RSS before the first step, as the
 kernel reports it; GPU: allocator peak minus allocated before) and the median step time, for none and MODE.
 Plain torch AdamW (no DeepSpeed): the numbers are the model's, not the engine's.
@@ -13,6 +16,7 @@ Plain torch AdamW (no DeepSpeed): the numbers are the model's, not the engine's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -25,6 +29,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training.cluster.ports import free_port
+
+MICRO_BATCHES = 4  # micro-batches per step in the all-reduce count of --tp
 
 
 def _worker(rank, nprocs, port, out_dir, fn, kwargs):
@@ -92,6 +98,44 @@ def _tp_variant(device, quick, tp_group=None, sequence_parallel=False):
             "tokens": int(batch["valid"].sum())}
 
 
+@contextlib.contextmanager
+def counting_all_reduce():
+    """{"bytes": n}: what every torch.distributed.all_reduce call inside the block sends (patched)."""
+    counter = {"bytes": 0, "calls": 0}
+    original = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        counter["bytes"] += tensor.numel() * tensor.element_size()
+        counter["calls"] += 1
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield counter
+    finally:
+        dist.all_reduce = original
+
+
+def _sp_allreduce(device, quick, tp_group, defer: bool, micro_batches: int) -> dict:
+    """All-reduce traffic of one step of `micro_batches` forward/backward passes under sequence parallelism:
+    experts summed over TP in every block's sum (defer False, the old path) or once per step (True)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    from moe.expert_grads import sum_over_group
+    from training.model.tensor_parallel import parallelize
+    model, batch = _model_and_batch(device, quick)
+    parallelize(model, tp_group, sequence_parallel=True, defer_expert_grads=defer)
+    with counting_all_reduce() as counter:
+        for _ in range(micro_batches):
+            out = model(batch)
+            (out.loss + 0.01 * sum(a.balance_loss for a in out.aux)).backward()
+        if defer:
+            sum_over_group([p.grad for p in model.parameters() if is_moe_param(p) and p.grad is not None],
+                           tp_group)
+    counter["expert_params"] = sum(p.numel() for p in model.parameters() if is_moe_param(p))
+    return counter
+
+
 def _tp_run(rank, nprocs, device, quick):
     """Rank 0 alone runs TP=1 (the others wait), then all ranks TP=nprocs with and without SP."""
     from megatron.core import parallel_state as ps
@@ -103,6 +147,8 @@ def _tp_run(rank, nprocs, device, quick):
         group = ps.get_tensor_model_parallel_group()
         out["sp"] = _tp_variant(device, quick, group, sequence_parallel=True)
         out["no_sp"] = _tp_variant(device, quick, group, sequence_parallel=False)
+        for defer in (False, True):
+            out[f"sp_allreduce_defer_{defer}"] = _sp_allreduce(device, quick, group, defer, MICRO_BATCHES)
     return out
 
 
@@ -119,6 +165,15 @@ def run_tp(tp: int, device: str = "cpu", quick: bool = False) -> dict:
                 f"tp{tp}_step_s": max(r["step_s"] for r in sp),
                 f"tp{tp}_without_sp_step_s": max(r["step_s"] for r in no_sp)})
     res[f"tp{tp}_over_tp1_time"] = res[f"tp{tp}_step_s"] / one["step_s"]
+    # all-reduce bytes per rank and step (SP, MICRO_BATCHES micro-batches): experts summed over TP in every
+    # block and micro-batch (before) vs once per step after the data-parallel reduction (after)
+    before, after = ranks[0]["sp_allreduce_defer_False"], ranks[0]["sp_allreduce_defer_True"]
+    res.update({"sp_micro_batches_per_step": MICRO_BATCHES,
+                "sp_allreduce_bytes_per_step_before": before["bytes"],
+                "sp_allreduce_bytes_per_step": after["bytes"],
+                "sp_allreduce_calls_per_step_before": before["calls"],
+                "sp_allreduce_calls_per_step": after["calls"],
+                "expert_params_per_rank": after["expert_params"]})
     res["sp_over_no_sp_time"] = res[f"tp{tp}_step_s"] / res[f"tp{tp}_without_sp_step_s"]
     return res
 

@@ -21,7 +21,12 @@ Because the engine finds it with `isinstance(module, MoE)`:
 
 Our engine: `initialize(...)` (the arguments of `deepspeed.initialize`) builds a `MoEEngine`, a
 DeepSpeedEngine subclass, for every model holding MoELayers; nothing in DeepSpeed changes for other
-engines. It differs from DeepSpeed's engine in three places:
+engines. It differs from DeepSpeed's engine in five places:
+  * Sequence parallelism with `parallelize(..., defer_expert_grads=True)`: after DeepSpeed's gradient
+    reduction, the experts' gradients are summed over TP once per step (moe/expert_grads.py).
+  * ZeRO-0 in fp32: DeepSpeed clips by the mean over data parallelism of each rank's local norm (not the
+    global norm once ranks hold different experts) and records no norm (get_global_grad_norm() is None).
+    MoEEngine clips by moe.grad_norm.global_grad_norm, records it, and skips a non-finite step.
   * Names. In the module, routed experts are `<layer>.experts.<GLOBAL id>.{gate,up,down}_proj.weight`
     (rank r of an EP group of n holds ids [r*R/n, (r+1)*R/n)). DeepSpeed's `_save_moe_checkpoint` instead
     expects `...deepspeed_moe.experts.deepspeed_experts.<LOCAL id>...` (and crashes on anything else):
@@ -63,6 +68,7 @@ from __future__ import annotations
 
 import contextvars
 import glob
+import math
 import os
 import re
 
@@ -115,6 +121,35 @@ class MoEEngine(DeepSpeedEngine):
         exclude = exclude_frozen_parameters or (bool(frozen) and all(is_moe_param(p) for p in frozen))
         return super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
                                        save_latest=save_latest, exclude_frozen_parameters=exclude)
+
+    def allreduce_gradients(self, *args, **kwargs):
+        """DeepSpeed's data-parallel reduction; then, at the accumulation boundary, the experts' gradient
+        sum over TP that the model deferred to once per step (moe.expert_grads)."""
+        super().allreduce_gradients(*args, **kwargs)
+        group = getattr(self.module, "expert_grad_tp_group", None)
+        if group is not None and self.is_gradient_accumulation_boundary():
+            from moe.expert_grads import sum_expert_grads_over_tp
+            sum_expert_grads_over_tp(self, group)
+
+    def _take_model_step(self, lr_kwargs):
+        """ZeRO-0 in fp32: clip by the real global norm (moe.grad_norm), record it for
+        get_global_grad_norm(), and skip the update (like the ZeRO/bf16 paths) when it is not finite."""
+        if self.fp16_enabled() or self.bfloat16_enabled() or self.zero_optimization():
+            return super()._take_model_step(lr_kwargs)
+        from moe.grad_norm import clip_grads_, global_grad_norm
+        tp_group = self.mpu.get_model_parallel_group() if self.mpu is not None else None
+        norm = global_grad_norm(self.module.parameters(), tp_group)
+        self._global_grad_norm = float(norm)
+        if not math.isfinite(self._global_grad_norm):
+            self.zero_grad()
+            self.skipped_steps += 1
+            return  # _step_applied stays False
+        if self.gradient_clipping() > 0:
+            clip_grads_(self.module.parameters(), self.gradient_clipping(), norm)
+        return super()._take_model_step(lr_kwargs)
+
+    def clip_fp32_gradients(self):
+        """Done by _take_model_step (DeepSpeed's averages each rank's norm over data parallelism)."""
 
     def _save_moe_checkpoint(self, *args, **kwargs):
         token = _NATIVE_VIEW.set(True)

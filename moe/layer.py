@@ -30,6 +30,7 @@ from moe.dispatch import all_to_all, exchange_counts, permute, segment_perm, unp
 from moe.experts import SwiGLU, expert_weights, grouped_swiglu, swiglu
 from moe.losses import router_losses
 from moe.router import gate_logits, route
+from moe.seeding import derive_seed, keyed_normal_, keyed_uniform
 from moe.stats import routing_stats
 
 
@@ -78,13 +79,30 @@ class MoELayer(_DeepSpeedMoE):
         for p in self.experts.parameters():
             p.allreduce = False
             p.group_name = self.expert_group_name
-        self.reset_parameters()
+        # router jitter: set per training step (set_jitter_seed); None = drawn from the torch RNG
+        self.jitter_seed: int | None = None
+        self.reset_parameters(int(torch.randint(0, 2**62, (), device="cpu")), layer=0)
         self.register_state_dict_post_hook(MoELayer._state_dict_hook)
         self.register_load_state_dict_pre_hook(MoELayer._load_hook)
 
-    def reset_parameters(self):
-        for p in self.parameters():
-            nn.init.normal_(p, std=self.cfg.init_std)
+    def reset_parameters(self, seed: int, layer: int) -> None:
+        """N(0, init_std^2) weights, each module from its own seed: the gate from (seed, layer, "gate"),
+        shared expert i from (seed, layer, "shared", i), routed expert g from (seed, layer, "expert", g with
+        g its GLOBAL id): the same weights at every expert-parallel size."""
+        if self.gate.weight.is_meta:  # built for its shapes only
+            return
+        std = self.cfg.init_std
+        keyed_normal_(self.gate.weight, std, seed, layer, "gate")
+        for i, shared in enumerate(self.shared):
+            self._init_swiglu(shared, seed, layer, "shared", i)
+        for g, expert in self.experts.items():
+            self._init_swiglu(expert, seed, layer, "expert", int(g))
+
+    def _init_swiglu(self, module: SwiGLU, *key) -> None:
+        gen = torch.Generator().manual_seed(derive_seed(*key))
+        with torch.no_grad():
+            for w in (module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight):
+                w.copy_(torch.empty(w.shape).normal_(0.0, self.cfg.init_std, generator=gen))
 
     @property
     def local_experts(self) -> list[SwiGLU]:
@@ -117,7 +135,8 @@ class MoELayer(_DeepSpeedMoE):
         deepspeed_compat.from_native_keys(state_dict, prefix, module.first_expert)
 
     # forward ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None, token_group=None):
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None, token_group=None,
+                token_keys: torch.Tensor | None = None):
         cfg = self.cfg
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
@@ -127,7 +146,8 @@ class MoELayer(_DeepSpeedMoE):
                 raise ValueError(f"MoELayer: task_ids has {task_ids.numel()} entries for {x_TD.shape[0]} "
                                  f"tokens (it must have x's leading shape {tuple(shape[:-1])})")
         # 1. route: fp32 gate, Top-P over routed + null, combine weights
-        logits = gate_logits(x_TD, self.gate.weight, cfg.input_jitter if self.training else 0.0)
+        logits = gate_logits(x_TD, self.gate.weight, cfg.input_jitter if self.training else 0.0,
+                             self._jitter_noise(x_TD, token_keys))
         r = route(logits, cfg)
         valid = None if task_ids is None else task_ids >= 0
         balance, z, entropy = router_losses(logits, r.probs, r.selected, cfg.num_dynamic_experts, valid,
@@ -147,6 +167,13 @@ class MoELayer(_DeepSpeedMoE):
                      probs=r.probs.detach(), task_ids=task_ids, num_routed=cfg.num_routed_experts,
                      collapse_threshold=cfg.collapse_entropy_threshold)
         return out.reshape(shape), aux
+
+    def _jitter_noise(self, x_TD: torch.Tensor, token_keys: torch.Tensor | None) -> torch.Tensor | None:
+        """U[0, 1) [T, D] keyed by (jitter_seed, token key, channel) when both are known (training: the
+        noise of a token is the same at every layout), else None (gate_logits draws from the torch RNG)."""
+        if not self.training or self.cfg.input_jitter <= 0 or self.jitter_seed is None or token_keys is None:
+            return None
+        return keyed_uniform(token_keys.reshape(-1), x_TD.shape[-1], self.jitter_seed)
 
     def _shared_experts(self, x_TD: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """sum_s g_s * shared_s(x): the shared experts side by side along F, one SwiGLU."""
@@ -187,3 +214,11 @@ class MoELayer(_DeepSpeedMoE):
         # 4. back in the order received, and home
         y_recv = torch.empty_like(y).index_copy_(0, perm, y)
         return all_to_all(y_recv, recv_splits, send_splits, group), token_ids, expert_ids
+
+
+def set_jitter_seed(model: nn.Module, seed: int, step: int) -> None:
+    """Before a training step: the router jitter of the i-th MoELayer of `model` becomes a function of
+    (seed, step, i) and of each token's key (MoELayer.forward's token_keys), not of any rank's RNG."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for i, layer in enumerate(layers):
+        layer.jitter_seed = derive_seed(seed, step, i, "router jitter")

@@ -27,12 +27,16 @@ class Routing:
     probs: torch.Tensor  # fp32 [T, E] softmax over the dynamic candidates
 
 
-def gate_logits(x_TD: torch.Tensor, weight: torch.Tensor, jitter_eps: float = 0.0) -> torch.Tensor:
+def gate_logits(x_TD: torch.Tensor, weight: torch.Tensor, jitter_eps: float = 0.0,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 router logits [T, R + Z + S] = (x * U(1 - eps, 1 + eps)) @ weight^T (jitter_eps 0: no noise).
-    In fp32 whatever the model's dtype: 1 +- 0.01 is not representable in bf16."""
+    In fp32 whatever the model's dtype: 1 +- 0.01 is not representable in bf16. `uniform` [T, D] in [0, 1)
+    gives the noise (moe.seeding.keyed_uniform); None draws it from the torch RNG."""
     x = x_TD.float()
     if jitter_eps > 0:
-        x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
+        if uniform is None:
+            uniform = torch.empty_like(x).uniform_()
+        x = x * (1.0 - jitter_eps + (2.0 * jitter_eps) * uniform)
     return x @ weight.float().t()
 
 

@@ -74,3 +74,6 @@ def test_bench_train_tp2_token_share():
     assert res["moe_token_share_per_tp_rank"] == 0.5  # sequence parallel: half of the tokens per TP rank
     assert res["moe_token_share_per_tp_rank_without_sp"] == 1.0
     assert res["tp1_step_s"] > 0 and res["tp2_step_s"] > 0 and res["tp2_without_sp_step_s"] > 0
+    # the experts' TP sum once per step, not once per micro-batch: (micro-batches - 1) x their fp32 grads
+    saved = res["sp_allreduce_bytes_per_step_before"] - res["sp_allreduce_bytes_per_step"]
+    assert saved == (res["sp_micro_batches_per_step"] - 1) * res["expert_params_per_rank"] * 4

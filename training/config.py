@@ -96,6 +96,12 @@ class ParallelConfig:
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"parallel.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.zero_stage == 0 and self.precision == "bf16":
+            raise ConfigError("parallel.zero_stage=0 with precision=bf16 cannot run: DeepSpeed's engine "
+                              "without ZeRO refuses bf16 weights with fp32 gradient accumulation "
+                              "('unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype="
+                              "torch.float32'), and bf16 accumulation would lose small gradients; use "
+                              "zero_stage 1 or 2 with bf16, or precision fp32 with zero_stage 0")
         if self.sequence_parallel and self.tp > 1 and self.zero_stage == 3:
             raise ConfigError("parallel.sequence_parallel with zero_stage=3 is not supported (ZeRO-3 "
                               "gathers the weights inside each module, where the sequence-parallel gradient "

@@ -90,6 +90,16 @@ def plan_token_step(lengths: np.ndarray, budget: int, micro_batches: int) -> tup
     return lo, split_to(pack_sorted(lengths[:lo], budget), micro_batches)
 
 
+TOKEN_KEY_POSITIONS = 1 << 24  # positions per sample in a token key (model.max_seq_len is far below)
+
+
+def token_keys(indices: list[int], length: int) -> torch.Tensor:
+    """int64 [B, L]: global sample index * 2**24 + position, the key of each token's router jitter
+    (moe.layer.MoELayer): the same whichever rank, micro-batch or padding the sample gets."""
+    return (torch.tensor(indices, dtype=torch.int64)[:, None] * TOKEN_KEY_POSITIONS
+            + torch.arange(length, dtype=torch.int64)[None, :])
+
+
 def padding_fraction(batches: list[dict]) -> float:
     """Share of the collated positions that are padding, over a rank's micro-batches of one step."""
     valid = sum(int(b["valid"].sum()) for b in batches)
@@ -146,7 +156,9 @@ class DistributedBatches:
         samples = [self.reader[i] for i in indices]
         # the cond-drop draw depends on the first sample's global index only (layout independent)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + indices[0])
-        return collate(samples, self.model_cfg, cond_drop_prob=self.cond_drop_prob, generator=gen)
+        batch = collate(samples, self.model_cfg, cond_drop_prob=self.cond_drop_prob, generator=gen)
+        batch["token_keys"] = token_keys(indices, batch["text"].shape[1])
+        return batch
 
     def state_dict(self) -> dict:
         return {"position": self.position, "global_batch": self.global_batch,

@@ -8,6 +8,8 @@ Stage starts (weights only; optimizer and LR schedule start fresh):
 
 from __future__ import annotations
 
+import torch
+
 from training.model import TASKS
 
 
@@ -51,22 +53,33 @@ def optimizer_param_groups(model, cfg) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True):
+def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True, tokens=None, task=None):
     """-> (loss to backpropagate, fixed-key values for metrics, routing stats of this micro-batch).
 
     Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
-    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models. The values
-    stay detached tensors on the device (no host sync per micro-batch): summed over the step's
-    micro-batches, they are read back once, by the step's all-reduce (training.train._reduce_metrics)."""
-    loss = out.loss
-    parts = {"loss": out.loss.detach()}
-    present = out.task_present.unbind() if out.task_present is not None else None
+    _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models.
+    With `tokens` (training.token_loss.StepTokens of the step, and the micro-batch's `task` [B]) the LM loss
+    is normalised per target token of the global batch and loss, loss_<task> and codebook/<k> are this
+    micro-batch's shares (summed, not averaged, over the step: training.train._reduce_metrics); without,
+    the micro-batch's own mean. The values stay detached tensors on the device (no host sync per
+    micro-batch): summed over the step, they are read back once, by the step's all-reduce."""
+    if tokens is None:
+        loss = out.loss
+        lm = torch.stack([out.loss] + [out.loss_per_task.get(t, out.loss) for t in TASKS]).detach().float()
+        per_cb = out.loss_per_codebook
+    else:
+        rows = tokens.contributions(out, task)
+        loss, lm, per_cb = tokens.scale * rows[0], rows.detach().float(), tokens.per_codebook(out)
+    if out.task_present is not None:  # on the device: no sync to know which tasks are here
+        present = out.task_present.unbind()
+    else:
+        present = [float(t in out.loss_per_task) for t in TASKS]
+    parts = {"loss": lm[0]}
     for i, t in enumerate(TASKS):
-        v = out.loss_per_task.get(t)
-        parts[f"loss_{t}"] = v.detach() if v is not None else 0.0
-        parts[f"_count_loss_{t}"] = present[i] if present is not None else float(v is not None)
-    if out.loss_per_codebook is not None:
-        for k, v in enumerate(out.loss_per_codebook.detach().unbind()):
+        parts[f"loss_{t}"] = lm[1 + i] * present[i]
+        parts[f"_count_loss_{t}"] = present[i]
+    if per_cb is not None:
+        for k, v in enumerate(per_cb.detach().float().unbind()):
             parts[f"codebook/{k}"] = v
     routing = {}
     if out.aux:

@@ -166,8 +166,11 @@ def deepspeed_config(cfg, pg) -> dict:
     ds.setdefault("zero_optimization", {})["stage"] = cfg.parallel.zero_stage
     bf16 = cfg.parallel.precision == "bf16"
     # overflow checking explicit (DeepSpeed's bf16 default changed between releases): a step with
-    # non-finite gradients is skipped, not applied
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True}
+    # non-finite gradients is skipped, not applied. immediate_grad_update: DeepSpeed 0.19's bf16 optimizer
+    # otherwise adds each micro-batch's bf16 .grad (which autograd keeps accumulating) into its fp32 buffer
+    # at every micro-step, counting micro-batch 1 grad_accum times, 2 grad_accum - 1 times, ...
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16, "check_grad_overflow": True,
+                  "immediate_grad_update": True}
     if bf16:  # gradients accumulate over micro-batches (and ZeRO partitions) in fp32
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["fp16"] = {"enabled": False}
@@ -180,6 +183,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
     from moe.deepspeed_compat import initialize as initialize_engine
+    from moe.layer import set_jitter_seed
     from training.checkpoint import client as ckpt_client
     from training.checkpoint import save as ckpt
     from training.checkpoint.resume import resume as resume_checkpoint
@@ -188,6 +192,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     from training.metrics import MetricsLogger, mfu
     from training.model import AudioLM
     from training.stages import init_stage_weights, optimizer_param_groups, step_losses
+    from training.token_loss import StepTokens
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
@@ -214,7 +219,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             init_stage_weights(model, cfg, model_cfg, log)
         if pg.tp > 1:
             from training.model.tensor_parallel import parallelize
-            parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on)
+            parallelize(model, sequence_parallel=cfg.parallel.sequence_parallel_on, defer_expert_grads=True)
         groups = optimizer_param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -266,7 +271,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
             f"dp {pg.dp}, zero {cfg.parallel.zero_stage}), "
             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f} M params "
             f"on rank 0, run dir {out}")
-        prefetch = Prefetcher(data)
+        prefetch = Prefetcher(data, pin=engine.device.type != "cpu")  # pinned: the copies below are async
         nan_steps = _fault_steps("UNIMOE_FAULT_NONFINITE")
         on_gpu = engine.device.type != "cpu"
         exit_code, experts_per_token = 0, None
@@ -277,6 +282,8 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                 group["lr"] = lr
             t0 = time.perf_counter()
             batches = prefetch.next_step()
+            tokens = StepTokens.of(batches, pg, model_cfg.codebook_loss, engine.device)  # per global token
+            set_jitter_seed(model, cfg.seed, step)  # router jitter keyed by (seed, step, layer, token)
             acc, routing = None, {}
             # routing stats (host copies) on logging steps only, of the micro-batch rank 0 logs: its last
             want_routing = pg.is_main and (step % cfg.logging.routing_every == 0 or step == 1)
@@ -285,7 +292,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
                     mb = {k: v.to(engine.device, non_blocking=True) for k, v in mb.items()}
                 out_ = engine(mb)
                 loss, parts, routing = step_losses(out_, cfg, model_cfg, step,
-                                                   want_routing and i == len(batches) - 1)
+                                                   want_routing and i == len(batches) - 1, tokens, mb["task"])
                 if step in nan_steps:
                     loss = loss * float("nan")
                 engine.backward(loss)
@@ -383,14 +390,15 @@ def _global_tokens(batches, pg) -> float:
 
 
 def _reduce_metrics(acc: dict, n_micro: int, pg) -> tuple[dict, dict]:
-    """Mean over micro-batches and data-parallel ranks. Keys 'loss', 'loss_<task>', 'aux_..',
-    'codebook/k'; per-task means count only ranks where the task appeared."""
+    """Over micro-batches and data-parallel ranks: 'loss', 'loss_<task>' and 'codebook/k' are summed (each
+    micro-batch holds its share of the step's per-token loss, training.token_loss), the rest ('aux_..')
+    averaged; a task that appeared on no rank gets no key."""
     from training.cluster.parallel import all_reduce_values
     keys = sorted(acc)  # the same on every rank (training.stages.step_losses)
     summed = all_reduce_values([acc[k] for k in keys] + [acc.get("_count_" + k, n_micro) for k in keys],
                                group=pg.dp_group)
     vals, counts = summed[: len(keys)], summed[len(keys):]
-    mean = {k: v / c for k, v, c in zip(keys, vals, counts)
+    mean = {k: v if k.startswith(("loss", "codebook/")) else v / c for k, v, c in zip(keys, vals, counts)
             if not k.startswith("_count_") and c > 0}  # a task absent from the whole step: no key
     record = {k: v for k, v in mean.items() if k == "loss" or k.startswith("loss_") or k.startswith("aux_")}
     scalars = {k: v for k, v in mean.items() if k not in record}

@@ -219,6 +219,10 @@ def init_parallel(pcfg, env: DistEnv | None = None, timeout_s: float = 1800) -> 
         if mpu is not None:
             groups.mpu = mpu
             groups._create_expert_data_and_model_parallel(ep, mpu)
+            # that call records TP as the experts' tensor-parallel size; ours are whole on every TP rank
+            # (MoELayer.enable_expert_tensor_parallelism False): with it DeepSpeed's norm (bf16 optimizer)
+            # sums the expert gradients' norm over TP, counting them TP times
+            groups.expert_tensor_parallel_world_size = 1
         else:
             groups._create_expert_and_data_parallel(ep)
     if ep > 1:

@@ -151,6 +151,8 @@ class ModelOutput:
     loss_per_task: dict[str, torch.Tensor]     # every task; 0 for a task absent from the batch
     aux: list                                  # one moe aux per MoE layer (empty for dense)
     logits: torch.Tensor                       # [B, L, K, V]; vocab-local shard under tensor parallelism
+    token_loss_sum: torch.Tensor | None = None  # [B, K] summed token losses per sample and codebook
+    token_count: torch.Tensor | None = None     # [B, K] their target counts (training.token_loss)
     task_present: torch.Tensor | None = None   # [len(TASKS)] 1.0 where the task has a sample (on device:
                                                # no host sync to know it)
 
@@ -271,18 +273,18 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)  # same names as the routed experts
         self.recompute_moe = self.is_moe and cfg.recompute == "moe"
 
-    def forward(self, x, cos, sin, mask=None, cache=None, task_ids=None, regions=LOCAL):
+    def forward(self, x, cos, sin, mask=None, cache=None, task_ids=None, regions=LOCAL, token_keys=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, regions)
         if not self.is_moe:
             return x + regions.exit(self.ffn(regions.enter(self.ffn_norm(x)))), None
         if self.recompute_moe and self.training and torch.is_grad_enabled():
-            h, aux = checkpoint(self._moe, x, task_ids, regions.token_group, use_reentrant=False)
+            h, aux = checkpoint(self._moe, x, task_ids, regions.token_group, token_keys, use_reentrant=False)
         else:
-            h, aux = self._moe(x, task_ids, regions.token_group)
+            h, aux = self._moe(x, task_ids, regions.token_group, token_keys)
         return x + h, aux
 
-    def _moe(self, x, task_ids, token_group):
-        return self.ffn(self.ffn_norm(x), task_ids, token_group=token_group)
+    def _moe(self, x, task_ids, token_group, token_keys=None):
+        return self.ffn(self.ffn_norm(x), task_ids, token_group=token_group, token_keys=token_keys)
 
 
 def cross_entropy_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -294,6 +296,7 @@ def cross_entropy_per_token(logits: torch.Tensor, target: torch.Tensor) -> torch
 class AudioLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_group=None):
         super().__init__()
+        init_seed = int(torch.randint(0, 2**62, (), device="cpu"))  # the one draw from the torch RNG
         self.cfg = cfg
         D = cfg.hidden_size
         self.text_embed = nn.Embedding(cfg.padded_text_vocab_size, D)
@@ -307,10 +310,16 @@ class AudioLM(nn.Module):
         # training.model.tensor_parallel
         self.cross_entropy = cross_entropy_per_token
         self.regions = LOCAL
-        self._init_weights()
+        self._init_weights(init_seed)
 
-    def _init_weights(self):
+    def _init_weights(self, seed: int):
+        """Every weight a function of `seed` alone (drawn from the torch RNG when the model is built), not
+        of the layout: the non-MoE weights in order from one generator, each MoE layer's gate and experts
+        from their own keys (MoELayer.reset_parameters: routed experts by global id)."""
+        if self.text_embed.weight.is_meta:  # built for its shapes only (torch.device("meta"))
+            return
         std = self.cfg.init_std
+        gen = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.startswith("layers.") and ".ffn." in name and self.layers[int(name.split(".")[1])].is_moe:
                 continue  # the MoE layer initialises its own experts and gate
@@ -319,7 +328,11 @@ class AudioLM(nn.Module):
             # residual-branch outputs scaled down with depth (GPT-2 / nanoGPT)
             scale = 1 / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("o_proj.weight",
                                                                                "down_proj.weight")) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+            with torch.no_grad():
+                p.copy_(torch.empty(p.shape).normal_(0.0, std * scale, generator=gen))
+        for i, block in enumerate(self.layers):
+            if block.is_moe:
+                block.ffn.reset_parameters(seed, layer=i)
 
     def embed(self, text: torch.Tensor, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
         """text [B, L], audio [B, K, L], audio_mask [B, L] -> [B, L, D]."""
@@ -328,7 +341,7 @@ class AudioLM(nn.Module):
         return torch.where(audio_mask[..., None], x_audio, x_text)
 
     def forward_logits(self, text, audio, audio_mask, *, positions=None, valid=None, cache=None,
-                       task_ids=None):
+                       task_ids=None, token_keys=None):
         """Run the transformer on a chunk -> (logits [B, L, K, V], list of MoE aux).
 
         positions [B, L] (default: cache length + 0..L-1); valid [B, L_total] bool marks real
@@ -354,15 +367,16 @@ class AudioLM(nn.Module):
         regions = self.regions.begin(B, L, cache)
         x = regions.scatter(self.embed(text, audio, audio_mask))
         task_ids = regions.scatter_ids(task_ids)
+        token_keys = regions.scatter_ids(token_keys)
         recompute = (self.cfg.recompute == "block" and self.training and torch.is_grad_enabled()
                      and cache is None)
         aux = []
         for layer in self.layers:
             if recompute:
                 x, a = checkpoint(regions.replicated, layer, x, cos, sin, mask, None, task_ids, regions,
-                                  use_reentrant=False)
+                                  token_keys, use_reentrant=False)
             else:
-                x, a = regions.replicated(layer, x, cos, sin, mask, cache, task_ids, regions)
+                x, a = regions.replicated(layer, x, cos, sin, mask, cache, task_ids, regions, token_keys)
             if a is not None:
                 aux.append(a)
         x = regions.enter(regions.replicated(self.norm, x))
@@ -372,7 +386,7 @@ class AudioLM(nn.Module):
     def forward(self, batch: dict) -> ModelOutput:
         """batch from training.model.batch.collate: text, audio, audio_mask, labels, task_ids, task."""
         logits, aux = self.forward_logits(batch["text"], batch["audio"], batch["audio_mask"],
-                                          task_ids=batch.get("task_ids"))
+                                          task_ids=batch.get("task_ids"), token_keys=batch.get("token_keys"))
         if "labels" not in batch:
             return ModelOutput(None, None, {}, aux, logits)
         labels = batch["labels"]  # [B, K, L]
@@ -391,4 +405,5 @@ class AudioLM(nn.Module):
         per_cb, loss = reduce(torch.ones(labels.shape[0], device=labels.device))
         sel = (batch["task"][None, :] == torch.arange(len(TASKS), device=labels.device)[:, None]).float()
         per_task = {name: reduce(sel[t])[1] for t, name in enumerate(TASKS)}
-        return ModelOutput(loss, per_cb, per_task, aux, logits, task_present=sel.amax(dim=1))
+        return ModelOutput(loss, per_cb, per_task, aux, logits, token_loss_sum=tok_loss.sum(2),
+                           token_count=valid.sum(2), task_present=sel.amax(dim=1))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -108,16 +109,21 @@ class TensorParallelRegions:
     """Borders for a TP group; `begin` gives the object for one forward call (its token count). Sequence
     parallelism applies to calls without a KV cache (training, scoring); cached decoding is plain TP."""
 
-    def __init__(self, group, sequence_parallel: bool, shape: tuple[int, int] | None = None):
+    def __init__(self, group, sequence_parallel: bool, shape: tuple[int, int] | None = None,
+                 defer_expert_grads: bool = False):
         self.group = group
         self.size = dist.get_world_size(group)
         self.sequence_parallel = sequence_parallel
         self.shape = shape  # (B, L) of this call when its tokens are split
         self.token_group = group if shape is not None else None
+        # routed experts left out of replicated()'s sum: the trainer's engine sums them once per step
+        # (moe/expert_grads.py)
+        self.defer_expert_grads = defer_expert_grads
 
     def begin(self, batch: int, length: int, cache=None) -> TensorParallelRegions:
         split = self.sequence_parallel and cache is None
-        return TensorParallelRegions(self.group, self.sequence_parallel, (batch, length) if split else None)
+        return TensorParallelRegions(self.group, self.sequence_parallel, (batch, length) if split else None,
+                                     self.defer_expert_grads)
 
     def _rows(self, t, value=0):
         """t [B, L, ...] as B*L rows, padded with `value` to a multiple of TP (a view when none is needed)."""
@@ -155,7 +161,8 @@ class TensorParallelRegions:
         if self.shape is None:
             return module(*args, **kwargs)
         named = [(n, p) for n, p in module.named_parameters()
-                 if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
+                 if p.requires_grad and not getattr(p, "tensor_model_parallel", False)
+                 and not (self.defer_expert_grads and is_moe_param(p))]
         if not named:
             return module(*args, **kwargs)
         if any(hasattr(p, "ds_id") for _, p in named):

@@ -186,9 +186,13 @@ def gather_vocab(logits: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def parallelize(model: AudioLM, tp_group=None, sequence_parallel: bool = True) -> AudioLM:
+def parallelize(model: AudioLM, tp_group=None, sequence_parallel: bool = True,
+                defer_expert_grads: bool = False) -> AudioLM:
     """Replace the TP-able modules of `model` in place with megatron-core layers holding this rank's
-    shard of their current (full) weights, and install the region borders. No-op for a TP group of 1."""
+    shard of their current (full) weights, and install the region borders. No-op for a TP group of 1.
+    defer_expert_grads (sequence parallel, trainer with moe.deepspeed_compat.MoEEngine): the routed experts'
+    gradients are left as each rank's share; `model.expert_grad_tp_group` tells the engine to sum them
+    over TP once per step (moe/expert_grads.py)."""
     tp_group = tp_group or ps.get_tensor_model_parallel_group()
     tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     if tp == 1:
@@ -232,7 +236,9 @@ def parallelize(model: AudioLM, tp_group=None, sequence_parallel: bool = True) -
         model.heads[k] = column(f"heads.{k}", model.heads[k])
     model.cross_entropy = vocab_parallel_ce_per_token
     model.tp_size = tp
-    model.regions = TensorParallelRegions(tp_group, sequence_parallel)
+    defer = defer_expert_grads and sequence_parallel and cfg.is_moe
+    model.regions = TensorParallelRegions(tp_group, sequence_parallel, defer_expert_grads=defer)
+    model.expert_grad_tp_group = tp_group if defer else None
     if cfg.is_moe and not sequence_parallel:
         model.register_forward_pre_hook(functools.partial(_sync_rng_across_tp, group=tp_group))
     return model
