@@ -7,7 +7,10 @@ batches for GPU training, so their copies to the device are asynchronous.
 Run: .venv/bin/pytest tests/test_host_syncs.py
 """
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.train_inputs import make_batch, tiny_cfg
@@ -15,7 +18,9 @@ from training.cluster.parallel import all_reduce_values
 from training.data import Prefetcher
 from training.model import AudioLM
 from training.stages import step_losses
+from training.token_loss import StepTokens
 
+MOE = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1, "top_p": 0.7}
 READBACKS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
 
 
@@ -40,20 +45,22 @@ def _micro_batch(moe):
     return model, make_batch(cfg, 4, 24), cfg, stage_cfg
 
 
-def test_forward_and_bookkeeping_read_back_only_the_dispatch_counts(monkeypatch):
-    moe = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1, "top_p": 0.7}
-    for moe_cfg, expected in ((None, []), (moe, ["tolist", "tolist"])):  # 2 MoE layers: their counts
-        model, batch, cfg, stage_cfg = _micro_batch(moe_cfg)
-        calls = _counting(monkeypatch)
-        out = model(batch)
-        loss, parts, _ = step_losses(out, stage_cfg, cfg, step=1, want_routing=False)
-        loss.backward()
-        assert calls == expected, (moe_cfg, calls)
-        monkeypatch.undo()
-        # the values the step sums and all-reduces are the same as reading each back
-        assert {k for k in parts if k.startswith("loss_")} == {"loss_speech", "loss_music"}
-        assert float(parts["_count_loss_speech"]) == float(parts["_count_loss_music"]) == 1.0
-        assert abs(float(parts["loss"]) - float(out.loss)) == 0
+@pytest.mark.parametrize("per_token", [False, True])  # the trainer's per-global-token loss, and without
+@pytest.mark.parametrize("moe", [None, MOE])
+def test_forward_and_bookkeeping_read_back_only_the_dispatch_counts(monkeypatch, moe, per_token):
+    model, batch, cfg, stage_cfg = _micro_batch(moe)
+    tokens = StepTokens.of([batch], SimpleNamespace(dp=1), cfg.codebook_loss, "cpu") if per_token else None
+    calls = _counting(monkeypatch)
+    out = model(batch)
+    loss, parts, _ = step_losses(out, stage_cfg, cfg, step=1, want_routing=False, tokens=tokens,
+                                 task=batch["task"])
+    loss.backward()
+    assert calls == ([] if moe is None else ["tolist", "tolist"])  # 2 MoE layers: their dispatch counts
+    monkeypatch.undo()
+    # the values the step sums and all-reduces are the same as reading each back
+    assert {k for k in parts if k.startswith("loss_")} == {"loss_speech", "loss_music"}
+    assert float(parts["_count_loss_speech"]) == float(parts["_count_loss_music"]) == 1.0
+    assert abs(float(parts["loss"]) - float(out.loss)) < 1e-5  # one micro-batch: its share is all
 
 
 def test_a_task_absent_from_the_micro_batch_counts_zero():
