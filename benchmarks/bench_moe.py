@@ -14,6 +14,12 @@ function as our experts and shared experts (moe.experts.swiglu): like for like.
 `speedup_vs_deepspeed` / `speedup_vs_megatron`: their top-2 time / ours in top-2 mode (no null, no shared).
 megatron-core's MoELayer needs CUDA (its dispatcher uses CUDA streams); elsewhere its error is reported.
 `dropped_tokens`: tokens whose output differs from a reference that runs every expert on every token.
+`experts_path`: the path moe.experts' guard picks for our routed experts (torch._grouped_mm's CUTLASS
+kernel or the per-expert loop) and why. `grouped_memory`: peak MiB of forward + backward through 4 expert
+layers on the torch._grouped_mm path (forced on CPU), the old stacked weights vs GroupedMM.
+`failures`: why the run does not count (a dropped token, DeepSpeed's or, on CUDA, megatron-core's
+comparison erroring, bf16 on CUDA not on the CUTLASS path, GroupedMM using more memory than the stack);
+the command exits 1 when there is any, after printing the JSON.
 On CPU, `one_thread_cpu_time` gives the same ratios in process CPU time with one intra-op thread: the work
 each variant does, robust to other processes on a shared machine (with two threads, every parallel region
 of a layer with many GEMMs waits for a preempted thread when the cores are oversubscribed).
@@ -31,8 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from benchmarks.memory import grouped_experts_memory
 from moe.config import MoEConfig
-from moe.experts import SwiGLU, swiglu
+from moe.experts import SwiGLU, expert_weights, experts_path, swiglu
 from moe.layer import MoELayer
 from moe.router import gate_logits, route
 
@@ -202,6 +209,25 @@ def _step_fn(module, x, g, unpack):
     return step
 
 
+def failures(result: dict, device: str, dtype: str) -> list[str]:
+    """Why a result does not count (see the module docstring); empty when it does."""
+    out = []
+    if result["dropped_tokens"]:
+        out.append(f"{result['dropped_tokens']} token(s) dropped (the layer is dropless)")
+    if "deepspeed_error" in result:
+        out.append(f"DeepSpeed's comparison errored: {result['deepspeed_error']}")
+    on_cuda = device.startswith("cuda")
+    if on_cuda and "megatron_error" in result:
+        out.append(f"megatron-core's comparison errored: {result['megatron_error']}")
+    path = result["experts_path"]
+    if on_cuda and dtype == "bf16" and path["path"] != "grouped_mm":
+        out.append(f"the CUTLASS grouped GEMM did not run: {path['why']}")
+    mem = result["grouped_memory"]
+    if mem["peak_fwd_bwd_mib_per_expert"] > mem["peak_fwd_bwd_mib_stacked"]:
+        out.append("GroupedMM peaked above the stacked weights it replaces")
+    return out
+
+
 def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32", with_deepspeed: bool = True,
         with_megatron: bool = True, log=print) -> dict:
     dev, dt = torch.device(device), DTYPES[dtype]
@@ -214,6 +240,7 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32",
     with torch.no_grad():
         _, aux = ours(x)
     st = aux.stats
+    path, why = experts_path(x, *expert_weights(ours.local_experts)[::2])
     # The dense FFN gets a GEMM-friendly width (a multiple of 64; odd widths run up to ~15% slower per FLOP
     # on CPU); its time is scaled by exact / rounded width, i.e. compared at equal FLOPs.
     width = st["experts_per_token"] * size.ffn + size.shared * size.shared_ffn
@@ -268,6 +295,9 @@ def run(size: BenchSize = BenchSize(), device: str = "cpu", dtype: str = "fp32",
         "dropped_tokens": dropped,
         "dense_equiv_width": width,
         "dense_timed_width": dense_width,
+        "experts_path": {"path": path, "why": why},
+        "grouped_memory": grouped_experts_memory(size.tokens, size.hidden, size.ffn, size.experts, layers=4,
+                                                 device=dev, dtype=dt),
         "one_thread_cpu_time": (_one_thread_cpu_time(fns, size.cpu_iters, flop_scale) if dev.type == "cpu"
                                 else None),
         "config": {"tokens": size.tokens, "hidden": size.hidden, "expert_ffn": size.ffn,
@@ -304,8 +334,13 @@ def run_cli(args) -> int:
     for key in ("deepspeed_error", "megatron_error"):
         if key in result:
             print(f"{key:>30}: {result[key]}")
+    print(f"{'experts_path':>30}: {result['experts_path']}")
+    print(f"{'grouped_memory':>30}: {result['grouped_memory']}")
+    result["failures"] = failures(result, args.device, getattr(args, "dtype", "fp32"))
+    for reason in result["failures"]:
+        print(f"{'FAILED':>30}: {reason}")
     if args.json:
         print(json.dumps(result))
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return 1 if result["failures"] else 0

@@ -115,3 +115,20 @@ def write_synthetic_shards(out: str, items: int, shards: int, seed: int = 0) -> 
                "tokenizer": {"path": os.path.join(out, "spm.model"), "vocab_size": 64, "sha256": "synthetic"},
                "shards": entries}
     write_json_atomic(os.path.join(out, LIST_NAME), listing)
+
+
+def write_synthetic_mix(root: str, items: int = 64, shards: int = 2) -> str:
+    """A training-ready mixture without audio or codec: synthetic shards under root/prep, a 64-piece
+    tokenizer beside them (their text ids lie in [5, 64)), and root/mix.json (speech and music 1:1).
+    Returns the mix.json path (`data.train=` of a config)."""
+    from data_prep.mix import build_mix
+    from data_prep.text import train_tokenizer
+
+    prep = os.path.join(root, "prep")
+    write_synthetic_shards(prep, items, shards)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=6)) for _ in range(64)]
+    train_tokenizer(texts, os.path.join(prep, "spm.model"), vocab_size=64, log=lambda m: None)
+    mix = os.path.join(root, "mix.json")
+    build_mix([("speech", prep), ("music", prep)], mix, ratio={"speech": 1.0, "music": 1.0})
+    return mix

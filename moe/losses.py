@@ -61,9 +61,9 @@ def balance_weight(step: int, cfg: MoEConfig) -> float:
     return cfg.balance_weight + (cfg.balance_weight_min - cfg.balance_weight) * frac
 
 
-def combine_aux(aux_list, step: int, cfg: MoEConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def combine_aux(aux_list, step: int, cfg: MoEConfig, host: bool = True) -> tuple[torch.Tensor, dict]:
     """Weighted total of the router losses (mean over layers) and a dict of floats for logging (one
-    device-to-host copy for all of them)."""
+    device-to-host copy for all of them; host=False: detached 0-dim tensors, no copy)."""
     if not aux_list:
         return torch.zeros(()), {}
     bal = torch.stack([a.balance_loss for a in aux_list]).mean()
@@ -75,6 +75,7 @@ def combine_aux(aux_list, step: int, cfg: MoEConfig) -> tuple[torch.Tensor, dict
         total = total + cfg.z_loss_weight * z
     if cfg.entropy_loss_weight > 0:
         total = total + cfg.entropy_loss_weight * ent
-    values = torch.stack([bal, z, ent, total]).detach().tolist()
+    values = torch.stack([bal, z, ent, total]).detach()
+    values = values.tolist() if host else values.unbind()
     logs = dict(zip(("balance_loss", "z_loss", "entropy_loss", "aux_loss"), values), balance_weight=w)
     return total, logs

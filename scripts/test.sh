@@ -26,6 +26,9 @@ if [ "${1:-}" = "--all" ]; then
 fi
 
 cd "$ROOT"
+# The suite runs on the CPU (gloo, DeepSpeed's CPU accelerator) also on a GPU machine; the GPU tests are
+# scripts/gpu_check.sh's (pytest -m gpu)
+export CUDA_VISIBLE_DEVICES=
 set +e
 python -m pytest "${MARKERS[@]}" "$@"
 rc=$?

@@ -123,8 +123,9 @@ def test_init_parallel_under_per_task_gpu_binding(tmp_path):
             "from training.config import ParallelConfig\nimport torch\n"
             "import os\ninit_parallel(ParallelConfig())\n"
             "print(torch.cuda.current_device(), os.environ['LOCAL_RANK'])\nshutdown()\n")
-    env = {**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "0", "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(rendezvous_port(os.getpid()))}
+    env = {**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "0", "DS_ACCELERATOR": "cuda",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(rendezvous_port(os.getpid()))}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0 0"  # DeepSpeed's engine reads LOCAL_RANK for its device

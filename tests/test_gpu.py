@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe.config import MoEConfig
-from moe.experts import cutlass_grouped_mm, grouped_swiglu
+from benchmarks.bench_precision import fwd_bwd as _fwd_bwd
+from benchmarks.bench_precision import layer_pair
+from benchmarks.bench_precision import rel as _rel
+from moe.experts import experts_path, grouped_swiglu
 from moe.layer import MoELayer
 from tests.distributed import run_distributed
 
@@ -29,10 +31,6 @@ pytestmark = [pytest.mark.gpu,
 
 COUNTS = [5, 0, 37, 0, 130, 1, 64, 3]  # empty, odd-sized and larger experts
 D, FF = 256, 512
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def _count_syncs(step) -> int:
@@ -49,9 +47,6 @@ def _count_syncs(step) -> int:
 
 
 def test_cutlass_grouped_gemm_matches_the_per_expert_loop():
-    probe = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    if not cutlass_grouped_mm(probe):
-        pytest.skip(f"{torch.cuda.get_device_name()} has no CUTLASS grouped GEMM in torch (sm90/sm100 only)")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(sum(COUNTS), D, device="cuda", generator=g)
     weights = [[torch.randn(FF, D, device="cuda", generator=g) * 0.05 for _ in COUNTS],
@@ -59,6 +54,10 @@ def test_cutlass_grouped_gemm_matches_the_per_expert_loop():
                [torch.randn(D, FF, device="cuda", generator=g) * 0.05 for _ in COUNTS]]
     g_out = torch.randn(sum(COUNTS), D, device="cuda", generator=g)
     offs = torch.tensor(COUNTS, device="cuda").cumsum(0).to(torch.int32)
+    low = [[w.bfloat16() for w in group] for group in weights]
+    path, why = experts_path(x.bfloat16(), low[0], low[2])
+    if path != "grouped_mm":  # gpu_check counts a skip as a failure
+        pytest.skip(f"{torch.cuda.get_device_name()}: no CUTLASS grouped GEMM ({why})")
     results = {}
     for dtype in (torch.bfloat16, torch.float32):  # bf16: the CUTLASS kernel; fp32: the per-expert loop
         xi = x.to(dtype).requires_grad_()
@@ -73,30 +72,8 @@ def test_cutlass_grouped_gemm_matches_the_per_expert_loop():
             assert _rel(a, b) < 2e-2, f"tensor {i}: relative error {_rel(a, b):.3g}"
 
 
-def _layer_pair():
-    """(fp32 layer, bf16 layer) with the same bf16-representable weights."""
-    torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=D, routed_ffn_size=FF, shared_ffn_size=FF // 2, num_routed_experts=8,
-                    input_jitter=0.0)
-    ref = MoELayer(cfg).cuda()
-    with torch.no_grad():
-        ref.gate.weight.normal_(std=0.1)
-        for p in ref.parameters():
-            p.copy_(p.bfloat16().float())
-    low = MoELayer(cfg).cuda().to(torch.bfloat16)
-    low.load_state_dict(ref.state_dict())
-    return ref, low
-
-
-def _fwd_bwd(layer, x, g):
-    x = x.detach().to(next(layer.parameters()).dtype).requires_grad_()
-    out, aux = layer(x)
-    out.backward(g.to(x.dtype))
-    return out, aux, {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-
-
 def test_moe_layer_bf16_matches_fp32_and_syncs_once():
-    ref, low = _layer_pair()
+    ref, low = layer_pair("cuda", D, FF)
     x = torch.randn(4096, D, device="cuda").bfloat16().float()
     g = torch.randn(4096, D, device="cuda")
     out_ref, aux_ref, grads_ref = _fwd_bwd(ref, x, g)
@@ -112,7 +89,7 @@ def test_moe_layer_bf16_matches_fp32_and_syncs_once():
 def _ep_path_vs_local(rank, world_size):
     import torch.distributed as dist
 
-    ref, local = _layer_pair()
+    ref, local = layer_pair("cuda", D, FF)
     expert_parallel = MoELayer(local.cfg, ep_group=dist.new_group([0])).cuda().to(torch.bfloat16)
     expert_parallel.load_state_dict(local.state_dict())
     x, g = torch.randn(4096, D, device="cuda"), torch.randn(4096, D, device="cuda")

@@ -45,10 +45,16 @@ def test_nproc_does_not_force_the_cpu_accelerator(monkeypatch):
 
 @pytest.mark.gpu
 def test_nproc_trains_on_the_gpu(tmp_path):
+    """On fixture data (synthetic shards and tokenizer, data_prep.fixtures): the demo corpus would spend a
+    minute on the CPU (and need espeak-ng) before the GPU does anything."""
+    from data_prep.fixtures import write_synthetic_mix
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mix = write_synthetic_mix(str(tmp_path / "data"))
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     p = subprocess.run([sys.executable, "-m", "training.cli", "train", "--config", "tiny/stage1_speech.yaml",
-                        "--out", str(tmp_path / "run"), "--nproc", "1", "--max-steps", "1"],
+                        "--out", str(tmp_path / "run"), "--nproc", "1", "--max-steps", "1",
+                        f"data.train={mix}"],
                        cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "world 1 on cuda:0" in p.stdout

@@ -37,6 +37,43 @@ def test_bench_moe_tiny_prints_json_last():
     # megatron-core's MoELayer either ran or says why not
     assert result["megatron_tokens_per_s"] is not None or "cannot run" in result["megatron_error"]
     assert (result["speedup_vs_megatron"] is None) == (result["megatron_tokens_per_s"] is None)
+    assert result["experts_path"]["path"] == "loop" and "cpu" in result["experts_path"]["why"]
+    mem = result["grouped_memory"]
+    assert mem["experts"] == 8 and mem["peak_fwd_bwd_mib_per_expert"] < mem["peak_fwd_bwd_mib_stacked"]
+    assert result["failures"] == []
+
+
+def test_bench_moe_exits_1_when_the_deepspeed_comparison_errors(monkeypatch, capsys):
+    """In-process (no process group: both comparisons fail before they would start one)."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_moe
+
+    def fail(*a):
+        raise RuntimeError("no DeepSpeed here")
+
+    monkeypatch.setattr(bench_moe, "_deepspeed_top2", fail)
+    monkeypatch.setattr(bench_moe, "_megatron", fail)
+    args = SimpleNamespace(json=True, quick=True, tiny=True, device="cpu", dtype="fp32")
+    assert bench_moe.run_cli(args) == 1
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # still printed, with the reason
+    assert result["deepspeed_error"] == "RuntimeError: no DeepSpeed here"
+    assert result["failures"] == ["DeepSpeed's comparison errored: RuntimeError: no DeepSpeed here"]
+
+
+def test_failures_name_what_a_gpu_run_must_not_do():
+    from benchmarks.bench_moe import failures
+
+    ok = {"dropped_tokens": 0, "experts_path": {"path": "grouped_mm", "why": "CUTLASS on sm90"},
+          "grouped_memory": {"peak_fwd_bwd_mib_per_expert": 1.0, "peak_fwd_bwd_mib_stacked": 2.0}}
+    assert failures(ok, "cuda", "bf16") == []
+    loop = {**ok, "experts_path": {"path": "loop", "why": "hidden 2050 ... not a multiple of 8"}}
+    assert failures(loop, "cuda", "bf16") == ["the CUTLASS grouped GEMM did not run: hidden 2050 ... not a "
+                                              "multiple of 8"]
+    assert failures(loop, "cpu", "fp32") == []
+    assert "2 token(s) dropped" in failures({**ok, "dropped_tokens": 2}, "cuda", "bf16")[0]
+    assert failures({**ok, "megatron_error": "x"}, "cpu", "fp32") == []  # megatron-core needs CUDA
+    assert "megatron-core" in failures({**ok, "megatron_error": "x"}, "cuda", "bf16")[0]
 
 
 def test_dropped_tokens_counts_tokens_whose_routed_outputs_went_missing(monkeypatch):

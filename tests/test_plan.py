@@ -436,3 +436,28 @@ def test_device_names_map_to_the_presets_calibration_compares(device, preset):
     from training.cluster.gpus import device_preset
 
     assert device_preset(device) == preset
+
+
+def test_mfu_of_an_fp32_plan_is_against_the_tf32_peak():
+    """fp32 runs use TF32 (half the bf16 peak): the plan's MFU divides by that peak, not the bf16 one."""
+    hw, a = GPUS["H100-80G"], Assumptions()
+    w = workload_from_config(load_config(os.path.join(os.path.dirname(__file__), "..", "training", "configs",
+                                                      "tiny", "joint.yaml")))
+    for precision, share in (("bf16", 1.0), ("fp32", 0.5)):
+        r = step_time(dataclasses.replace(w, precision=precision), Layout(1, 1, 8), hw, a)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / (hw.bf16_tflops * share))
+
+
+def test_grouped_gemm_backward_transient_counts_one_stacked_projection_per_ep_rank(tmp_path):
+    """No stacked expert weights are kept for backward (GroupedMM); the planner counts the one projection the
+    backward stacks, with its weight gradient, as a transient: 2 b (N_r / EP) Fr D."""
+    from training.cluster.plan_memory import grouped_gemm_transient
+
+    _, cfg = _config(tmp_path, {**MOE, "moe": {**MOE["moe"], "num_routed_experts": 8}})
+    w = workload_from_config(cfg)
+    m = w.model
+    fr = m.moe_kwargs()["routed_ffn_size"]
+    assert grouped_gemm_transient(w, ep=1) == 2 * 2 * 8 * fr * m.hidden_size  # bf16
+    assert grouped_gemm_transient(w, ep=2) == grouped_gemm_transient(w, ep=1) / 2
+    tiny_micro = activations(dataclasses.replace(w, seq_len=1), tp=1, ep=1, micro=1)
+    assert tiny_micro["transient"] >= grouped_gemm_transient(w, ep=1)

@@ -108,9 +108,24 @@ def _tp_vs_full(rank, world_size, cfg, sequence_parallel):
             "ref_selected": [a.selected for a in out_ref.aux]}
 
 
+def _tp_layer_devices(rank, world_size, cfg):
+    """parallelize() of a model that lives on another device than the CPU megatron-core builds its layers
+    on (the meta device here, CUDA in training and the TP benchmark): where its parameters end up."""
+    from megatron.core import parallel_state as ps
+
+    from training.model.tensor_parallel import parallelize
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    with torch.device("meta"):
+        model = AudioLM(cfg)
+    parallelize(model, sequence_parallel=True)
+    ps.destroy_model_parallel()
+    return sorted({p.device.type for p in model.parameters()})
+
+
 def _tp_checks(rank, world_size, cases, jitter_cfg):
     checks = [_tp_vs_full(rank, world_size, cfg, sp) for cfg, sp in cases]
-    return checks, _tp_jitter(rank, world_size, jitter_cfg)
+    return checks, _tp_jitter(rank, world_size, jitter_cfg), _tp_layer_devices(rank, world_size, cases[0][0])
 
 
 def test_tp2_equals_tp1_with_and_without_sequence_parallel():
@@ -127,7 +142,8 @@ def test_tp2_equals_tp1_with_and_without_sequence_parallel():
     results = run_distributed(_tp_checks, world_size=2, args=(list(cases.values()), jitter_cfg))
     a, b = results[0][1], results[1][1]
     assert torch.equal(a["selected"], b["selected"]) and torch.equal(a["loss"], b["loss"])
-    for rank_results, _ in results:
+    assert [r[2] for r in results] == [["meta"], ["meta"]]  # TP layers on the original weights' device
+    for rank_results, _, _ in results:
         for (variant, (cfg, _)), r in zip(cases.items(), rank_results):
             assert r["local_vocab"] == cfg.padded_audio_vocab_size // 2
             assert r["same_state"], variant  # gathered shards == the full weights

@@ -194,6 +194,8 @@ def _bench_train_args(p):
                    help="TP=N (with and without sequence parallelism) beside TP=1, N processes")
     p.add_argument("--recompute", choices=["none", "block", "moe"], default=None,
                    help="peak memory and step time of this recompute mode against none")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="default: bf16 on a GPU (fp32 there runs TF32), fp32 on CPU")
 
 
 def _bench_moe_args(p):

@@ -184,8 +184,9 @@ class Prefetcher:
     """Reads and collates the next `depth` steps in a background thread while the current one trains.
     The state stays that of DistributedBatches: its position moves only when a step is taken."""
 
-    def __init__(self, batches: DistributedBatches, depth: int = 2):
+    def __init__(self, batches: DistributedBatches, depth: int = 2, pin: bool = False):
         self.batches = batches
+        self.pin = pin  # page-locked host batches (GPU training): their copies to the device are asynchronous
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, args=(batches.position,), daemon=True)
@@ -195,6 +196,9 @@ class Prefetcher:
         while not self._stop.is_set():
             try:
                 batches, after = self.batches.step_at(position)
+                if self.pin:
+                    batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in mb.items()}
+                               for mb in batches]
                 item = (position, (batches, after), None)
             except Exception as e:  # handed to the training loop, raised there
                 item = (position, None, e)

@@ -24,23 +24,28 @@ import time
 
 import torch
 
+from training.cluster.plan_time import PEAK_OVER_BF16
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
                    "A10": 125e12}
 
 
-def peak_flops() -> float | None:
-    """Dense bf16 peak of this rank's GPU (for the MFU estimate); None on CPU or an unknown GPU."""
+def peak_flops(precision: str = "bf16") -> float | None:
+    """Dense peak of this rank's GPU in `precision` (bf16, or fp32 = TF32) for the MFU estimate; None on CPU
+    or an unknown GPU."""
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    bf16 = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None if bf16 is None else bf16 * PEAK_OVER_BF16[precision]
 
 
 def mfu(tokens_per_s: float, model_cfg, seq_len: int, experts_per_token: float | None = None,
-        num_gpus: int = 1, peak: float | None = None) -> float | None:
+        num_gpus: int = 1, peak: float | None = None, precision: str = "bf16") -> float | None:
     """Model FLOPs utilisation per GPU: `tokens_per_s` is the whole job's throughput, spread over
-    `num_gpus` GPUs (all of them: TP x DP) of `peak` FLOP/s each (default: this GPU's, None on CPU)."""
-    peak = peak or peak_flops()
+    `num_gpus` GPUs (all of them: TP x DP) of `peak` FLOP/s each (default: this GPU's in `precision`, None
+    on CPU)."""
+    peak = peak or peak_flops(precision)
     if peak is None:
         return None
     from training.model.params import train_flops_per_token

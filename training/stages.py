@@ -60,38 +60,40 @@ def optimizer_param_groups(model, cfg) -> list[dict]:
 
 
 def step_losses(out, cfg, model_cfg, step: int, want_routing: bool = True, tokens=None, task=None):
-    """-> (loss to backpropagate, fixed-key floats for metrics, routing stats of this micro-batch).
+    """-> (loss to backpropagate, fixed-key values for metrics, routing stats of this micro-batch).
 
     Fixed keys (identical on every rank, so they can be all-reduced): loss, loss_<task> with
     _count_loss_<task> (0 when the task is absent here), codebook/<k>, aux_* for MoE models.
     With `tokens` (StepTokens of the step, and the micro-batch's `task` [B]) the LM loss
     is normalised per target token of the global batch and loss, loss_<task> and codebook/<k> are this
     micro-batch's shares (summed, not averaged, over the step: training.train._reduce_metrics); without,
-    the micro-batch's own mean."""
+    the micro-batch's own mean. The values stay detached tensors on the device (no host sync per
+    micro-batch): summed over the step, they are read back once, by the step's all-reduce."""
     if tokens is None:
         loss = out.loss
-        lm = [out.loss.detach()] + [out.loss_per_task.get(t, out.loss).detach() for t in TASKS]
+        lm = torch.stack([out.loss] + [out.loss_per_task.get(t, out.loss) for t in TASKS]).detach().float()
         per_cb = out.loss_per_codebook
     else:
         rows = tokens.contributions(out, task)
-        loss, lm, per_cb = tokens.scale * rows[0], rows.detach(), tokens.per_codebook(out)
-    lm = torch.stack(list(lm)).reshape(-1).float()
-    values = torch.cat([lm, per_cb.detach().reshape(-1).float() if per_cb is not None else lm[:0]])
-    values = values.tolist()  # one device-to-host copy
-    parts = {"loss": values[0]}
+        loss, lm, per_cb = tokens.scale * rows[0], rows.detach().float(), tokens.per_codebook(out)
+    if out.task_present is not None:  # on the device: no sync to know which tasks are here
+        present = out.task_present.unbind()
+    else:
+        present = [float(t in out.loss_per_task) for t in TASKS]
+    parts = {"loss": lm[0]}
     for i, t in enumerate(TASKS):
-        present = t in out.loss_per_task
-        parts[f"loss_{t}"] = values[1 + i] if present else 0.0
-        parts[f"_count_loss_{t}"] = 1.0 if present else 0.0
-    for k, v in enumerate(values[1 + len(TASKS):]):
-        parts[f"codebook/{k}"] = v
+        parts[f"loss_{t}"] = lm[1 + i] * present[i]
+        parts[f"_count_loss_{t}"] = present[i]
+    if per_cb is not None:
+        for k, v in enumerate(per_cb.detach().float().unbind()):
+            parts[f"codebook/{k}"] = v
     routing = {}
     if out.aux:
         from moe.losses import combine_aux
-        aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config())
+        aux_total, logs = combine_aux(out.aux, step, model_cfg.moe_config(), host=False)
         loss = loss + aux_total
         for k, v in logs.items():
-            parts[k if k.startswith("aux_") else f"aux_{k}"] = float(v)
+            parts[k if k.startswith("aux_") else f"aux_{k}"] = v
         if want_routing:  # computing the stats costs a little: only on logging steps
             from moe.stats import summarize
             routing = summarize(out.aux, prefix="routing")  # per layer and per task, + means over layers

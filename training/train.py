@@ -131,7 +131,9 @@ def cap_max_steps(max_steps: int | None, cfg, say: bool) -> int | None:
 
 def _check_gpu_for_rank(env) -> None:
     import torch
-    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
+
+    from training.cluster.parallel import cpu_accelerator
+    if torch.cuda.is_available() and not cpu_accelerator() and env.local_rank >= torch.cuda.device_count():
         err = ConfigError(f"rank {env.rank} has local rank {env.local_rank} but this node has "
                           f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
                           "(--nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU")
@@ -160,11 +162,12 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
     import torch
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
-    from training.cluster.parallel import init_parallel, shutdown
+    from training.cluster.parallel import init_parallel, shutdown, use_tf32
     from training.setup_run import set_up
 
     stop = StopFlag()
     pg = init_parallel(cfg.parallel, env)
+    use_tf32(cfg.parallel.precision)
     log = (lambda *a: print("[unimoe train]", *a, flush=True)) if pg.is_main else (lambda *a: None)
     finished = False
     try:
@@ -187,7 +190,7 @@ def _loop(run, state, stop) -> int:
     from training.validation import evaluation_due
 
     cfg, log = run.cfg, run.log
-    prefetch = Prefetcher(run.data)
+    prefetch = Prefetcher(run.data, pin=run.engine.device.type != "cpu")  # pinned: the copies are async
     mcfg = run.model_cfg
     progress = ProgressLine(state.step + 1, run.last, mcfg.num_codebooks, mcfg.codebook_loss,
                             run.engine.device.type != "cpu")
@@ -280,7 +283,7 @@ def train_step(run, state, prefetch) -> tuple[dict, dict, bool]:
     if "routing/experts_per_token" in routing:  # rank 0's last micro-batch (for plan --calibrate)
         state.experts_per_token = record["experts_per_token"] = routing["routing/experts_per_token"]
     est = mfu(tokens_per_s, model_cfg, int(batches[0]["text"].shape[1]), state.experts_per_token,
-              num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops)
+              num_gpus=pg.env.world_size, peak=cfg.logging.peak_flops, precision=cfg.parallel.precision)
     if est is not None:
         record["mfu"] = est
     scalars.update(routing)  # empty but on rank 0's routing steps

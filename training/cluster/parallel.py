@@ -76,13 +76,16 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_values(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
-    """Collective when torch.distributed is up (else the values as given): `values` reduced with `op` over
-    `group`, in float64, one all-reduce."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=op, group=group)
+def all_reduce_values(values: list, op=dist.ReduceOp.SUM, group=None) -> list[float]:
+    """Collective when torch.distributed is up (else no communication): `values` (floats or 0-dim
+    tensors, on any device) reduced with `op` over `group`, in float64, one all-reduce; floats back, with
+    one device-to-host copy."""
+    device = comm_device()
+    t = torch.zeros(0, dtype=torch.float64)
+    if values:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op, group=group)
     return t.cpu().tolist()
 
 
@@ -168,8 +171,24 @@ def nccl_error_handling_env() -> None:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", old or "1")
 
 
+def use_tf32(precision: str) -> bool:
+    """fp32 training on CUDA runs its matmuls and convolutions in TF32 (what the planner and the MFU
+    estimate assume: half the bf16 peak; plain fp32 is ~7x slower on Hopper). Returns whether it is on."""
+    on = precision == "fp32" and torch.cuda.is_available()
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return on
+
+
+def cpu_accelerator() -> bool:
+    """DeepSpeed was told to use its CPU accelerator (DS_ACCELERATOR=cpu): the processes stay on the CPU and
+    gloo, even where a GPU is visible (the CPU test suite on a GPU machine)."""
+    return os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.cuda.is_available() and not cpu_accelerator() else "gloo"
 
 
 def init_parallel(pcfg, env: DistEnv | None = None, timeout_s: float = 1800) -> ParallelGroups:
@@ -179,7 +198,7 @@ def init_parallel(pcfg, env: DistEnv | None = None, timeout_s: float = 1800) -> 
 
     env = env or dist_env()
     export_env(env)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu_accelerator():
         device = cuda_device_index(env.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
         os.environ["LOCAL_RANK"] = str(device)  # DeepSpeed's engine puts itself on cuda:LOCAL_RANK

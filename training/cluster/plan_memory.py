@@ -31,6 +31,9 @@ Tensor parallelism divides the attention internals and the dense FFN's hidden te
 the norms see every token on every TP rank unless `parallel.sequence_parallel` is on, which divides
 them by TP too. `model.recompute`: "block" keeps only each block's input (bD) and recomputes one block
 at a time in backward; "moe" keeps each MoE sublayer's input instead of its internals.
+Routed expert weights are not kept for backward (moe.experts.GroupedMM saves the per-expert weights, not
+their stack); their grouped GEMM's backward stacks one projection and writes its weight gradient, a
+transient of 2 b (N_r / EP) Fr D.
 Transients on top: at the start of backward the logits' gradient (2 b K V / TP, plus one fp32 codebook);
 with EP > 1, one MoE layer's send/receive buffers (3 b D per pair). The fixed overhead (CUDA context,
 NCCL buffers, allocator reserve) is an assumption, stated and overridable.
@@ -152,6 +155,16 @@ def moe_constants(w: Workload) -> float:
         4 * s["gates"] * m.hidden_size if b != 4 else 0)
 
 
+def grouped_gemm_transient(w: Workload, ep: int) -> float:
+    """Bytes the backward of one MoE layer's grouped GEMM holds at once: one projection's stacked weights
+    and its weight gradient (the module docstring)."""
+    m = w.model
+    if not m.is_moe:
+        return 0.0
+    s = moe_sizes(m)
+    return 2 * w.act_bytes * s["routed"] / ep * s["routed_ffn"] * m.hidden_size
+
+
 def activations(w: Workload, tp: int, ep: int, micro: int, experts_per_token: float | None = None) -> dict:
     """Bytes of one micro-batch on one GPU: kept (saved for backward + the output's logits), the backward
     transient, the EP all-to-all buffers; with `model.recompute`."""
@@ -178,7 +191,7 @@ def activations(w: Workload, tp: int, ep: int, micro: int, experts_per_token: fl
     layers = tokens * per_token + const
     head = tokens * t["head"]
     return {"layers": layers, "head": head, "kept": layers + head,
-            "transient": max(tokens * t["logits_grad"], recompute_peak),
+            "transient": max(tokens * t["logits_grad"], recompute_peak, grouped_gemm_transient(w, ep)),
             "a2a_buffers": tokens * t["a2a_per_token"], "tokens": tokens}
 
 

@@ -42,6 +42,10 @@ from training.cluster.gpus import GPUS, Hardware
 from training.cluster.plan_memory import Workload, activations, moe_sizes, parameter_split
 from training.model.params import routed_experts_per_token, train_flops_per_token
 
+# Dense peak of a precision over the bf16 one: fp32 runs on CUDA use TF32 (training.cluster.parallel.
+# use_tf32), half the bf16 peak on the GPUs known here (H100/H200 495, A100 156, L40S 181, A10 62.5 TFLOP/s)
+PEAK_OVER_BF16 = {"bf16": 1.0, "fp32": 0.5}
+
 
 @dataclass
 class Assumptions:
@@ -126,13 +130,12 @@ def matmul_flops(w: Workload, lay: Layout, k: float, micro: int) -> dict:
 def step_time(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
     """Seconds per optimizer step on this layout, by part, and the tokens/s, MFU and TFLOP/s per GPU."""
     m = w.model
-    bf16 = w.precision == "bf16"
     b = w.act_bytes
     micro = w.micro(lay.dp)
     n_micro = max(w.global_batch // (micro * lay.dp), 1)
     T = micro * w.seq_len
     k = mean_experts_per_token(w, a)
-    peak = hw.bf16_tflops * 1e12 * (1.0 if bf16 else 0.5)
+    peak = hw.bf16_tflops * 1e12 * PEAK_OVER_BF16[w.precision]  # fp32 runs: TF32
     flops = matmul_flops(w, lay, k, micro)
     compute = flops["total"] / (peak * a.matmul_efficiency)
     act = activations(w, lay.tp, lay.ep, micro, experts_per_token=k)
@@ -163,7 +166,7 @@ def step_time(w: Workload, lay: Layout, hw: Hardware, a: Assumptions) -> dict:
             "ep_comm": n_micro * ep_comm, "pp_bubble": n_micro * per_micro * bubble, "dp_comm": dp_comm,
             "dp_exposed": dp_exposed, "optimizer": optimizer, "step_s": total, "tokens_per_s": tokens / total,
             "tflops_per_gpu": model_flops / total / lay.world / 1e12,
-            "mfu": model_flops / total / lay.world / (hw.bf16_tflops * 1e12),
+            "mfu": model_flops / total / lay.world / peak,
             "micro_batches": n_micro, "experts_per_token": k,
             "placement": placement(lay, hw)}
 

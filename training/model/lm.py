@@ -148,11 +148,13 @@ class ModelConfig:
 class ModelOutput:
     loss: torch.Tensor | None                  # LM loss on audio targets (sum or mean over codebooks)
     loss_per_codebook: torch.Tensor | None     # [K], mean over that codebook's targets
-    loss_per_task: dict[str, torch.Tensor]     # tasks present in the batch only
+    loss_per_task: dict[str, torch.Tensor]     # every task; 0 for a task absent from the batch
     aux: list                                  # one moe aux per MoE layer (empty for dense)
     logits: torch.Tensor                       # [B, L, K, V]; vocab-local shard under tensor parallelism
     token_loss_sum: torch.Tensor | None = None  # [B, K] summed token losses per sample and codebook
     token_count: torch.Tensor | None = None     # [B, K] their target counts (training.stages.StepTokens)
+    task_present: torch.Tensor | None = None   # [len(TASKS)] 1.0 where the task has a sample (on device:
+                                               # no host sync to know it)
 
 
 class RMSNorm(nn.Module):
@@ -401,10 +403,7 @@ class AudioLM(nn.Module):
             return per_cb, per_cb.sum() if self.cfg.codebook_loss == "sum" else per_cb.mean()
 
         per_cb, loss = reduce(torch.ones(labels.shape[0], device=labels.device))
-        per_task = {}
-        for t, name in enumerate(TASKS):
-            sel = (batch["task"] == t).float()
-            if sel.any():
-                per_task[name] = reduce(sel)[1]
+        sel = (batch["task"][None, :] == torch.arange(len(TASKS), device=labels.device)[:, None]).float()
+        per_task = {name: reduce(sel[t])[1] for t, name in enumerate(TASKS)}
         return ModelOutput(loss, per_cb, per_task, aux, logits, token_loss_sum=tok_loss.sum(2),
-                           token_count=valid.sum(2))
+                           token_count=valid.sum(2), task_present=sel.amax(dim=1))

@@ -215,6 +215,7 @@ def parallelize(model: AudioLM, tp_group=None, sequence_parallel: bool = True,
 
     def _load(new, prefix, dim):
         name = prefix + ".weight"
+        new.to(full[name].device)  # megatron-core builds it on the CPU (use_cpu_initialization)
         with torch.no_grad():
             new.weight.copy_(shard_tensor(full[name], shard_kind(name), cfg, rank, tp))
         _mark_tensor_parallel(new.weight, dim)
