@@ -270,6 +270,9 @@ def set_environment_defaults() -> None:
     """Defaults for every entry point (`unimoe`, `python -m training.cli`, --nproc children and SLURM ranks
     inherit or re-run them, tests/conftest.py calls this); a value the user set wins."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
+    from training.eval.audio_metrics import default_numba_cache
+
+    default_numba_cache()  # librosa's numba code (audio metrics) compiles once per machine, not per process
 
 
 def main(argv: list[str] | None = None) -> int:
