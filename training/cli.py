@@ -81,6 +81,18 @@ def _eval_args(p):
     p.add_argument("--out", default=None, help="report directory (default: <ckpt>/eval)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--audio-metrics", action="store_true",
+                   help="also generate from the first validation items of each task and score the clips and "
+                        "the codec's reconstruction of the references: DNSMOS, WER/CER (speech), caption "
+                        "adherence (music); needs pip install '.[metrics]'")
+    p.add_argument("--audio-items", type=int, default=8, help="validation items per task for --audio-metrics")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --audio-metrics")
+    p.add_argument("--asr-model", default=None, metavar="DIR",
+                   help="a local pocketsphinx acoustic model folder for WER (default: the en-us model in the "
+                        "pocketsphinx wheel)")
+    p.add_argument("--audio-scorer", default=None, metavar="MODULE:FUNCTION",
+                   help="your own scorer, e.g. my_scorers.py:whisper_wer, called as f(wav, sr, task, text) "
+                        "-> dict; it loads its weights from local paths (Hugging Face hubs are set offline)")
 
 
 def _demo_args(p):
