@@ -24,15 +24,16 @@ SPEECH_KEYS = (*DNSMOS_KEYS, "wer", "cer")
 MAX_SECONDS = 6.0
 
 
-def eval_items(reader, per_task: int) -> list[dict]:
+def eval_items(reader, per_task: int, tasks=None) -> list[dict]:
     """The first `per_task` distinct items of each task in mixture order: id, task, text, codes [K, T]."""
+    tasks = [t for t in reader.tasks if tasks is None or t in tasks]
     items, seen, counts = [], set(), Counter()
     n_distinct = sum(reader.mix["counts"].values())
     for i in range(min(len(reader), 4 * n_distinct)):
-        if all(counts[t] >= per_task for t in reader.tasks):
+        if all(counts[t] >= per_task for t in tasks):
             break
         task = reader.task_of(i)
-        if counts[task] >= per_task:
+        if task not in tasks or counts[task] >= per_task:
             continue
         meta = reader.meta(i)
         if meta["id"] in seen:
@@ -125,11 +126,11 @@ def _write_wavs(out_dir: str, items: list[dict], clips: list[np.ndarray], sr: in
 
 
 def audio_eval(loaded, reader, out_dir: str, per_task: int = 8, seed: int = 0, references: bool = True,
-               asr_model: str | None = None, scorer: str | None = None) -> tuple[dict, dict]:
+               asr_model: str | None = None, scorer: str | None = None, tasks=None) -> tuple[dict, dict]:
     """Generations (and, with references=True, the codec's reconstruction of the references) scored per task.
     loaded: generate_cli.load_everything()'s (model, meta, codec, tokenizer). -> (summary, per-item scores)"""
     model, _, codec, tokenizer = loaded
-    items = eval_items(reader, per_task)
+    items = eval_items(reader, per_task, tasks)
     speech_texts = [it["text"] for it in items if it["task"] == "speech"]
     asr = SphinxASR(speech_texts, model_dir=asr_model) if speech_texts and _has_pocketsphinx() else None
     score_fn = load_scorer(scorer) if scorer else None
@@ -142,7 +143,7 @@ def audio_eval(loaded, reader, out_dir: str, per_task: int = 8, seed: int = 0, r
         _write_wavs(os.path.join(out_dir, "audio", kind), items, audio, codec.sample_rate)
         per_item[kind] = score_clips(items, audio, codec.sample_rate, asr, score_fn)
         result[kind] = summarize(per_item[kind])
-    if references and "music" in result["reference"]:
+    if references and len([it for it in items if it["task"] == "music"]) > 1:
         result["reference"]["music"]["music_score_floor"] = music_floor(items, clips["reference"],
                                                                       codec.sample_rate)
     result["wav_dir"] = os.path.join(out_dir, "audio")

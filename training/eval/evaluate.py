@@ -136,6 +136,7 @@ class AudioMetricsOptions:
     references: bool = True  # also score the codec's reconstruction of the references (the ceiling)
     asr_model: str | None = None  # a local pocketsphinx acoustic model folder
     scorer: str | None = None  # a local plug-in module:function (own ASR/CLAP weights)
+    tasks: tuple[str, ...] | None = None  # default: every task of the data
 
 
 def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8, batch_size: int = 8,
@@ -165,7 +166,7 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
 
         result["audio_metrics"], per_item = audio_eval(
             loaded, reader, out_dir, audio.items_per_task, audio.seed, audio.references, audio.asr_model,
-            audio.scorer)
+            audio.scorer, audio.tasks)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "audio_metrics.json"), "w") as f:
             json.dump({**result["audio_metrics"], "items": per_item}, f, indent=2)
