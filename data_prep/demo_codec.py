@@ -121,7 +121,7 @@ class DemoCodec(AudioCodec):
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         feats = features(self.cfg, wav[:, 0].to(self.device, torch.float32))  # [B, T, bins]
         b, t, _ = feats.shape
-        residual = ((feats - self.mean) @ self.basis).reshape(b * t, -1)
+        residual = ((feats - self.mean) @ self.basis).reshape(b * t, self.cfg.dims)
         codes = torch.empty(self.num_codebooks, b * t, dtype=torch.long, device=self.device)
         for k in range(self.num_codebooks):
             codes[k] = nearest(residual, self.codebooks[k], self._book_sq[k])
@@ -142,11 +142,12 @@ class DemoCodec(AudioCodec):
 
 
 def save_demo_codec(codec: DemoCodec, path: str) -> None:
-    """One safetensors file (settings and fit record as JSON in its header), written atomically."""
+    """One safetensors file (settings and fit record as JSON in its header), written atomically. One
+    metadata key: safetensors writes several in hash order, which would make equal codecs differ in bytes."""
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT, "config": json.dumps(asdict(codec.cfg)), "fit": json.dumps(codec.fit),
-            "fingerprint": codec.fingerprint()}
+    meta = {"unimoe": json.dumps({"format": FORMAT, "config": asdict(codec.cfg), "fit": codec.fit,
+                                  "fingerprint": codec.fingerprint()}, sort_keys=True)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in codec.tensors().items()}, tmp, metadata=meta)
@@ -164,15 +165,15 @@ def read_demo_codec(path: str, device: str | torch.device = "cpu") -> DemoCodec:
                                "cached fit of the demo corpus, fitted once if absent)")
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get("unimoe", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:  # ValueError: also a header that is not JSON
         raise CodecUnavailable(
             f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT or set(tensors) != {"mean", "basis", "codebooks"}:
         raise CodecUnavailable(f"{path} is not a demo codec file (format {meta.get('format')!r}, tensors "
                                f"{sorted(tensors)}; expected {FORMAT!r} with mean, basis, codebooks)")
-    cfg = DemoCodecConfig(**json.loads(meta["config"]))
+    cfg = DemoCodecConfig(**meta["config"])
     expect = {"mean": (cfg.bins,), "basis": (cfg.bins, cfg.dims),
               "codebooks": (cfg.levels, cfg.entries, cfg.dims)}
     for k, shape in expect.items():
@@ -180,7 +181,7 @@ def read_demo_codec(path: str, device: str | torch.device = "cpu") -> DemoCodec:
             raise CodecUnavailable(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, its settings "
                                    f"say {shape}: the file is damaged; fit it again")
     return DemoCodec(cfg, tensors["mean"], tensors["basis"], tensors["codebooks"],
-                     checkpoint=os.path.abspath(path), fit=json.loads(meta.get("fit", "{}")), device=device)
+                     checkpoint=os.path.abspath(path), fit=meta.get("fit", {}), device=device)
 
 
 def load_demo_codec(name: str = "demo", checkpoint: str | None = None, device: str | torch.device = "cpu",
