@@ -125,7 +125,9 @@ def _prep_args(p):
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: <out>/../spm.model)")
-    p.add_argument("--codec", default="encodec_24khz", choices=["encodec_24khz", "random"])
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("--codec", default="encodec_24khz", choices=codec_names())
     p.add_argument("--bandwidth", type=float, default=6.0)
     p.add_argument("--codec-checkpoint", default=None)
     p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in this process)")
@@ -147,6 +149,20 @@ def _prep_args(p):
     p.add_argument("--sort-window", type=int, default=64, help="manifest lines sorted by length together")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio seconds per codec batch (default: 16 on CPU, 300 on CUDA)")
+
+
+def _codec_roundtrip_args(p):
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("input", help="audio file to encode (mixed to mono, resampled to the codec's rate)")
+    p.add_argument("output", help="WAV of the reconstruction (at the codec's rate)")
+    p.add_argument("--codec", required=True, choices=codec_names())
+    p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: the codec's own)")
+    p.add_argument("--task", default="speech", choices=["speech", "music"],
+                   help="speech adds the speech scores (DNSMOS, WER) where training/eval/audio_metrics.py is")
+    p.add_argument("--text", default=None, help="the transcript, for WER/CER")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
 
 def _verify_args(p):
@@ -234,6 +250,8 @@ COMMANDS = [
             _tokenizer_args),
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
+    Command(("codec", "roundtrip"), "training.eval.codec_roundtrip:run_cli",
+            "encode + decode one file: SC, LSD (and speech scores)", _codec_roundtrip_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
     Command(("data", "verify"), "data_prep.verify:run_cli", "full sha256 check of shards or a mixture",
             _verify_args),
