@@ -21,10 +21,10 @@ TINY = os.path.join(REPO_ROOT, "training", "configs", "tiny")
 
 # CPU seconds (= idle wall seconds on 2 cores), tiny configs, from `python -m benchmarks.bench_demo_steps`
 # (measured 2026-12-05: LAUNCH_S per process start, imports, deepspeed.initialize and final save).
-LAUNCH_S = {1: LAUNCH1, 2: LAUNCH2}
-DENSE_STEP_S = DENSE  # one process, batch 4 (the two specialists side by side, one core each)
-STAGE2_STEP_S = STAGE2  # two processes (EP=2), experts frozen
-MOE_STEP_S = MOE  # two processes (EP=2, DP=2), batch 4: stage 3 and the joint baseline
+LAUNCH_S = {1: 6.7, 2: 6.9}
+DENSE_STEP_S = 0.30  # one process, batch 4 (the two specialists side by side, one core each)
+STAGE2_STEP_S = 0.16  # two processes (EP=2), experts frozen
+MOE_STEP_S = 0.18  # two processes (EP=2, DP=2), batch 4: stage 3 and the joint baseline
 MIN_STEPS = 4
 # Steps of stage 2 and stage 3 relative to one specialist's steps.
 STAGE2_RATIO, STAGE3_RATIO = 0.5, 1.0
