@@ -106,3 +106,33 @@ def test_demo_end_to_end(tmp_path):
     for key in ("stage1_speech", "stage1_music", "stage2", "stage3", "joint"):
         tb = out / "runs" / key / "tb"
         assert tb.is_dir() and any(f.startswith("events") for f in os.listdir(tb)), key
+
+
+def _audio(dnsmos, wer, music, floor=None):
+    speech = {"clips": 8, "dnsmos": dnsmos, "wer": wer}
+    return {"speech": speech, "music": {"clips": 8, "music_score": music,
+                                        **({"music_score_floor": floor} if floor is not None else {})}}
+
+
+def test_results_table_has_the_audio_columns_the_ceiling_row_and_marks_floors():
+    from training.demo.results import results_json, results_table
+
+    stages = make_stages()
+    plan_steps(180, stages)
+    evals = {k: {"loss_per_task": {"speech": 20.0, "music": 40.0}, "samples": 16,
+                 "audio_metrics": {"items_per_task": 8, "seed": 0, "generated": _audio(1.2, 1.0, 0.3)}}
+             for k in stages}
+    evals["stage3"]["audio_metrics"]["generated"] = _audio(2.6, 0.25, 0.6)
+    evals["stage3"]["audio_metrics"]["reference"] = _audio(3.0, 0.02, 0.8, floor=0.3)
+    table = results_table(stages, evals).splitlines()
+    lines = [line for line in table if line.startswith("| ") and "---" not in line]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines}
+    assert rows[stages["stage3"].title][3:6] == ["2.60", "25%", "0.60"]
+    assert rows[stages["joint"].title][3:6] == ["1.20 (floor)", "100% (floor)", "0.30 (floor)"]
+    assert rows[stages["speech"].title][3:6] == ["1.20 (floor)", "100% (floor)", "—"]  # speech only
+    assert rows[stages["music"].title][3:6] == ["—", "—", "0.30 (floor)"]
+    ceiling = next(v for k, v in rows.items() if k.startswith("codec ceiling"))
+    assert ceiling[3:6] == ["3.00", "2%", "0.80"]
+    summary = results_json(stages, evals)
+    assert summary["codec_ceiling"]["speech"]["dnsmos"] == 3.0 and summary["floors"]["music_score"] == 0.3
+    assert summary["models"]["joint"]["audio"]["speech"]["wer"] == 1.0
