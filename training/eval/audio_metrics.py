@@ -42,7 +42,8 @@ def default_numba_cache() -> None:
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(base, "numba"))
 
 
-def clip_problem(wav: np.ndarray, sr: int, min_seconds: float = MIN_SECONDS) -> str | None:
+def clip_problem(wav: np.ndarray, sr: int, min_seconds: float = MIN_SECONDS, silence_rms: float = SILENCE_RMS,
+                 clipping: bool = True) -> str | None:
     """Why a clip cannot be scored (non-finite, too short, silent, clipped), or None when it can."""
     wav = np.asarray(wav)
     if wav.ndim != 1:
@@ -52,9 +53,9 @@ def clip_problem(wav: np.ndarray, sr: int, min_seconds: float = MIN_SECONDS) -> 
     if wav.size < min_seconds * sr:
         return f"too short ({wav.size / sr:.2f} s < {min_seconds} s)"
     rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
-    if rms < SILENCE_RMS:
-        return f"silent (RMS {rms:.1e} < {SILENCE_RMS:g})"
-    full = float(np.mean(np.abs(wav) >= 0.999))
+    if rms < silence_rms:
+        return f"silent (RMS {rms:.1e} < {silence_rms:g})"
+    full = float(np.mean(np.abs(wav) >= 0.999)) if clipping else 0.0
     if full > CLIPPED_FRACTION:
         return f"clipped ({100 * full:.1f}% of samples at full scale)"
     return None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from training.eval.audio_metrics import clip_problem as audio_clip_problem
+
 N_FFT, HOP = 1024, 256
 FLOOR_DB = 80.0
 SILENCE_RMS = 1e-5  # below this (about -100 dBFS) a clip is treated as digital silence
@@ -24,18 +26,8 @@ MIN_SECONDS = 0.1
 
 
 def clip_problem(wav: np.ndarray, sr: int, min_seconds: float = MIN_SECONDS) -> str | None:
-    """The reason a mono clip cannot be scored, or None."""
-    wav = np.asarray(wav)
-    if wav.ndim != 1:
-        return f"expected a mono clip, got shape {wav.shape}"
-    if not np.isfinite(wav).all():
-        return f"non-finite samples ({int((~np.isfinite(wav)).sum())} NaN/inf)"
-    if len(wav) < max(min_seconds * sr, N_FFT):
-        return f"too short ({len(wav) / sr:.3f} s; at least {max(min_seconds, N_FFT / sr):.3f} s)"
-    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
-    if rms < SILENCE_RMS:
-        return f"silent (RMS {rms:.1e} < {SILENCE_RMS:.0e})"
-    return None
+    """The reason a mono clip cannot be scored (at least one STFT frame, not digital silence), or None."""
+    return audio_clip_problem(wav, sr, max(min_seconds, N_FFT / sr), silence_rms=SILENCE_RMS, clipping=False)
 
 
 def _power(wav: np.ndarray) -> torch.Tensor:
