@@ -6,6 +6,7 @@ demo codec, fitted once per machine on the demo corpus's train split (the same f
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -171,3 +172,9 @@ def test_codec_roundtrip_cli_json(tmp_path):
     assert 0 < speech["sc"] <= 0.4 and 0 < speech["lsd_db"] < 10 and speech["reason"] is None
     assert speech["codec"]["name"] == "demo" and speech["frames"] >= speech["seconds"] * 75
     assert silence["sc"] is None and silence["lsd_db"] is None and "silent" in silence["reason"]
+    if importlib.util.find_spec("speechmos") is not None:  # the metrics extra: DNSMOS and WER of both sides
+        for side in ("input", "reconstruction"):
+            scores = speech["speech_scores"][side]
+            assert scores["dnsmos"] > 2.0 and scores["wer"] <= 0.3, (side, scores)
+            quiet = silence["speech_scores"][side]
+            assert quiet["dnsmos"] is None and quiet["wer"] is None and "silent" in quiet["reasons"]["dnsmos"]

@@ -24,12 +24,10 @@ EXIT_ERROR = 2
 
 
 def speech_scores_or_none(wav: np.ndarray, sr: int, text: str | None) -> dict | None:
-    """THE call site of the speech metrics (DNSMOS, WER): training.eval.audio_metrics.speech_scores when that
-    module exists, else None (the command then reports SC/LSD only)."""
-    try:
-        from training.eval.audio_metrics import speech_scores
-    except ImportError:
-        return None
+    """THE call site of the speech metrics: training.eval.audio_metrics.speech_scores (DNSMOS, and WER/CER
+    against `text`; without the metrics extra, null scores with the install hint as the reason)."""
+    from training.eval.audio_metrics import speech_scores
+
     return speech_scores(wav, sr, text=text)
 
 
