@@ -61,7 +61,7 @@ def _score(codec, clips: list[tuple[str, np.ndarray]]) -> dict:
 
 def run(clips: int = 10, log=print) -> dict:
     from data_prep.codec import load_codec
-    from data_prep.demo_codec_fit import default_demo_codec_path, ensure_demo_codec
+    from data_prep.demo_codec_cache import default_demo_codec_path, ensure_demo_codec
 
     fitted_here = not os.path.isfile(default_demo_codec_path())
     t0 = time.perf_counter()
