@@ -13,7 +13,7 @@ import importlib
 BACKENDS = {
     "encodec_24khz": "data_prep.codec:load_encodec",
     "random": "data_prep.codec:load_encodec",
-    "demo": "data_prep.demo_codec:load_demo_codec",
+    "demo": "data_prep.demo_codec_cache:load_demo_codec",
 }
 # Backends that rebuild their default weights themselves when load_codec gets no checkpoint (the demo
 # codec refits deterministically): load_codec_from_info falls back to that default when the file a

@@ -226,6 +226,11 @@ def _bench_prep_args(p):
                    help="audio seconds of the mixed-length set (clips of 1-60 s); 0 skips it")
 
 
+def _bench_codec_args(p):
+    _bench_args(p)
+    p.add_argument("--clips", type=int, default=10, help="held-out clips per task")
+
+
 def _bench_reader_args(p):
     _bench_args(p)
     p.add_argument("--items", type=int, default=1_000_000)
@@ -264,6 +269,9 @@ COMMANDS = [
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_moe_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
+    Command(("bench", "codec"), "benchmarks.bench_codec:run_cli",
+            "demo vs random codec: SC/LSD on held-out speech and music, encode/decode real-time factors",
+            _bench_codec_args),
     Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",
             "mixture index size, open shards, random access, token-budget padding", _bench_reader_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step, TP, recompute",
