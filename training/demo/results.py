@@ -25,9 +25,19 @@ def music_floor(evals: dict) -> float | None:
     return _audio(evals, "stage3", "reference", "music").get("music_score_floor")
 
 
-def _cell(value, fmt: str, at_floor: bool) -> str:
+def _null_reasons(summary: dict, key: str) -> str:
+    """'8 too short' from {"too short (0.4 s < 1.0 s)": 5, "too short (0.2 s < 1.0 s)": 3}."""
+    counts: dict = {}
+    for reason, n in (summary.get(f"{key}_null") or {}).items():
+        short = reason.split(" (")[0]
+        counts[short] = counts.get(short, 0) + n
+    return ", ".join(f"{n} {r}" for r, n in counts.items())
+
+
+def _cell(value, fmt: str, at_floor: bool, summary: dict | None = None, key: str = "") -> str:
     if value is None:
-        return "n/a"
+        why = _null_reasons(summary or {}, key)
+        return f"n/a ({why})" if why else "n/a"
     return fmt.format(value) + (" (floor)" if at_floor else "")
 
 
@@ -36,9 +46,10 @@ def audio_cells(evals: dict, key: str, kind: str = "generated", own: str | None 
     speech, music = _audio(evals, key, kind, "speech"), _audio(evals, key, kind, "music")
     floor = music_floor(evals)
     dnsmos, wer, score = speech.get("dnsmos"), speech.get("wer"), music.get("music_score")
-    cells = [_cell(dnsmos, "{:.2f}", dnsmos is not None and dnsmos < DNSMOS_FLOOR),
-             _cell(wer, "{:.0%}", wer is not None and wer >= WER_FLOOR),
-             _cell(score, "{:.2f}", None not in (score, floor) and score <= floor + MUSIC_FLOOR_MARGIN)]
+    cells = [_cell(dnsmos, "{:.2f}", dnsmos is not None and dnsmos < DNSMOS_FLOOR, speech, "dnsmos"),
+             _cell(wer, "{:.0%}", wer is not None and wer >= WER_FLOOR, speech, "wer"),
+             _cell(score, "{:.2f}", None not in (score, floor) and score <= floor + MUSIC_FLOOR_MARGIN, music,
+                   "music_score")]
     if own == "speech":
         cells[2] = "—"
     elif own == "music":
@@ -82,7 +93,8 @@ def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
                      f"signal. \"(floor)\": at the metric's floor, no better than noise or than ignoring "
                      f"the text (DNSMOS < {DNSMOS_FLOOR}, WER >= {WER_FLOOR:.0%}, music score <= "
                      f"{'n/a' if floor is None else f'{floor:.2f}'} + {MUSIC_FLOOR_MARGIN}, the references "
-                     f"scored against another item's caption).")
+                     f"scored against another item's caption). \"n/a (8 too short)\": no clip of that model "
+                     f"could be scored, and why (e.g. music clips under 1 s).")
     for key in ("stage3", "joint"):
         routing = evals.get(key, {}).get("routing", {}).get("summary")
         if routing:
