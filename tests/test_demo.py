@@ -71,8 +71,9 @@ def test_demo_end_to_end(tmp_path):
     rows = [line for line in results.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 6 and rows[-1].startswith("| codec ceiling")
     number = re.compile(r"^\d+\.\d{3}$")
-    # DNSMOS 2.95, WER 12%, music 0.62 (floor), or no clip scorable and why: n/a (8 too short)
-    score = re.compile(r"^(\d+(\.\d+|%)( \(floor\))?|n/a \(\d+ [a-z -]+.*\))$")
+    # DNSMOS 2.95, WER 12% (2/8 clips), music 0.62 (floor), or no clip scorable and why: n/a (8 too short)
+    note = r"( \((floor|\d+/8 clips|floor, \d+/8 clips)\))?"
+    score = re.compile(rf"^(\d+(\.\d+|%){note}|n/a \(\d+ [a-z -]+.*\))$")
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         losses = [c for c in cells[1:3] if c != "—"]
@@ -124,6 +125,7 @@ def test_results_table_has_the_audio_columns_the_ceiling_row_and_marks_floors():
                  "audio_metrics": {"items_per_task": 8, "seed": 0, "generated": _audio(1.2, 1.0, 0.3)}}
              for k in stages}
     evals["stage3"]["audio_metrics"]["generated"] = _audio(2.6, 0.25, 0.6)
+    evals["stage2"]["audio_metrics"]["generated"]["speech"].update(dnsmos_scored=2, wer_scored=8)
     evals["stage3"]["audio_metrics"]["reference"] = _audio(3.0, 0.02, 0.8, floor=0.3)
     evals["music"]["audio_metrics"]["generated"]["music"] = {
         "clips": 8, "music_score": None, "music_score_scored": 0,
@@ -134,6 +136,7 @@ def test_results_table_has_the_audio_columns_the_ceiling_row_and_marks_floors():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines}
     assert rows[stages["stage3"].title][3:6] == ["2.60", "25%", "0.60"]
     assert rows[stages["joint"].title][3:6] == ["1.20 (floor)", "100% (floor)", "0.30 (floor)"]
+    assert rows[stages["stage2"].title][3:5] == ["1.20 (floor, 2/8 clips)", "100% (floor)"]
     assert rows[stages["speech"].title][3:6] == ["1.20 (floor)", "100% (floor)", "—"]  # speech only
     assert rows[stages["music"].title][3:6] == ["—", "—", "n/a (7 too short, 1 silent)"]
     ceiling = next(v for k, v in rows.items() if k.startswith("codec ceiling"))

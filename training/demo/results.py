@@ -35,10 +35,16 @@ def _null_reasons(summary: dict, key: str) -> str:
 
 
 def _cell(value, fmt: str, at_floor: bool, summary: dict | None = None, key: str = "") -> str:
+    """'0.93 (floor, 2/8 clips)': the mean over the clips that could be scored, at its floor or not."""
+    summary = summary or {}
     if value is None:
-        why = _null_reasons(summary or {}, key)
+        why = _null_reasons(summary, key)
         return f"n/a ({why})" if why else "n/a"
-    return fmt.format(value) + (" (floor)" if at_floor else "")
+    notes = ["floor"] if at_floor else []
+    scored, clips = summary.get(f"{key}_scored"), summary.get("clips")
+    if scored is not None and clips and scored < clips:
+        notes.append(f"{scored}/{clips} clips")
+    return fmt.format(value) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def audio_cells(evals: dict, key: str, kind: str = "generated", own: str | None = None) -> list[str]:
@@ -93,8 +99,8 @@ def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
                      f"signal. \"(floor)\": at the metric's floor, no better than noise or than ignoring "
                      f"the text (DNSMOS < {DNSMOS_FLOOR}, WER >= {WER_FLOOR:.0%}, music score <= "
                      f"{'n/a' if floor is None else f'{floor:.2f}'} + {MUSIC_FLOOR_MARGIN}, the references "
-                     f"scored against another item's caption). \"n/a (8 too short)\": no clip of that model "
-                     f"could be scored, and why (e.g. music clips under 1 s).")
+                     f"scored against another item's caption). \"2/8 clips\": the mean over the clips that "
+                     f"could be scored (the others too short, silent...); \"n/a (8 too short)\": none could.")
     for key in ("stage3", "joint"):
         routing = evals.get(key, {}).get("routing", {}).get("summary")
         if routing:
