@@ -258,6 +258,12 @@ class MixtureReader:
         return {"id": shard.item_id(int(arrays["item_meta"][g])), "task": task, "text_ids": text_ids,
                 "codes": codes}
 
+    def meta(self, i: int) -> dict:
+        """Sample i's line of its shard's meta.jsonl (id, task, text, seconds, ...)."""
+        g = self.item_of(i)[1]
+        shard = self._open(int(self.arrays["item_shard"][g]))
+        return shard.item_meta(int(self.arrays["item_meta"][g]))
+
     def close(self) -> None:
         self.shards.close()
 

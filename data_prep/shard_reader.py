@@ -112,9 +112,13 @@ class OpenShard:
 
     def item_id(self, offset: int) -> str:
         """The id of an item: its meta.jsonl line, read at `offset` (bytes, from the mixture index)."""
+        return self.item_meta(offset)["id"]
+
+    def item_meta(self, offset: int) -> dict:
+        """An item's meta.jsonl line (id, task, text, seconds, ...) at `offset` bytes."""
         with open(self.prefix + ".meta.jsonl", "rb") as f:
             f.seek(offset)
-            return json.loads(f.readline())["id"]
+            return json.loads(f.readline())
 
     def close(self) -> None:
         self.codes_file.close()

@@ -26,14 +26,14 @@ source .venv/bin/activate
 stamp=.venv/.unimoe-install-stamp
 want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] installing unimoe-audio and its test extra into .venv" >&2
+    echo "[setup] installing unimoe-audio and its test and metrics extras into .venv" >&2
     python -m pip install -q --upgrade pip >/dev/null
     if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/null; then
         # No GPU: the CPU build of torch (1 GB instead of 5 GB of CUDA wheels), when this index has it.
         python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || python -m pip install -q "torch==2.13.0" \
             2>/dev/null || true
     fi
-    python -m pip install -q -e ".[test]"
+    python -m pip install -q -e ".[test,metrics]"
     echo "$want" > "$stamp"
 fi
 

@@ -246,3 +246,35 @@ def test_eval_refuses_data_of_another_tokenizer(run_dir, tmp_path, capsys):
                  "--batches", "1", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "tokenizer mismatch" in err and mix in err and run_dir in err
+
+
+def test_eval_audio_metrics_writes_per_task_scores_for_generations_and_references(run_dir, tmp_path, capsys):
+    """`unimoe eval --audio-metrics`: per task, scores of the generations and of the codec's reconstruction
+    of the references, per-item scores and the WAVs they came from."""
+    pytest.importorskip("speechmos", reason="the metrics extra is not installed (pip install '.[metrics]')")
+    from data_prep.demo import ensure_demo_data
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--ckpt", run_dir, "--data", ensure_demo_data()["valid"], "--out", str(out),
+                 "--batches", "1", "--batch-size", "2", "--audio-metrics", "--audio-items", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "audio (generated): speech DNSMOS" in printed and "audio (reference): speech DNSMOS" in printed
+    summary = json.loads((out / "eval.json").read_text())["audio_metrics"]
+    detail = json.loads((out / "audio_metrics.json").read_text())
+    for kind in ("generated", "reference"):
+        speech, music = summary[kind]["speech"], summary[kind]["music"]
+        assert speech["clips"] == music["clips"] == 2
+        for m, key in ((speech, "dnsmos"), (speech, "wer"), (music, "music_score")):
+            nulls = sum(m.get(f"{key}_null", {}).values())
+            assert m[f"{key}_scored"] + nulls == 2  # every clip: a score or a reason
+            assert (m[key] is None) == (m[f"{key}_scored"] == 0)
+        items = detail["items"][kind]
+        assert sorted(it["task"] for it in items) == ["music", "music", "speech", "speech"]
+        for it in items:
+            assert (out / "audio" / kind / f"{it['id']}.wav").stat().st_size > 0
+            if it["task"] == "speech" and it["wer"] is not None:
+                assert it["wer"] >= 0 and isinstance(it["transcript"], str) and it["text"]
+        scored = [it["dnsmos"] for it in items if it["task"] == "speech" and it["dnsmos"] is not None]
+        if scored:
+            assert speech["dnsmos"] == pytest.approx(sum(scored) / len(scored))
+    assert "music_score_floor" in summary["reference"]["music"]

@@ -17,8 +17,7 @@ from benchmarks.train_inputs import make_batch, tiny_cfg
 from training.cluster.parallel import all_reduce_values
 from training.data import Prefetcher
 from training.model import AudioLM
-from training.stages import step_losses
-from training.stages import StepTokens
+from training.stages import StepTokens, step_losses
 
 MOE = {"num_routed_experts": 4, "num_null_experts": 1, "num_shared_experts": 1, "top_p": 0.7}
 READBACKS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")

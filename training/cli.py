@@ -85,6 +85,18 @@ def _eval_args(p):
     p.add_argument("--out", default=None, help="report directory (default: <ckpt>/eval)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--audio-metrics", action="store_true",
+                   help="also generate from the first validation items of each task and score the clips and "
+                        "the codec's reconstruction of the references: DNSMOS, WER/CER (speech), caption "
+                        "adherence (music); needs pip install '.[metrics]'")
+    p.add_argument("--audio-items", type=int, default=8, help="validation items per task for --audio-metrics")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --audio-metrics")
+    p.add_argument("--asr-model", default=None, metavar="DIR",
+                   help="a local pocketsphinx acoustic model folder for WER (default: the en-us model in the "
+                        "pocketsphinx wheel)")
+    p.add_argument("--audio-scorer", default=None, metavar="MODULE:FUNCTION",
+                   help="your own scorer, e.g. my_scorers.py:whisper_wer, called as f(wav, sr, task, text) "
+                        "-> dict; it loads its weights from local paths (Hugging Face hubs are set offline)")
 
 
 def _demo_args(p):
@@ -123,7 +135,9 @@ def _prep_args(p):
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: <out>/../spm.model)")
-    p.add_argument("--codec", default="encodec_24khz", choices=["encodec_24khz", "random"])
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("--codec", default="encodec_24khz", choices=codec_names())
     p.add_argument("--bandwidth", type=float, default=6.0)
     p.add_argument("--codec-checkpoint", default=None)
     p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in this process)")
@@ -145,6 +159,20 @@ def _prep_args(p):
     p.add_argument("--sort-window", type=int, default=64, help="manifest lines sorted by length together")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio seconds per codec batch (default: 16 on CPU, 300 on CUDA)")
+
+
+def _codec_roundtrip_args(p):
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("input", help="audio file to encode (mixed to mono, resampled to the codec's rate)")
+    p.add_argument("output", help="WAV of the reconstruction (at the codec's rate)")
+    p.add_argument("--codec", required=True, choices=codec_names())
+    p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: the codec's own)")
+    p.add_argument("--task", default="speech", choices=["speech", "music"],
+                   help="speech adds the speech scores (DNSMOS, WER) where training/eval/audio_metrics.py is")
+    p.add_argument("--text", default=None, help="the transcript, for WER/CER")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
 
 def _verify_args(p):
@@ -211,6 +239,11 @@ def _bench_prep_args(p):
                    help="audio seconds of the mixed-length set (clips of 1-60 s); 0 skips it")
 
 
+def _bench_codec_args(p):
+    _bench_args(p)
+    p.add_argument("--clips", type=int, default=10, help="held-out clips per task")
+
+
 def _bench_reader_args(p):
     _bench_args(p)
     p.add_argument("--items", type=int, default=1_000_000)
@@ -235,6 +268,8 @@ COMMANDS = [
             _tokenizer_args),
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
+    Command(("codec", "roundtrip"), "training.eval.codec_roundtrip:run_cli",
+            "encode + decode one file: SC, LSD (and speech scores)", _codec_roundtrip_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
     Command(("data", "verify"), "data_prep.verify:run_cli", "full sha256 check of shards or a mixture",
             _verify_args),
@@ -247,6 +282,9 @@ COMMANDS = [
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_moe_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
+    Command(("bench", "codec"), "benchmarks.bench_codec:run_cli",
+            "demo vs random codec: SC/LSD on held-out speech and music, encode/decode real-time factors",
+            _bench_codec_args),
     Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",
             "mixture index size, open shards, random access, token-budget padding", _bench_reader_args),
     Command(("bench", "train"), "benchmarks.bench_train:run_cli", "MoE vs dense training step, TP, recompute",
@@ -295,6 +333,9 @@ def set_environment_defaults() -> None:
     """Defaults for every entry point (`unimoe`, `python -m training.cli`, --nproc children and SLURM ranks
     inherit or re-run them, tests/conftest.py calls this); a value the user set wins."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
+    from training.eval.audio_metrics import default_numba_cache
+
+    default_numba_cache()  # librosa's numba code (audio metrics) compiles once per machine, not per process
 
 
 # Import-time notices of third-party packages that say nothing about the user's run (megatron-core without

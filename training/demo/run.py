@@ -10,17 +10,20 @@
 4. stage 3: everything unfrozen on the balanced mixture (2 processes, EP=2);
 5. the naive joint baseline: the same MoE model from scratch on the unbalanced mixture, with the
    same number of training samples as the whole curriculum;
-6. eval (validation loss per task, routing report) and generation (WAVs) of the curriculum model;
-   a markdown table at the end (also written to OUT/results.md).
+6. eval of every model: validation loss per task, routing report, and the audio scores of what it
+   generates for the first validation items (DNSMOS, WER, music caption score; `eval --audio-metrics`),
+   with the codec ceiling (the references through the codec); two sample WAVs of the curriculum model and
+   two reference reconstructions in OUT/samples; the table at the end (OUT/results.md, OUT/results.json).
 
-Each training stage is a `unimoe train` subprocess with the tiny configs; step counts are scaled
-to `--minutes` (the wall-clock budget of the training stages) from per-step and per-launch
-estimates that are re-measured after stage 1 and stage 2. Re-running into the same --out replaces
-the previous demo's runs.
+Each training stage is a `unimoe train` subprocess with the tiny configs; step counts are a fixed
+function of `--minutes` (training/demo/budget.py: the idle 2-core time of each step, measured once),
+so a busy machine runs the same models, only slower. Re-running into the same --out replaces the
+previous demo's runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +33,10 @@ import sys
 import time
 
 from training.config import REPO_ROOT
-from training.demo.budget import Estimates, StageRun, make_stages, plan_steps, remeasure, stage_timeout
+from training.demo.budget import StageRun, make_stages, plan_steps, predicted_seconds, stage_timeout
+from training.demo.results import results_json, results_table
+
+AUDIO_ITEMS = 8  # validation items per task that each model generates for the audio scores
 
 
 def _say(msg: str) -> None:
@@ -80,11 +86,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_stages(group: list[StageRun], root: str, seed: int, timeout_s: float = 3600.0) -> None:
     """Run one or more `unimoe train` subprocesses side by side; progress from their metrics.jsonl.
-
-    Also measures each stage's time per step (from when its metrics lines appear) and its fixed cost
-    (process start, imports, deepspeed.initialize, final save) = wall - steps * time per step.
-    A stage still running after `timeout_s`, or an interrupted demo, stops its processes.
-    """
+    A stage still running after `timeout_s`, or an interrupted demo, stops its processes."""
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     procs = []
@@ -119,9 +121,8 @@ def run_stages(group: list[StageRun], root: str, seed: int, timeout_s: float = 3
 
 
 def _watch(procs: list, root: str, deadline: float) -> None:
-    """Poll until every process ended: progress lines, step timing; stop them all after `deadline`."""
+    """Poll until every process ended: progress lines; stop them all after `deadline`."""
     reported = {st.key: 0 for st, _, _, _ in procs}
-    seen = {st.key: [] for st, _, _, _ in procs}  # (time, step) when a new step first appeared
     while any(p.poll() is None for _, p, _, _ in procs):
         time.sleep(1.0)
         if time.time() > deadline:
@@ -132,51 +133,12 @@ def _watch(procs: list, root: str, deadline: float) -> None:
         for st, _, _, _ in procs:
             m = _last_metrics(st.out_dir(root))
             step = int(m.get("step", 0))
-            if step and (not seen[st.key] or seen[st.key][-1][1] != step):
-                seen[st.key].append((time.time(), step))
             due = step >= reported[st.key] + max(1, st.steps // 4)
             if due or (step == st.steps and reported[st.key] < step):
                 reported[st.key] = step
                 _say(f"  {st.key}: step {step}/{st.steps} loss {m.get('loss', float('nan')):.3f}")
     for st, _, _, t0 in procs:
         st.wall_s = time.time() - t0
-        pts = seen[st.key]
-        if len(pts) >= 2 and pts[-1][1] > pts[0][1]:
-            st.step_s = (pts[-1][0] - pts[0][0]) / (pts[-1][1] - pts[0][1])
-            st.overhead_s = max(0.0, st.wall_s - st.steps * st.step_s)
-
-
-def results_table(stages: dict[str, StageRun], evals: dict[str, dict]) -> str:
-    """The markdown table: validation loss per task (lower is better) for each model."""
-    def fmt(key, task, own=None):
-        if own is not None and task != own:
-            return "—"
-        loss = evals.get(key, {}).get("loss_per_task", {}).get(task)
-        return f"{loss:.3f}" if loss is not None else "n/a"
-
-    rows = [("speech", "speech"), ("music", "music"), ("stage2", None), ("stage3", None), ("joint", None)]
-    lines = ["| model | speech val loss | music val loss | steps | train samples | peak lr | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for key, own in rows:
-        st = stages[key]
-        lines.append(f"| {st.title} | {fmt(key, 'speech', own)} | {fmt(key, 'music', own)} | {st.steps} | "
-                     f"{st.steps * st.batch} | {st.lr:g} | {st.wall_s:.0f} |")
-    curriculum = sum(stages[k].steps * stages[k].batch for k in ("speech", "music", "stage2", "stage3"))
-    lines.append("")
-    n_valid = evals.get("stage3", {}).get("samples", "?")
-    lines.append(f"Validation loss = cross-entropy summed over the codebooks, on {n_valid} samples of the "
-                 f"balanced validation mixture (lower is better; a specialist only on its own task). "
-                 f"Training samples: curriculum {curriculum} in total, joint baseline "
-                 f"{stages['joint'].steps * stages['joint'].batch}.")
-    for key in ("stage3", "joint"):
-        routing = evals.get(key, {}).get("routing", {}).get("summary")
-        if routing:
-            ept, null = routing["experts_per_token"], routing["null_share"]
-            lines.append(f"Routing, {stages[key].title}: experts/token speech {ept['speech']:.2f} "
-                         f"music {ept['music']:.2f}; null share speech {null['speech']:.2f} "
-                         f"music {null['music']:.2f}; speech/music divergence "
-                         f"{routing['task_divergence']:.2f}")
-    return "\n".join(lines)
 
 
 def _codec_of(mix_json: str) -> dict:
@@ -197,6 +159,24 @@ def _audio_to_tensorboard(wavs: list[str], logdir: str) -> None:
     writer.close()
 
 
+def _reference_wavs(eval_dir: str, wav_dir: str) -> list[str]:
+    """Copy the first validation reference of each task, decoded by the codec, beside the samples."""
+    detail = os.path.join(eval_dir, "audio_metrics.json")
+    if not os.path.exists(detail):
+        return []
+    with open(detail) as f:
+        items = json.load(f)["items"].get("reference", [])
+    out = []
+    for task in ("speech", "music"):
+        first = next((it for it in items if it["task"] == task), None)
+        if first:
+            out.append(os.path.join(wav_dir, f"reference_{task}.wav"))
+            shutil.copyfile(os.path.join(eval_dir, "audio", "reference", f"{first['id']}.wav"), out[-1])
+            with open(os.path.splitext(out[-1])[0] + ".txt", "w") as f:
+                f.write(first["text"] + "\n")
+    return out
+
+
 def _valid_mix(data: dict) -> str:
     for key in ("valid", "valid_balanced", "balanced_valid"):
         if key in data:
@@ -209,7 +189,7 @@ def _run(args) -> int:
 
     from data_prep.demo import ensure_demo_data
     from training.checkpoint.inference import load_everything
-    from training.eval.evaluate import evaluate
+    from training.eval.evaluate import AudioMetricsOptions, evaluate, summary_lines
     from training.eval.generate_cli import generate_to_files
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # encodec's weight_norm deprecation
@@ -232,27 +212,21 @@ def _run(args) -> int:
              "losses and routing are real, generated audio is noise-like")
 
     stages = make_stages()
-    est = Estimates()
-    plan_steps(budget, est, stages)
-    _say("plan: " + ", ".join(f"{k} {st.steps} steps" for k, st in stages.items()))
+    plan_steps(budget, stages)
+    _say(f"plan (fixed for --minutes {args.minutes:g}: {predicted_seconds(stages):.0f} s on an idle 2-core "
+         f"machine, longer on a busy one): " + ", ".join(f"{k} {st.steps} steps" for k, st in stages.items()))
     t_train = time.time()
     _say("stage 1: the speech and music specialists, side by side")
-    run_stages([stages["speech"], stages["music"]], root, args.seed, stage_timeout(est, stages["speech"]))
-    remeasure(est, max(stages["speech"], stages["music"], key=lambda s: s.wall_s))
-    plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music"))
-    _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage2", "stage3", "joint")))
+    run_stages([stages["speech"], stages["music"]], root, args.seed, stage_timeout(stages["speech"]))
     _say("stage 2: upcycle both specialists into the MoE model; experts frozen (2 processes, EP=2)")
     stages["stage2"].overrides = [f"stage.init_from=[{stages['speech'].out_dir(root)},"
                                   f"{stages['music'].out_dir(root)}]"]
-    run_stages([stages["stage2"]], root, args.seed, stage_timeout(est, stages["stage2"]))
-    remeasure(est, stages["stage2"], steps=False)
-    plan_steps(budget - (time.time() - t_train), est, stages, done=("speech", "music", "stage2"))
-    _say("re-planned: " + ", ".join(f"{k} {stages[k].steps} steps" for k in ("stage3", "joint")))
+    run_stages([stages["stage2"]], root, args.seed, stage_timeout(stages["stage2"]))
     _say("stage 3: everything trainable on the balanced mixture (2 processes, EP=2)")
     stages["stage3"].overrides = [f"stage.init_from=[{stages['stage2'].out_dir(root)}]"]
-    run_stages([stages["stage3"]], root, args.seed, stage_timeout(est, stages["stage3"]))
+    run_stages([stages["stage3"]], root, args.seed, stage_timeout(stages["stage3"]))
     _say("baseline: the same MoE model from scratch on the unbalanced mixture, same number of samples")
-    run_stages([stages["joint"]], root, args.seed, stage_timeout(est, stages["joint"]))
+    run_stages([stages["joint"]], root, args.seed, stage_timeout(stages["joint"]))
     train_wall = time.time() - t_train
     with open(os.path.join(root, "demo_config.json"), "w") as f:  # what this demo ran (each run: config.yaml)
         json.dump({"minutes": args.minutes, "seed": args.seed, "training_wall_s": round(train_wall, 1),
@@ -262,11 +236,18 @@ def _run(args) -> int:
 
     evals = {}
     shutil.rmtree(os.path.join(root, "eval"), ignore_errors=True)
+    metrics = all(importlib.util.find_spec(m) is not None for m in ("speechmos", "librosa", "pocketsphinx"))
+    if not metrics:
+        _say("NOTE: the metrics extra is not installed (pip install '.[metrics]'): no audio scores")
     for key, st in stages.items():
+        audio = None
+        if metrics:  # the codec ceiling once, with the curriculum model; a specialist on its own task only
+            audio = AudioMetricsOptions(AUDIO_ITEMS, args.seed, references=key == "stage3",
+                                        tasks={"speech": ("speech",), "music": ("music",)}.get(key))
         evals[key] = evaluate(st.out_dir(root), valid, out_dir=os.path.join(root, "eval", key),
-                              routing=st.moe)
-        losses = ", ".join(f"{t} {v:.3f}" for t, v in evals[key]["loss_per_task"].items())
-        _say(f"eval {key}: validation loss {losses}")
+                              routing=st.moe, audio=audio)
+        for line in summary_lines(evals[key]):
+            _say(f"eval {key}: {line}")
     _say("generate: one speech and one music clip from the curriculum model")
     wav_dir = os.path.join(root, "samples")
     loaded = load_everything(stages["stage3"].out_dir(root))
@@ -277,9 +258,11 @@ def _run(args) -> int:
     wavs += generate_to_files("", "music", "a calm piano melody in A minor",
                               os.path.join(wav_dir, "music.wav"), seed=args.seed, max_seconds=3.0,
                               loaded=loaded, log=quiet, progress=False)
-
+    wavs += _reference_wavs(os.path.join(root, "eval", "stage3"), wav_dir)
     _audio_to_tensorboard(wavs, os.path.join(root, "eval", "stage3", "tb"))
 
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(results_json(stages, evals), f, indent=2)
     lines = ["# unimoe demo results", "", results_table(stages, evals), ""]
     if untrained:
         lines.append("NOTE: the codec is randomly initialised (no pretrained EnCodec weights here): losses "

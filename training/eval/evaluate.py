@@ -4,7 +4,9 @@
 
 Writes to OUT (default <ckpt>/eval): eval.json (losses), routing.json (training/eval/routing_report.py),
 routing_load.png and routing_capacity.png (heatmaps), and tb/ (tensorboard scalars and the same
-figures as images). The loss matches training's: per codebook the mean cross-entropy over that
+figures as images); with --audio-metrics also audio_metrics.json and the WAVs under audio/ (generations and
+the codec's reconstruction of the references scored per task: training/eval/audio_eval.py).
+The loss matches training's: per codebook the mean cross-entropy over that
 codebook's audio targets, per task the sum (or mean, as the model is configured) over codebooks.
 Here the means are token-weighted over the whole evaluation set, not averaged over batches.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +131,11 @@ def write_report(result: dict, out_dir: str, step: int = 0) -> None:
         writer.add_scalar(f"eval/loss_{task}", loss, step)
         for k, v in enumerate(result["loss_per_codebook"][task]):
             writer.add_scalar(f"eval/loss_{task}_cb{k}", v, step)
+    for kind, tasks in (result.get("audio_metrics") or {}).items():
+        for task, m in (tasks.items() if kind in ("generated", "reference") else ()):
+            for key, v in m.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"audio_{kind}/{task}_{key}", v, step)
     if routing:
         with open(os.path.join(out_dir, "routing.json"), "w") as f:
             json.dump(routing, f, indent=2)
@@ -142,16 +150,29 @@ def write_report(result: dict, out_dir: str, step: int = 0) -> None:
     writer.close()
 
 
+@dataclass
+class AudioMetricsOptions:
+    """`--audio-metrics`: generate and score per task (training/eval/audio_eval.py)."""
+    items_per_task: int = 8
+    seed: int = 0
+    references: bool = True  # also score the codec's reconstruction of the references (the ceiling)
+    asr_model: str | None = None  # a local pocketsphinx acoustic model folder
+    scorer: str | None = None  # a local plug-in module:function (own ASR/CLAP weights)
+    tasks: tuple[str, ...] | None = None  # default: every task of the data
+
+
 def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8, batch_size: int = 8,
-             routing: bool = True) -> dict:
-    """Load a checkpoint, evaluate on a mix.json, write the report; returns the result dict."""
+             routing: bool = True, audio: AudioMetricsOptions | None = None) -> dict:
+    """Load a checkpoint, evaluate on a mix.json, write the report; returns the result dict.
+    With `audio`, also generate and score audio per task: result["audio_metrics"], audio_metrics.json."""
     from data_prep.mix import MixtureReader
-    from training.checkpoint.inference import load_model
+    from training.checkpoint.inference import load_everything, load_model
     from training.checkpoint.tokenizers import check_model_data
 
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist (a mix.json from `unimoe data mix`)")
-    model, meta = load_model(ckpt)
+    loaded = load_everything(ckpt) if audio else None
+    model, meta = loaded[:2] if loaded else load_model(ckpt)
     check_model_data(meta, ckpt, data, log=lambda m: print(m, file=sys.stderr))
     reader = MixtureReader(data)
     codec_model, codec_data = meta.get("codec_info") or {}, reader.codec_info or {}
@@ -164,14 +185,38 @@ def evaluate(ckpt: str, data: str, out_dir: str | None = None, batches: int = 8,
     result.update(ckpt=os.path.abspath(ckpt), data=os.path.abspath(data), step=int(meta.get("step", 0) or 0),
                   codec=codec_model)
     out_dir = out_dir or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or ".", "eval")
+    if audio:
+        from training.eval.audio_eval import audio_eval
+
+        result["audio_metrics"], per_item = audio_eval(
+            loaded, reader, out_dir, audio.items_per_task, audio.seed, audio.references, audio.asr_model,
+            audio.scorer, audio.tasks)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "audio_metrics.json"), "w") as f:
+            json.dump({**result["audio_metrics"], "items": per_item}, f, indent=2)
     write_report(result, out_dir, result["step"])
     result["out_dir"] = out_dir
     return result
 
 
+def audio_summary(task: str, m: dict) -> str:
+    def f(key, fmt="{:.2f}"):
+        return "n/a" if m.get(key) is None else fmt.format(m[key])
+
+    if task == "speech":
+        return (f"speech DNSMOS {f('dnsmos')} WER {f('wer', '{:.0%}')} CER {f('cer', '{:.0%}')} "
+                f"({m['dnsmos_scored']}/{m['clips']} clips scored)")
+    floor = f" (floor {f('music_score_floor')})" if "music_score_floor" in m else ""
+    scored = f"({m['music_score_scored']}/{m['clips']} clips scored)"
+    return f"music caption score {f('music_score')}{floor} {scored}"
+
+
 def summary_lines(result: dict) -> list[str]:
     lines = [f"validation loss ({result['samples']} samples): "
              + ", ".join(f"{t} {v:.3f}" for t, v in result["loss_per_task"].items())]
+    for kind, tasks in ((k, result.get("audio_metrics", {}).get(k)) for k in ("generated", "reference")):
+        if tasks:
+            lines.append(f"audio ({kind}): " + "; ".join(audio_summary(task, m) for task, m in tasks.items()))
     routing = result.get("routing")
     if routing:
         s = routing["summary"]
@@ -186,7 +231,10 @@ def run_cli(args) -> int:
     from training.checkpoint.inference import ModelLoadError
 
     try:
-        result = evaluate(args.ckpt, args.data, args.out, args.batches, args.batch_size)
+        audio = None
+        if args.audio_metrics:
+            audio = AudioMetricsOptions(args.audio_items, args.seed, True, args.asr_model, args.audio_scorer)
+        result = evaluate(args.ckpt, args.data, args.out, args.batches, args.batch_size, audio=audio)
     except (FileNotFoundError, ValueError, ModelLoadError) as e:
         print(f"unimoe eval: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,15 @@ def max_frames_for(model, codec, seconds: float, prompt_len: int) -> int:
     return max(1, min(frames, room))
 
 
+def decode_clip(codec, codes: torch.Tensor) -> np.ndarray:
+    """codes [1, K, n] -> float32 mono audio; a peak over 1 (an untrained codec overshoots) is scaled to 1."""
+    if codes.shape[-1] == 0:
+        return np.zeros(0, dtype=np.float32)
+    audio = codec.decode(codes)[0, 0].detach().cpu().numpy().astype(np.float32)
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    return audio / peak if peak > 1.0 else audio
+
+
 def output_paths(out: str, num: int) -> list[str]:
     if num == 1:
         return [out]
@@ -74,11 +83,7 @@ def generate_to_files(ckpt: str, task: str, text: str, out: str, num: int = 1, s
     paths = output_paths(out, num)
     for i, path in enumerate(paths):
         n = int(lengths[i])
-        wav = codec.decode(codes[i:i + 1, :, :n]) if n > 0 else torch.zeros(1, 1, 0)
-        audio = wav[0, 0].detach().cpu().numpy().astype(np.float32)
-        peak = float(np.abs(audio).max()) if audio.size else 0.0
-        if peak > 1.0:  # an untrained codec can overshoot; keep the WAV valid
-            audio = audio / peak
+        audio = decode_clip(codec, codes[i:i + 1, :, :n])
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         sf.write(path, audio, codec.sample_rate, subtype="PCM_16")
         seconds = audio.size / codec.sample_rate
