@@ -1,0 +1,118 @@
+"""DAC 16 kHz, the paper's codec (12 codebooks of 1024 codes at 50 frames/s, hop 320), in two backends:
+
+    dac_16khz          the released weights: --codec-checkpoint PATH/weights_16khz.pth, else the release
+                       file in the package's cache (~/.cache/descript/dac/), downloaded there when a network
+                       exists; offline without a path: one line (CodecUnavailable) saying what to pass
+    dac_16khz_random   the same architecture with seeded random weights, NOT trained: bit-identical on every
+                       machine, thread count and process (every value from SHAKE-256 of (seed, name), as the
+                       random EnCodec's, data_prep/random_codec.py), codebooks of random directions, so the
+                       l2-normalized lookup spreads frames over the codes (tests and the tiny paper config)
+
+The architecture is ours (data_prep/dac_model.py: the key map to the release, checked against the package's
+module by scripts/check_dac_reference.py); the descript-audio-codec package is not needed. The release file
+({"state_dict", "metadata": {"kwargs"}}) is read with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from data_prep.dac_model import DAC, DAC_16KHZ, DACConfig, WNConv, config_from_kwargs, normalize_keys
+from data_prep.random_codec import _normal, _set, _symmetric
+
+DAC_16KHZ_URL = "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.5/weights_16khz.pth"
+DAC_16KHZ_FILE = "weights_16khz.pth"
+DAC_RANDOM_INIT = 1  # versions the construction of dac_16khz_random (info()["random_init"])
+
+
+class CodecUnavailable(RuntimeError):
+    """The codec's weights cannot be loaded; the message is one line saying what to do."""
+
+
+def package_cache_path() -> str:
+    """Where the package's dac.utils.download keeps the 16 kHz release (tag 0.0.5, 8 kbps)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "descript", "dac", "weights_16khz_8kbps_0.0.5.pth")
+
+
+def read_dac_checkpoint(path: str) -> tuple[DACConfig, dict]:
+    """(architecture, state dict) of a release file, or of a bare state dict (then DAC 16 kHz is assumed)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CodecUnavailable(f"codec checkpoint not found: {path}") from None
+    except Exception as e:
+        raise CodecUnavailable(f"cannot load DAC checkpoint {path}: {type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}") from None
+    if not isinstance(blob, dict):
+        raise CodecUnavailable(f"cannot load DAC checkpoint {path}: expected a dict, got {type(blob).__name__}")
+    if "state_dict" in blob:
+        kwargs = (blob.get("metadata") or {}).get("kwargs") or {}
+        return config_from_kwargs(kwargs) if kwargs else DAC_16KHZ, normalize_keys(blob["state_dict"])
+    return DAC_16KHZ, normalize_keys(blob)
+
+
+def load_dac_checkpoint(path: str) -> DAC:
+    """The DAC 16 kHz model with the weights of `path`; refuses another DAC (24/44 kHz) or foreign keys."""
+    cfg, state = read_dac_checkpoint(path)
+    if cfg != DAC_16KHZ:
+        raise CodecUnavailable(
+            f"{path} is a DAC {cfg.sample_rate} Hz model ({cfg.n_codebooks} codebooks, hop {cfg.hop_length}), "
+            f"not DAC 16 kHz: --codec dac_16khz needs the release's {DAC_16KHZ_FILE}")
+    model = DAC(cfg)
+    missing, unexpected = _key_mismatch(model, state)
+    if missing or unexpected:
+        raise CodecUnavailable(
+            f"{path} is not a DAC 16 kHz state dict: {len(missing)} keys missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CodecUnavailable(f"{path} does not fit DAC 16 kHz: {' '.join(str(e).split())[:200]}") from None
+    return model
+
+
+def _key_mismatch(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    ours = set(model.state_dict())
+    return sorted(ours - set(state)), sorted(set(state) - ours)
+
+
+def download_release() -> str:
+    """The package's cached release file, downloaded from its release URL when absent (needs a network)."""
+    path = package_cache_path()
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(DAC_16KHZ_URL, path, progress=False)
+        except Exception as e:
+            raise CodecUnavailable(
+                f"cannot load DAC 16 kHz weights: no --codec-checkpoint given and the download of "
+                f"{DAC_16KHZ_URL} failed ({type(e).__name__}; no network?). Pass --codec-checkpoint "
+                f"PATH/{DAC_16KHZ_FILE}, or --codec dac_16khz_random for an untrained codec (tests only)."
+            ) from None
+    return path
+
+
+@torch.no_grad()
+def random_dac(seed: int) -> DAC:
+    """DAC 16 kHz with weights from SHAKE-256 of (seed, parameter name): the same bits everywhere.
+    Convs: direction uniform in torch's default range (+-1/sqrt(fan_in)), gain the direction's expected
+    norm (no float reduction), bias 0 (the package's init); Snake alpha 1 (the package's init); codebooks
+    near-Gaussian, so their normalized vectors are random directions in the 8-d code space."""
+    with torch.device("meta"):  # the architecture only: no torch init, no draw from the global RNG
+        model = DAC(DAC_16KHZ)
+    model = model.to_empty(device="cpu")
+    for name, mod in model.named_modules():
+        if isinstance(mod, WNConv):
+            fan_in = mod.weight_v[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            _set(mod.weight_v, _symmetric(seed, f"dac.{name}.weight_v", mod.weight_v.numel(), bound))
+            mod.weight_g.fill_(bound * math.sqrt(fan_in / 3.0))
+            mod.bias.zero_()
+        elif isinstance(mod, torch.nn.Embedding):
+            _set(mod.weight, _normal(seed, f"dac.{name}.weight", mod.weight.numel()))
+        elif hasattr(mod, "alpha"):
+            mod.alpha.fill_(1.0)
+    return model
