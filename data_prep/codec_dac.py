@@ -15,6 +15,7 @@ module by scripts/check_dac_reference.py); the descript-audio-codec package is n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -26,6 +27,7 @@ from data_prep.random_codec import _normal, _set, _symmetric
 DAC_16KHZ_URL = "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.5/weights_16khz.pth"
 DAC_16KHZ_FILE = "weights_16khz.pth"
 DAC_RANDOM_INIT = 1  # versions the construction of dac_16khz_random (info()["random_init"])
+OUT_PROJ_GAIN = 2.0**-5  # dac_16khz_random: the quantizers' out_proj gain (see random_dac)
 
 
 class CodecUnavailable(RuntimeError):
@@ -47,7 +49,8 @@ def read_dac_checkpoint(path: str) -> tuple[DACConfig, dict]:
         raise CodecUnavailable(f"cannot load DAC checkpoint {path}: {type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]}") from None
     if not isinstance(blob, dict):
-        raise CodecUnavailable(f"cannot load DAC checkpoint {path}: expected a dict, got {type(blob).__name__}")
+        raise CodecUnavailable(f"cannot load DAC checkpoint {path}: expected a dict, got "
+                               f"{type(blob).__name__}")
     if "state_dict" in blob:
         kwargs = (blob.get("metadata") or {}).get("kwargs") or {}
         return config_from_kwargs(kwargs) if kwargs else DAC_16KHZ, normalize_keys(blob["state_dict"])
@@ -59,8 +62,8 @@ def load_dac_checkpoint(path: str) -> DAC:
     cfg, state = read_dac_checkpoint(path)
     if cfg != DAC_16KHZ:
         raise CodecUnavailable(
-            f"{path} is a DAC {cfg.sample_rate} Hz model ({cfg.n_codebooks} codebooks, hop {cfg.hop_length}), "
-            f"not DAC 16 kHz: --codec dac_16khz needs the release's {DAC_16KHZ_FILE}")
+            f"{path} is a DAC {cfg.sample_rate} Hz model ({cfg.n_codebooks} codebooks, hop "
+            f"{cfg.hop_length}), not DAC 16 kHz: --codec dac_16khz needs the release's {DAC_16KHZ_FILE}")
     model = DAC(cfg)
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
@@ -100,7 +103,11 @@ def random_dac(seed: int) -> DAC:
     """DAC 16 kHz with weights from SHAKE-256 of (seed, parameter name): the same bits everywhere.
     Convs: direction uniform in torch's default range (+-1/sqrt(fan_in)), gain the direction's expected
     norm (no float reduction), bias 0 (the package's init); Snake alpha 1 (the package's init); codebooks
-    near-Gaussian, so their normalized vectors are random directions in the 8-d code space."""
+    near-Gaussian, so their normalized vectors are random directions in the 8-d code space. The quantizers'
+    out_proj gains are OUT_PROJ_GAIN of that: each codebook's contribution then has the scale of the
+    encoder's latent (RMS ~0.02 at speech level), so codebook k > 0 quantizes what is left of the audio and
+    not mostly the vectors of the codebooks before it (on a 2 s tone: 42-71 distinct codes per codebook
+    instead of 25-36)."""
     with torch.device("meta"):  # the architecture only: no torch init, no draw from the global RNG
         model = DAC(DAC_16KHZ)
     model = model.to_empty(device="cpu")
@@ -109,10 +116,92 @@ def random_dac(seed: int) -> DAC:
             fan_in = mod.weight_v[0].numel()
             bound = 1.0 / math.sqrt(fan_in)
             _set(mod.weight_v, _symmetric(seed, f"dac.{name}.weight_v", mod.weight_v.numel(), bound))
-            mod.weight_g.fill_(bound * math.sqrt(fan_in / 3.0))
+            gain = OUT_PROJ_GAIN if name.endswith(".out_proj") else 1.0
+            mod.weight_g.fill_(gain * bound * math.sqrt(fan_in / 3.0))
             mod.bias.zero_()
         elif isinstance(mod, torch.nn.Embedding):
             _set(mod.weight, _normal(seed, f"dac.{name}.weight", mod.weight.numel()))
         elif hasattr(mod, "alpha"):
             mod.alpha.fill_(1.0)
     return model
+
+
+def load_dac_model(name: str, checkpoint: str | None = None, seed: int = 0) -> DAC:
+    """name "dac_16khz": the release (checkpoint, else the package's cache/download); "dac_16khz_random"."""
+    if name == "dac_16khz_random":
+        return random_dac(seed)
+    return load_dac_checkpoint(checkpoint or download_release())
+
+
+class DacCodec:
+    """DAC 16 kHz behind the codec interface: encode wav [B, 1, S] at 16 kHz -> codes [B, 12, ceil(S / 320)];
+    decode codes [B, 12, T] -> wav [B, 1, T * 320] (the decoder gives T * 320 - 8 samples, as the package's;
+    the last 8 are zero-padded so lengths match the other backends)."""
+
+    def __init__(self, model: DAC, name: str, checkpoint: str | None = None, seed: int | None = None):
+        self.model, self.name, self.checkpoint, self.seed = model.eval(), name, checkpoint, seed
+        cfg = model.cfg
+        self.sample_rate, self.hop_length = cfg.sample_rate, cfg.hop_length
+        self.frame_rate = cfg.sample_rate // cfg.hop_length
+        self.num_codebooks, self.codebook_size = cfg.n_codebooks, cfg.codebook_size
+        self.bandwidth = self.num_codebooks * math.log2(self.codebook_size) * self.frame_rate / 1000  # kbps
+        self.trained = name != "dac_16khz_random"
+        self.encode_dtype = torch.float32
+        self._fingerprint = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def num_frames(self, num_samples: int) -> int:
+        return int(math.ceil(num_samples / self.hop_length))
+
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"encode expects wav [B, 1, S], got {tuple(wav.shape)}")
+        x = wav.to(self.device, torch.float32)
+        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % self.hop_length))
+        if self.encode_dtype == torch.float32:
+            z = self.model.encoder(x)
+        else:
+            with torch.autocast(self.device.type, dtype=self.encode_dtype):
+                z = self.model.encoder(x).float()
+            if not torch.isfinite(z).all():
+                z = self.model.encoder(x)
+        return self.model.quantizer.encode(z).long()
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dim() != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"decode expects codes [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, "
+                             f"{codes.max()}]")
+        wav = self.model.decode(codes.to(self.device))
+        return torch.nn.functional.pad(wav, (0, codes.shape[-1] * self.hop_length - wav.shape[-1]))
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = state_fingerprint(self.model)
+        return self._fingerprint
+
+    def info(self) -> dict:
+        out = {"name": self.name, "trained": self.trained, "bandwidth": self.bandwidth,
+               "sample_rate": self.sample_rate, "frame_rate": self.frame_rate, "hop_length": self.hop_length,
+               "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
+               "checkpoint": self.checkpoint, "seed": self.seed, "fingerprint": self.fingerprint()}
+        if not self.trained:
+            out["random_init"] = DAC_RANDOM_INIT
+            out["label"] = (f"UNTRAINED codec: DAC 16 kHz architecture, random weights (seed {self.seed}); "
+                            "its codes carry no learned audio structure - for tests only")
+        return out
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -113,8 +113,8 @@ def _residual_units(dim: int) -> list[nn.Module]:
 class EncoderBlock(nn.Module):
     def __init__(self, dim: int, stride: int):
         super().__init__()
-        self.block = nn.Sequential(*_residual_units(dim // 2), Snake1d(dim // 2),
-                                   WNConv(dim // 2, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+        down = WNConv(dim // 2, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2))
+        self.block = nn.Sequential(*_residual_units(dim // 2), Snake1d(dim // 2), down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -222,7 +222,8 @@ class DAC(nn.Module):
         return self.decoder(self.quantizer.decode(codes))
 
 
-_PARAMETRIZED = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+_PARAMETRIZED = {"parametrizations.weight.original0": "weight_g",
+                 "parametrizations.weight.original1": "weight_v"}
 
 
 def normalize_keys(state: dict) -> dict:
@@ -245,5 +246,6 @@ def config_from_kwargs(kwargs: dict) -> DACConfig:
         if k in kw:
             kw[k] = tuple(int(r) for r in kw[k])
     if "latent_dim" not in kw:
-        kw["latent_dim"] = kw.get("encoder_dim", 64) * 2 ** len(kw.get("encoder_rates", DAC_16KHZ.encoder_rates))
+        rates = kw.get("encoder_rates", DAC_16KHZ.encoder_rates)
+        kw["latent_dim"] = kw.get("encoder_dim", DAC_16KHZ.encoder_dim) * 2 ** len(rates)
     return DACConfig(**kw)
