@@ -27,11 +27,12 @@ import torch
 
 
 def resolve_train_mix(data_cfg) -> str:
-    """The mix.json to read: data.train, or the built-in demo corpus's mixture `data.demo_mix`."""
+    """The mix.json to read: data.train, or the mixture `data.demo_mix` of the built-in corpus
+    `data.builtin` (built on first use)."""
     if data_cfg.train is not None:
         return data_cfg.train
-    from data_prep.demo import ensure_demo_data
-    paths = ensure_demo_data()
+    from data_prep.demo import BUILTIN
+    paths = BUILTIN[data_cfg.builtin]()
     if data_cfg.demo_mix not in paths:
         from training.config import ConfigError
         raise ConfigError(f"data.demo_mix={data_cfg.demo_mix!r} is not a demo mixture; "

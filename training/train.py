@@ -201,6 +201,7 @@ def train(cfg, out: str, max_steps: int | None = None, resume: str | None = None
         reader = open_reader(cfg.data, mix_path)
         from data_prep.text import load_tokenizer
         info = dict(reader.codec_info)
+        cfg.check_codec(info, mix_path)
         model_cfg = cfg.model_config(text_vocab_size=load_tokenizer(reader.tokenizer_path).vocab_size,
                                      num_codebooks=info.get("num_codebooks"),
                                      codebook_size=info.get("codebook_size"))
