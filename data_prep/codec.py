@@ -1,8 +1,10 @@
-"""Audio codec behind one interface: EnCodec 24 kHz (trained weights) or the same architecture untrained.
+"""Audio codecs behind one interface (data_prep/codec_base.py), found by name (data_prep/codec_registry.py);
+this module loads them and holds the EnCodec 24 kHz backend (trained weights) and its untrained twin.
 
     codec = load_codec("encodec_24khz", bandwidth=6.0, checkpoint="encodec_24khz-d7cc33bc.th")
     codes = codec.encode(wav)     # wav [B, 1, S] float at codec.sample_rate -> codes [B, K, T] long
     wav = codec.decode(codes)     # [B, K, T] -> [B, 1, S]
+    codec = load_codec_from_info(shards_json["codec"])   # the codec prep recorded; fingerprint checked
 
 The torchaudio pitfall: `encodec` imports torchaudio at import time but only uses it in
 `convert_audio`/`save_audio`, which we never call (WAV I/O is soundfile, resampling is data_prep.audio).
@@ -27,24 +29,22 @@ codec has none, and is refused with a message to re-run prep (check_codec_info).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import math
+import os
 import sys
 import types
 import warnings
-from dataclasses import dataclass
 
 import torch
 
+from data_prep.codec_base import AudioCodec, CodecUnavailable, fingerprint_state
+from data_prep.codec_registry import REBUILDS_DEFAULT, backend_loader, codec_names
 from data_prep.random_codec import RANDOM_INIT, init_random_codebooks, init_random_weights
 
-CODECS = ("encodec_24khz", "random")
+__all__ = ["AudioCodec", "Codec", "CodecUnavailable", "EncodecCodec", "load_codec", "load_codec_from_info"]
+CODECS = codec_names()
 ENCODEC_24KHZ_CHECKPOINT = "encodec_24khz-d7cc33bc.th"
-
-
-class CodecUnavailable(RuntimeError):
-    """The codec's weights cannot be loaded; the message is one line saying what to do."""
+Codec = AudioCodec  # the type every backend's codec has (kept for older call sites)
 
 
 class TorchaudioUnavailable(RuntimeError):
@@ -102,11 +102,11 @@ def resolve_encode_dtype(device: str | torch.device, name: str = "auto") -> torc
     return dtypes[name]
 
 
-def set_encode_dtype(codec: "Codec", dtype: torch.dtype) -> None:
+def set_encode_dtype(codec: AudioCodec, dtype: torch.dtype) -> None:
     codec.encode_dtype = dtype
 
 
-def _run_encoder(codec: "Codec", wav: torch.Tensor) -> torch.Tensor:
+def _run_encoder(codec: "EncodecCodec", wav: torch.Tensor) -> torch.Tensor:
     """The encoder's embeddings (float32) for wav [B, 1, S], under autocast when encode_dtype asks for it."""
     x = wav.to(codec.device, torch.float32)
     if codec.encode_dtype == torch.float32:
@@ -116,18 +116,15 @@ def _run_encoder(codec: "Codec", wav: torch.Tensor) -> torch.Tensor:
     return emb if torch.isfinite(emb).all() else codec.model.encoder(x)
 
 
-@dataclass
-class Codec:
-    """A loaded codec: `model` is an encodec.EncodecModel in eval mode."""
+class EncodecCodec(AudioCodec):
+    """EnCodec 24 kHz ("encodec_24khz", trained weights) or its random twin ("random"): `model` is an
+    encodec.EncodecModel in eval mode."""
 
-    model: torch.nn.Module
-    name: str
-    bandwidth: float
-    checkpoint: str | None = None
-    seed: int | None = None
-    encode_dtype: torch.dtype = torch.float32  # the encoder's precision (set_encode_dtype)
-
-    def __post_init__(self):
+    def __init__(self, model: torch.nn.Module, name: str, bandwidth: float, checkpoint: str | None = None,
+                 seed: int | None = None):
+        self.model, self.name, self.bandwidth = model, name, bandwidth
+        self.checkpoint, self.seed = checkpoint, seed
+        self.encode_dtype = torch.float32  # the encoder's precision (set_encode_dtype)
         self.model.set_target_bandwidth(self.bandwidth)
         self.sample_rate = int(self.model.sample_rate)
         self.frame_rate = int(self.model.frame_rate)
@@ -143,60 +140,33 @@ class Codec:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def num_frames(self, num_samples: int) -> int:
-        return int(math.ceil(num_samples / self.hop_length))
-
     @torch.inference_mode()
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav [B, 1, S] at sample_rate -> codes [B, K, T] long, T = ceil(S / hop)."""
-        if wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"encode expects wav [B, 1, S], got {tuple(wav.shape)}")
+    def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         emb = _run_encoder(self, wav)
         codes = self.model.quantizer.encode(emb, self.model.frame_rate, self.bandwidth)  # [K, B, T]
         return codes.transpose(0, 1).long()
 
     @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, K, T] -> wav [B, 1, T * hop]."""
-        if codes.dim() != 3 or codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"decode expects codes [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(
-                f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, {codes.max()}]"
-            )
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         emb = self.model.quantizer.decode(codes.to(self.device).transpose(0, 1))
         return self.model.decoder(emb)[..., : codes.shape[-1] * self.hop_length]
 
     def fingerprint(self) -> str:
         """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for k, v in sorted(self.model.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint_state(self.model.state_dict())
         return self._fingerprint
 
-    def info(self) -> dict:
-        out = {
-            "name": self.name,
-            "trained": self.trained,
-            "bandwidth": self.bandwidth,
-            "sample_rate": self.sample_rate,
-            "frame_rate": self.frame_rate,
-            "num_codebooks": self.num_codebooks,
-            "codebook_size": self.codebook_size,
-            "checkpoint": self.checkpoint,
-            "seed": self.seed,
-            "fingerprint": self.fingerprint(),
-        }
-        if not self.trained:
-            out["random_init"] = RANDOM_INIT
-            out["label"] = (
+    def extra_info(self) -> dict:
+        if self.trained:
+            return {}
+        return {
+            "random_init": RANDOM_INIT,
+            "label": (
                 f"UNTRAINED codec: EnCodec 24 kHz architecture, random weights (seed {self.seed}); "
                 "its codes carry no learned audio structure - for tests and the demo only"
-            )
-        return out
+            ),
+        }
 
 
 def _random_model(encodec, seed: int):
@@ -244,17 +214,11 @@ def _build(encodec, name: str, checkpoint: str | None, seed: int):
     return model
 
 
-def load_codec(
-    name: str = "encodec_24khz",
-    bandwidth: float = 6.0,
-    checkpoint: str | None = None,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> Codec:
-    """Build a codec. name: "encodec_24khz" (trained weights from `checkpoint`, else the package's
-    download) or "random" (untrained, deterministic from `seed`). Raises CodecUnavailable / ValueError."""
-    if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}: choose one of {', '.join(CODECS)}")
+def load_encodec(name: str, checkpoint: str | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                 bandwidth: float | None = 6.0) -> EncodecCodec:
+    """The registry's loader of "encodec_24khz" (trained weights from `checkpoint`, else the package's
+    download) and "random" (untrained, deterministic from `seed`)."""
+    bandwidth = 6.0 if bandwidth is None else bandwidth
     encodec = import_encodec()
     with warnings.catch_warnings():  # encodec's weight_norm deprecation notice, once per model build
         warnings.simplefilter("ignore", FutureWarning)
@@ -263,9 +227,23 @@ def load_codec(
     valid = [b for b in model.target_bandwidths]
     if bandwidth not in valid:
         raise ValueError(f"bandwidth {bandwidth} not supported by EnCodec 24 kHz: choose one of {valid}")
-    return Codec(
+    return EncodecCodec(
         model, name, float(bandwidth), checkpoint=checkpoint, seed=seed if name == "random" else None
     )
+
+
+def load_codec(
+    name: str = "encodec_24khz",
+    bandwidth: float | None = 6.0,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> AudioCodec:
+    """Build codec `name` (see data_prep/codec_registry.py for the names): "encodec_24khz" (trained weights
+    from `checkpoint`, else the package's download), "random" (untrained, deterministic from `seed`), ...
+    Raises CodecUnavailable / ValueError with a message saying what to do."""
+    loader = backend_loader(name)
+    return loader(name=name, checkpoint=checkpoint, device=device, seed=seed, bandwidth=bandwidth)
 
 
 def check_codec_info(info: dict, where: str) -> None:
@@ -283,13 +261,19 @@ def check_codec_info(info: dict, where: str) -> None:
 
 def load_codec_from_info(
     info: dict, checkpoint: str | None = None, device: str | torch.device = "cpu", where: str = "the data"
-) -> Codec:
+) -> AudioCodec:
     """Rebuild the codec recorded by prep (shards.json / mix.json "codec"); checks the fingerprint."""
     check_codec_info(info, where)
+    if info.get("name") not in CODECS:
+        raise CodecUnavailable(f"{where} was made with codec {info.get('name')!r}, which this unimoe-audio "
+                               f"does not have (codecs: {', '.join(CODECS)}): use the version that made it")
+    recorded = info.get("checkpoint")
+    if checkpoint is None and recorded and info["name"] in REBUILDS_DEFAULT and not os.path.exists(recorded):
+        recorded = None  # its file is gone: the backend's own default, if the fingerprint says it is the same
     codec = load_codec(
         info["name"],
-        info["bandwidth"],
-        checkpoint or info.get("checkpoint"),
+        info.get("bandwidth"),
+        checkpoint or recorded,
         device,
         seed=info.get("seed") or 0,
     )

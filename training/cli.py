@@ -113,7 +113,9 @@ def _prep_args(p):
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: <out>/../spm.model)")
-    p.add_argument("--codec", default="encodec_24khz", choices=["encodec_24khz", "random"])
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("--codec", default="encodec_24khz", choices=codec_names())
     p.add_argument("--bandwidth", type=float, default=6.0)
     p.add_argument("--codec-checkpoint", default=None)
     p.add_argument("--workers", type=int, default=1, help="decode processes (0: decode in this process)")
