@@ -13,6 +13,8 @@ import importlib
 BACKENDS = {
     "encodec_24khz": "data_prep.codec:load_encodec",
     "random": "data_prep.codec:load_encodec",
+    "dac_16khz": "data_prep.dac_codec:load_dac",
+    "dac_16khz_random": "data_prep.dac_codec:load_dac",
 }
 # Backends that rebuild their default weights themselves when load_codec gets no checkpoint (the demo
 # codec refits deterministically): load_codec_from_info falls back to that default when the file a

@@ -7,7 +7,7 @@ numbers), without installing the package or its dependencies (audiotools, torcha
 It builds the package's `dac.DAC(**16 kHz kwargs)` with its own random init (audiotools replaced by a
 stand-in module: DAC only needs nn.Module from it), saves it in the release's format ({"state_dict",
 "metadata": {"kwargs"}}, as audiotools' BaseModel.save(package=False) writes weights_16khz.pth), loads that
-file with data_prep.codec_dac (weights_only=True), and compares the state-dict keys and shapes, the codes
+file with data_prep.dac_codec (weights_only=True), and compares the state-dict keys and shapes, the codes
 of a 1.3 s signal and the decoded audio.
 """
 
@@ -48,7 +48,7 @@ def main(src: str) -> int:
     sys.path.insert(0, src)
     from dac.model.dac import DAC as PackageDAC  # the package's module, from its wheel's source
 
-    from data_prep.codec_dac import load_dac_checkpoint
+    from data_prep.dac_codec import load_dac_checkpoint
     from data_prep.dac_model import DAC_16KHZ
 
     torch.manual_seed(0)

@@ -15,23 +15,22 @@ module by scripts/check_dac_reference.py); the descript-audio-codec package is n
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 
+from data_prep.codec import _run_encoder
+from data_prep.codec_base import AudioCodec, CodecUnavailable, fingerprint_state
 from data_prep.dac_model import DAC, DAC_16KHZ, DACConfig, WNConv, config_from_kwargs, normalize_keys
 from data_prep.random_codec import _normal, _set, _symmetric
 
 DAC_16KHZ_URL = "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.5/weights_16khz.pth"
 DAC_16KHZ_FILE = "weights_16khz.pth"
+DAC_16KHZ_KBPS = 6.0
 DAC_RANDOM_INIT = 1  # versions the construction of dac_16khz_random (info()["random_init"])
 OUT_PROJ_GAIN = 2.0**-5  # dac_16khz_random: the quantizers' out_proj gain (see random_dac)
-
-
-class CodecUnavailable(RuntimeError):
-    """The codec's weights cannot be loaded; the message is one line saying what to do."""
 
 
 def package_cache_path() -> str:
@@ -126,17 +125,10 @@ def random_dac(seed: int) -> DAC:
     return model
 
 
-def load_dac_model(name: str, checkpoint: str | None = None, seed: int = 0) -> DAC:
-    """name "dac_16khz": the release (checkpoint, else the package's cache/download); "dac_16khz_random"."""
-    if name == "dac_16khz_random":
-        return random_dac(seed)
-    return load_dac_checkpoint(checkpoint or download_release())
-
-
-class DacCodec:
-    """DAC 16 kHz behind the codec interface: encode wav [B, 1, S] at 16 kHz -> codes [B, 12, ceil(S / 320)];
-    decode codes [B, 12, T] -> wav [B, 1, T * 320] (the decoder gives T * 320 - 8 samples, as the package's;
-    the last 8 are zero-padded so lengths match the other backends)."""
+class DacCodec(AudioCodec):
+    """DAC 16 kHz behind the codec interface: encode wav [B, 1, S] at 16 kHz -> codes [B, 12, ceil(S / 320)]
+    (right-padded to whole hops, as the package's); decode codes [B, 12, T] -> wav [B, 1, T * 320] (the
+    decoder gives T * 320 - 8 samples, as the package's; the last 8 are zero-padded)."""
 
     def __init__(self, model: DAC, name: str, checkpoint: str | None = None, seed: int | None = None):
         self.model, self.name, self.checkpoint, self.seed = model.eval(), name, checkpoint, seed
@@ -144,53 +136,32 @@ class DacCodec:
         self.sample_rate, self.hop_length = cfg.sample_rate, cfg.hop_length
         self.frame_rate = cfg.sample_rate // cfg.hop_length
         self.num_codebooks, self.codebook_size = cfg.n_codebooks, cfg.codebook_size
-        self.bandwidth = self.num_codebooks * math.log2(self.codebook_size) * self.frame_rate / 1000  # kbps
+        self.bandwidth = self.num_codebooks * math.log2(self.codebook_size) * self.frame_rate / 1000  # 6 kbps
         self.trained = name != "dac_16khz_random"
-        self.encode_dtype = torch.float32
+        self.encode_dtype = torch.float32  # the encoder's precision (data_prep.codec.set_encode_dtype)
         self._fingerprint = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def num_frames(self, num_samples: int) -> int:
-        return int(math.ceil(num_samples / self.hop_length))
+    @torch.inference_mode()
+    def _encode(self, wav: torch.Tensor) -> torch.Tensor:
+        wav = F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
+        return self.model.quantizer.encode(_run_encoder(self, wav)).long()
 
     @torch.inference_mode()
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        if wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"encode expects wav [B, 1, S], got {tuple(wav.shape)}")
-        x = wav.to(self.device, torch.float32)
-        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % self.hop_length))
-        if self.encode_dtype == torch.float32:
-            z = self.model.encoder(x)
-        else:
-            with torch.autocast(self.device.type, dtype=self.encode_dtype):
-                z = self.model.encoder(x).float()
-            if not torch.isfinite(z).all():
-                z = self.model.encoder(x)
-        return self.model.quantizer.encode(z).long()
-
-    @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.dim() != 3 or codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"decode expects codes [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, "
-                             f"{codes.max()}]")
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         wav = self.model.decode(codes.to(self.device))
-        return torch.nn.functional.pad(wav, (0, codes.shape[-1] * self.hop_length - wav.shape[-1]))
+        return F.pad(wav, (0, codes.shape[-1] * self.hop_length - wav.shape[-1]))
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = state_fingerprint(self.model)
+            self._fingerprint = fingerprint_state(self.model.state_dict())
         return self._fingerprint
 
-    def info(self) -> dict:
-        out = {"name": self.name, "trained": self.trained, "bandwidth": self.bandwidth,
-               "sample_rate": self.sample_rate, "frame_rate": self.frame_rate, "hop_length": self.hop_length,
-               "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
-               "checkpoint": self.checkpoint, "seed": self.seed, "fingerprint": self.fingerprint()}
+    def extra_info(self) -> dict:
+        out = {"hop_length": self.hop_length}
         if not self.trained:
             out["random_init"] = DAC_RANDOM_INIT
             out["label"] = (f"UNTRAINED codec: DAC 16 kHz architecture, random weights (seed {self.seed}); "
@@ -198,10 +169,15 @@ class DacCodec:
         return out
 
 
-def state_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def load_dac(name: str, checkpoint: str | None = None, device: str | torch.device = "cpu", seed: int = 0,
+             bandwidth: float | None = None) -> DacCodec:
+    """The registry's loader of "dac_16khz" (the release from `checkpoint`, else the package's cache or
+    download) and "dac_16khz_random" (untrained, deterministic from `seed`). DAC 16 kHz has one bandwidth,
+    6 kbps (12 codebooks x 10 bits x 50 Hz): another one is refused."""
+    if bandwidth is not None and float(bandwidth) != DAC_16KHZ_KBPS:
+        raise ValueError(f"bandwidth {bandwidth} not supported by DAC 16 kHz: it has one, "
+                         f"{DAC_16KHZ_KBPS} kbps (12 codebooks)")
+    if name == "dac_16khz_random":
+        return DacCodec(random_dac(seed).to(device), name, seed=seed)
+    path = checkpoint or download_release()
+    return DacCodec(load_dac_checkpoint(path).to(device), name, checkpoint=path)
