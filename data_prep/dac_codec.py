@@ -15,16 +15,18 @@ module by scripts/check_dac_reference.py); the descript-audio-codec package is n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_prep.codec import _run_encoder
 from data_prep.codec_base import AudioCodec, CodecUnavailable, fingerprint_state
 from data_prep.dac_model import DAC, DAC_16KHZ, DACConfig, WNConv, config_from_kwargs, normalize_keys
-from data_prep.random_codec import _normal, _set, _symmetric
+from data_prep.random_codec import _normal, _set
 
 DAC_16KHZ_URL = "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.5/weights_16khz.pth"
 DAC_16KHZ_FILE = "weights_16khz.pth"
@@ -97,6 +99,15 @@ def download_release() -> str:
     return path
 
 
+def _symmetric32(seed: int, name: str, n: int, bound: float) -> np.ndarray:
+    """n float32 values uniform in (-bound, bound) from SHAKE-256 of (seed, name), computed exactly: odd
+    integers in (-2^23, 2^23) (exact in float32) times one float32 scale (one correctly rounded product
+    each), so every machine gets the same bits, 4x faster than the float64 path of random_codec."""
+    raw = hashlib.shake_256(f"unimoe-random-dac/{seed}/{name}".encode()).digest(4 * n)
+    odd = (np.frombuffer(raw, dtype="<u4") >> 9).astype(np.int32) * 2 + (1 - 2**23)
+    return odd.astype(np.float32) * np.float32(bound * 2.0**-23)
+
+
 @torch.no_grad()
 def random_dac(seed: int) -> DAC:
     """DAC 16 kHz with weights from SHAKE-256 of (seed, parameter name): the same bits everywhere.
@@ -114,7 +125,8 @@ def random_dac(seed: int) -> DAC:
         if isinstance(mod, WNConv):
             fan_in = mod.weight_v[0].numel()
             bound = 1.0 / math.sqrt(fan_in)
-            _set(mod.weight_v, _symmetric(seed, f"dac.{name}.weight_v", mod.weight_v.numel(), bound))
+            mod.weight_v.copy_(torch.from_numpy(_symmetric32(seed, name, mod.weight_v.numel(), bound))
+                               .view_as(mod.weight_v))
             gain = OUT_PROJ_GAIN if name.endswith(".out_proj") else 1.0
             mod.weight_g.fill_(gain * bound * math.sqrt(fan_in / 3.0))
             mod.bias.zero_()
