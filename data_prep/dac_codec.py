@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.codec import _run_encoder
-from data_prep.codec_base import AudioCodec, CodecUnavailable, fingerprint_state
+from data_prep.codec_base import CodecUnavailable, ModelCodec
 from data_prep.dac_model import DAC, DAC_16KHZ, DACConfig, WNConv, config_from_kwargs, normalize_keys
 from data_prep.random_codec import _normal, _set
 
@@ -137,7 +137,7 @@ def random_dac(seed: int) -> DAC:
     return model
 
 
-class DacCodec(AudioCodec):
+class DacCodec(ModelCodec):
     """DAC 16 kHz behind the codec interface: encode wav [B, 1, S] at 16 kHz -> codes [B, 12, ceil(S / 320)]
     (right-padded to whole hops, as the package's); decode codes [B, 12, T] -> wav [B, 1, T * 320] (the
     decoder gives T * 320 - 8 samples, as the package's; the last 8 are zero-padded)."""
@@ -151,11 +151,6 @@ class DacCodec(AudioCodec):
         self.bandwidth = self.num_codebooks * math.log2(self.codebook_size) * self.frame_rate / 1000  # 6 kbps
         self.trained = name != "dac_16khz_random"
         self.encode_dtype = torch.float32  # the encoder's precision (data_prep.codec.set_encode_dtype)
-        self._fingerprint = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.inference_mode()
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
@@ -166,11 +161,6 @@ class DacCodec(AudioCodec):
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         wav = self.model.decode(codes.to(self.device))
         return F.pad(wav, (0, codes.shape[-1] * self.hop_length - wav.shape[-1]))
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint_state(self.model.state_dict())
-        return self._fingerprint
 
     def extra_info(self) -> dict:
         out = {"hop_length": self.hop_length}
