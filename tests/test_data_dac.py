@@ -187,6 +187,19 @@ def test_encodec_mix_given_to_the_12_codebook_config_names_both(tmp_path):
     assert delays == (0, 8, 9, 10, 11, 12, 13, 14)
 
 
+def test_a_stage_refuses_runs_trained_on_another_codec_layout():
+    from training.checkpoint.manifest import CheckpointError
+    from training.checkpoint.weights import check_codebooks
+    model_cfg = load_config(PAPER_DAC).model_config(text_vocab_size=64)  # 12 codebooks (DAC data)
+    encodec_run = {"model_config": {"num_codebooks": 8, "codebook_size": 1024},
+                   "codec_info": {"name": "encodec_24khz", "num_codebooks": 8}}
+    pattern = (r"runs/speech was trained on codec 'encodec_24khz' \(8 codebooks of 1024 codes\) but this "
+               r"stage's model has 12 codebooks of 1024")
+    with pytest.raises(CheckpointError, match=pattern):
+        check_codebooks(encodec_run, model_cfg, "runs/speech")
+    check_codebooks({"model_config": {"num_codebooks": 12, "codebook_size": 1024}}, model_cfg, "runs/dac")
+
+
 def test_paper_dac_config_is_the_papers_layout():
     cfg = load_config(PAPER_DAC)
     cfg.validate(world_size=1)
