@@ -13,13 +13,14 @@ import importlib
 BACKENDS = {
     "encodec_24khz": "data_prep.codec:load_encodec",
     "random": "data_prep.codec:load_encodec",
+    "demo": "data_prep.demo_codec:load_demo_codec",
     "dac_16khz": "data_prep.dac_codec:load_dac",
     "dac_16khz_random": "data_prep.dac_codec:load_dac",
 }
 # Backends that rebuild their default weights themselves when load_codec gets no checkpoint (the demo
 # codec refits deterministically): load_codec_from_info falls back to that default when the file a
 # record names is gone, and the fingerprint check decides whether it is the same codec.
-REBUILDS_DEFAULT: set[str] = set()
+REBUILDS_DEFAULT = {"demo"}
 
 
 def codec_names() -> tuple[str, ...]:

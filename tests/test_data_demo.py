@@ -69,7 +69,8 @@ def test_default_demo_data_is_usable():
     r = MixtureReader(paths["train_balanced"])
     sample = r[0]
     assert sample["codes"].shape[0] == 8 and len(sample["text_ids"]) > 0
-    assert r.codec_info["trained"] is False
+    assert r.codec_info["name"] == "demo" and r.codec_info["trained"] is True  # audible after decoding
+    assert os.path.isfile(r.codec_info["checkpoint"])  # the fitted file, which an exported bundle copies
     assert MixtureReader(paths["seed_balanced"]).mix["counts"] == {"speech": 16, "music": 16}
     assert MixtureReader(paths["train_speech"]).mix["counts"] == {"speech": 48}
     assert MixtureReader(paths["valid"]).mix["counts"] == {"speech": 8, "music": 8}

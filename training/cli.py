@@ -139,6 +139,20 @@ def _prep_args(p):
                    help="padded audio seconds per codec batch (default: 16 on CPU, 300 on CUDA)")
 
 
+def _codec_roundtrip_args(p):
+    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
+
+    p.add_argument("input", help="audio file to encode (mixed to mono, resampled to the codec's rate)")
+    p.add_argument("output", help="WAV of the reconstruction (at the codec's rate)")
+    p.add_argument("--codec", required=True, choices=codec_names())
+    p.add_argument("--codec-checkpoint", default=None, help="local codec weights (default: the codec's own)")
+    p.add_argument("--task", default="speech", choices=["speech", "music"],
+                   help="speech adds the speech scores (DNSMOS, WER) where training/eval/audio_metrics.py is")
+    p.add_argument("--text", default=None, help="the transcript, for WER/CER")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+
 def _verify_args(p):
     p.add_argument("path", help="a prep output directory (shards.json) or a mix.json")
 
@@ -232,6 +246,8 @@ COMMANDS = [
             _tokenizer_args),
     Command(("data", "prep"), "data_prep.prep:run_cli", "audio checks, codec + text tokens, shards",
             _prep_args),
+    Command(("codec", "roundtrip"), "training.eval.codec_roundtrip:run_cli",
+            "encode + decode one file: SC, LSD (and speech scores)", _codec_roundtrip_args),
     Command(("data", "mix"), "data_prep.mix:run_cli", "balanced speech/music mixture", _mix_args),
     Command(("data", "verify"), "data_prep.verify:run_cli", "full sha256 check of shards or a mixture",
             _verify_args),

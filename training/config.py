@@ -35,7 +35,7 @@ class DataConfig:
     train: str | None = None  # mix.json of the training mixture; null = a built-in corpus (tiny configs)
     demo_mix: str = "train_balanced"  # which built-in mixture when train is null (data_prep.demo.MIXES)
     # the built-in corpus when train is null (data_prep.demo.BUILTIN): "demo" (espeak-ng speech + rendered
-    # music, random EnCodec 24 kHz) or "fixtures_dac" (numpy fixture clips, random DAC 16 kHz, 12 codebooks)
+    # music, the demo codec) or "fixtures_dac" (numpy fixture clips, random DAC 16 kHz, 12 codebooks)
     builtin: str = "demo"
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     micro_batch_size: int | None = None  # per rank and forward pass; default global / dp (no accumulation)
