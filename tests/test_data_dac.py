@@ -261,3 +261,8 @@ def test_prep_mix_train_generate_on_dac_tokens(tmp_path):
     audio, sr = sf.read(wav_path)
     assert sr == 16000 and 0 < len(audio) <= int(0.6 * 16000) + 320 and len(audio) % 320 == 0
     assert "untrained dac_16khz_random" in out.stdout + out.stderr
+    roundtrip = _run("codec", "roundtrip", "--codec", "dac_16khz_random", wav_path, str(tmp_path / "rt.wav"),
+                     "--json")
+    result = json.loads(roundtrip.stdout.strip().splitlines()[-1])
+    assert result["codec"]["fingerprint"] == listing["codec"]["fingerprint"]
+    assert result["frames"] == len(audio) // 320 and sf.info(str(tmp_path / "rt.wav")).samplerate == 16000
