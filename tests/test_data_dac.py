@@ -16,11 +16,12 @@ import soundfile as sf
 import torch
 
 from data_prep import dac_codec
-from data_prep.codec import load_codec, set_encode_dtype
+from data_prep.codec import load_codec
 from data_prep.codec_base import CodecUnavailable
 from data_prep.dac_model import DAC_16KHZ
 from data_prep.fixtures import SYNTHETIC_CODEC, write_corpus, write_synthetic_shards
 from data_prep.mix import build_mix
+from tests.codec_checks import low_precision_agreement
 from training.config import BUILTIN_CORPORA, ConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,17 +92,7 @@ def test_decode_returns_the_inputs_length(codec):
 
 def test_encoder_under_autocast_keeps_most_codes(codec):
     """prep --device cuda runs the encoder in float16 (set_encode_dtype); the quantizer stays float32."""
-    wav = _clip(0.5)[1:]  # the chord with noise, 25 frames
-    ref = codec.encode(wav)
-    agree = {}
-    try:
-        for dtype in (torch.float16, torch.bfloat16):
-            set_encode_dtype(codec, dtype)
-            low = codec.encode(wav)
-            assert low.shape == ref.shape and low.dtype == torch.long
-            agree[dtype] = (low[:, 0] == ref[:, 0]).float().mean().item()
-    finally:
-        set_encode_dtype(codec, torch.float32)
+    agree = low_precision_agreement(codec, _clip(0.5)[1:])  # the chord with noise, 25 frames
     assert agree[torch.float16] > 0.9 and agree[torch.bfloat16] > 0.7, agree
 
 
