@@ -20,7 +20,7 @@ BACKENDS = {
 # Backends that rebuild their default weights themselves when load_codec gets no checkpoint (the demo
 # codec refits deterministically): load_codec_from_info falls back to that default when the file a
 # record names is gone, and the fingerprint check decides whether it is the same codec.
-REBUILDS_DEFAULT = {"demo"}
+REBUILDS_DEFAULT = {"demo", "dac_16khz"}  # dac_16khz: the release from the package's cache or its download
 
 
 def codec_names() -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import soundfile as sf
 import torch
 
 from data_prep import dac_codec
-from data_prep.codec import load_codec
+from data_prep.codec import load_codec, load_codec_from_info
 from data_prep.codec_base import CodecUnavailable
 from data_prep.dac_model import DAC_16KHZ
 from data_prep.fixtures import SYNTHETIC_CODEC, write_corpus, write_synthetic_shards
@@ -160,6 +160,11 @@ def test_no_checkpoint_and_no_network_says_what_to_pass(tmp_path, monkeypatch):
                                                r"--codec-checkpoint PATH/weights_16khz.pth") as e:
         load_codec("dac_16khz")
     assert "\n" not in str(e.value)
+    # data whose recorded weights file is gone: the release again (here: the same one-line error)
+    gone = {"name": "dac_16khz", "bandwidth": 6.0, "checkpoint": str(tmp_path / "gone.pth"),
+            "fingerprint": "0" * 16}
+    with pytest.raises(CodecUnavailable, match="cannot load DAC 16 kHz weights"):
+        load_codec_from_info(gone)
 
 
 # ---- the model follows the data's codec
