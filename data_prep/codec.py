@@ -248,6 +248,23 @@ def check_codec_info(info: dict, where: str) -> None:
         )
 
 
+def _default_in_place_of(info: dict, missing: str, device, where: str) -> AudioCodec:
+    """The backend's own default codec (the demo codec refits deterministically) for a record whose file is
+    gone, accepted only when its fingerprint is the recorded one."""
+    try:
+        codec = load_codec(info["name"], None, None, device)
+    except ValueError as e:
+        codec, problem = None, " ".join(str(e).split())
+    if codec is not None and codec.fingerprint() == info.get("fingerprint"):
+        return codec
+    if codec is not None:
+        problem = f"fingerprint {codec.fingerprint()} != {info.get('fingerprint')}"
+    raise CodecUnavailable(
+        f"{where}: its {info['name']} codec file {missing} is gone and the default {info['name']} codec is "
+        f"another one ({problem}): pass --codec-checkpoint with the file the data was prepared with"
+    )
+
+
 def load_codec_from_info(
     info: dict, checkpoint: str | None = None, device: str | torch.device = "cpu", where: str = "the data"
 ) -> AudioCodec:
@@ -258,7 +275,7 @@ def load_codec_from_info(
                                f"does not have (codecs: {', '.join(CODECS)}): use the version that made it")
     recorded = info.get("checkpoint")
     if checkpoint is None and recorded and info["name"] in REBUILDS_DEFAULT and not os.path.exists(recorded):
-        recorded = None  # its file is gone: the backend's own default, if the fingerprint says it is the same
+        return _default_in_place_of(info, recorded, device, where)
     codec = load_codec(
         info["name"],
         info.get("bandwidth"),

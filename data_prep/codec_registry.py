@@ -13,7 +13,7 @@ import importlib
 BACKENDS = {
     "encodec_24khz": "data_prep.codec:load_encodec",
     "random": "data_prep.codec:load_encodec",
-    "demo": "data_prep.demo_codec:load_demo_codec",
+    "demo": "data_prep.demo_codec_cache:load_demo_codec",
     "dac_16khz": "data_prep.dac_codec:load_dac",
     "dac_16khz_random": "data_prep.dac_codec:load_dac",
 }

@@ -9,7 +9,7 @@ The fit (data_prep/demo_codec_fit.py) is deterministic: the same file, bit for b
 count, in any process. The fitted codec is ONE small file (safetensors: tensors `mean`, `basis`,
 `codebooks`; the settings as JSON in its header), loaded without running code; info()["checkpoint"] names
 it (an exported bundle copies it). `load_codec("demo")` without a checkpoint uses the cached fit of the
-demo corpus's train split, fitting it once if absent (data_prep/demo_codec_fit.py: ensure_demo_codec).
+demo corpus's train split, fitting it once if absent (data_prep/demo_codec_cache.py).
 """
 
 from __future__ import annotations
@@ -182,18 +182,3 @@ def read_demo_codec(path: str, device: str | torch.device = "cpu") -> DemoCodec:
                                    f"say {shape}: the file is damaged; fit it again")
     return DemoCodec(cfg, tensors["mean"], tensors["basis"], tensors["codebooks"],
                      checkpoint=os.path.abspath(path), fit=meta.get("fit", {}), device=device)
-
-
-def load_demo_codec(name: str = "demo", checkpoint: str | None = None, device: str | torch.device = "cpu",
-                    seed: int = 0, bandwidth: float | None = None) -> DemoCodec:
-    """The registry's loader: the file `checkpoint`, else the cached fit of the demo corpus (fitted once)."""
-    if checkpoint is None:
-        from data_prep.demo_codec_fit import ensure_demo_codec
-
-        checkpoint = ensure_demo_codec()
-    codec = read_demo_codec(checkpoint, device)
-    if bandwidth is not None and abs(bandwidth - codec.bandwidth) > 1e-6:
-        raise ValueError(f"the demo codec {checkpoint} has {codec.num_codebooks} codebooks of "
-                         f"{codec.codebook_size} codes at {codec.frame_rate} Hz = {codec.bandwidth} kbps; "
-                         f"--bandwidth {bandwidth} does not match it (pass --bandwidth {codec.bandwidth})")
-    return codec

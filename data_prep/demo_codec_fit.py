@@ -1,7 +1,6 @@
-"""Fitting the demo codec (data_prep/demo_codec.py), deterministically, and its cached default fit.
+"""Fitting the demo codec (data_prep/demo_codec.py), deterministically.
 
     codec = fit_demo_codec(wavs_24khz, DemoCodecConfig(), FitConfig())   # the same bits in every process
-    path = ensure_demo_codec()      # the demo corpus's train split, fitted once, cached (file lock)
 
 Bit-identical whatever the thread count and in any process, because nothing thread-dependent reaches a
 value: the whole fit runs in float64 on one torch thread (its reductions then have one fixed order), the
@@ -14,19 +13,14 @@ Measured: naive float32 k-means with torch's default threads gave 33 % equal cod
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from data_prep.demo_codec import DemoCodec, DemoCodecConfig, features, save_demo_codec
+from data_prep.demo_codec import DemoCodec, DemoCodecConfig, features
 
-FIT_VERSION = "v1"  # the default fit (corpus, settings, algorithm); a new version refits into a new folder
 CHUNK = 4096  # frames per distance block (bounds memory: CHUNK x entries float64)
 
 
@@ -112,46 +106,3 @@ def fit_demo_codec(wavs: list[np.ndarray], cfg: DemoCodecConfig = DemoCodecConfi
     record = {**asdict(fit), "clips": len(wavs), "frames": len(feats), "frames_used": len(x),
               "audio_s": round(sum(len(w) for w in wavs) / cfg.sample_rate, 2)}
     return DemoCodec(cfg, mean.float(), basis.float(), torch.stack(books).float(), fit=record)
-
-
-def default_demo_codec_path() -> str:
-    from data_prep.demo import cache_base
-
-    return os.path.join(cache_base(), "codecs", f"demo-{FIT_VERSION}", "demo_codec.safetensors")
-
-
-def _train_split_audio(manifest: str, sample_rate: int) -> list[np.ndarray]:
-    from data_prep.audio import decode, resample, to_mono
-    from data_prep.manifest import read_manifest
-
-    items, _, _ = read_manifest(manifest)
-    out = []
-    for it in sorted((it for it in items if it.split == "train"), key=lambda it: it.id):
-        wav, sr = decode(it.audio)
-        out.append(resample(to_mono(wav), sr, sample_rate))
-    return out
-
-
-def ensure_demo_codec(path: str | None = None, log=None) -> str:
-    """The default demo codec file: fitted once on the demo corpus's train split (built if needed), then
-    cached; concurrent callers serialise on a file lock. Returns its absolute path."""
-    from data_prep.demo import ensure_demo_synth
-
-    log = log or (lambda m: print(m, file=sys.stderr))
-    path = os.path.abspath(path or default_demo_codec_path())
-    if os.path.isfile(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not os.path.isfile(path):
-            manifest = ensure_demo_synth(log=log)
-            cfg = DemoCodecConfig()
-            t0 = time.time()
-            wavs = _train_split_audio(manifest, cfg.sample_rate)
-            log(f"[demo-codec] fitting once on the demo corpus's train split ({len(wavs)} clips)")
-            codec = fit_demo_codec(wavs, cfg, FitConfig())
-            save_demo_codec(codec, path)
-            frames = codec.fit["frames_used"]
-            log(f"[demo-codec] fitted in {time.time() - t0:.1f} s ({frames} frames): {path}")
-    return path

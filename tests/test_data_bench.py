@@ -75,11 +75,3 @@ def test_synthetic_shards_are_byte_identical_to_prep_shards(tmp_path):
     for suffix in (".codes.bin", ".codes.idx", ".text.bin", ".text.idx"):
         assert (tmp_path / f"shard_00000{suffix}").read_bytes() == (tmp_path / f"fast{suffix}").read_bytes()
 
-
-def test_bench_codec_cli_last_line_is_json(capsys):
-    assert cli(["bench", "codec", "--json", "--quick", "--codec", "dac_16khz_random", "--seconds", "0.2",
-                "--threads", "1"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (result["codec"], result["num_codebooks"], result["frame_rate"]) == ("dac_16khz_random", 12, 50)
-    assert result["params"] == 74175906 and result["torch_threads"] == 1 and result["audio_seconds"] == 0.2
-    assert result["encode_rtf"] > 0 and result["decode_rtf"] > 0 and result["trained"] is False

@@ -127,6 +127,21 @@ def test_small_fit_reconstructs_held_out_clip(small, tmp_path):
     assert spectral_scores(ref, out, 24000)["sc"] <= 0.4
 
 
+def test_prep_cli_with_codec_demo_records_it(small, tmp_path):
+    from data_prep.fixtures import corpus_with_tokenizer
+    from training.cli import main as cli
+
+    manifest, tok = corpus_with_tokenizer(str(tmp_path / "corpus"), speech=2, music=2)
+    path = str(tmp_path / "codec.safetensors")
+    save_demo_codec(small, path)
+    out = tmp_path / "prep"
+    args = ["--codec", "demo", "--codec-checkpoint", path, "--bandwidth", str(small.bandwidth), "--workers=0"]
+    assert cli(["data", "prep", "--manifest", manifest, "--out", str(out), "--tokenizer", tok, *args]) == 0
+    info = json.loads((out / "shards.json").read_text())["codec"]
+    assert (info["name"], info["checkpoint"], info["fingerprint"]) == ("demo", path, small.fingerprint())
+    assert load_codec_from_info(info).fingerprint() == small.fingerprint()
+
+
 # ---- the real demo codec (fitted once per machine on the demo corpus's train split) ----
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
@@ -151,6 +166,15 @@ def test_demo_codec_reconstructs_held_out_speech(tmp_path):
         scores[name] = spectral_scores(ref, out, 24000)
     assert scores["demo"]["sc"] <= 0.4 and scores["random"]["sc"] > 1.0, scores
     assert scores["demo"]["lsd_db"] < scores["random"]["lsd_db"]
+
+
+def test_a_record_whose_file_is_gone_refits_the_default_and_checks_it(small, tmp_path):
+    default = load_codec("demo")  # the cached fit (fitted once per machine if absent)
+    moved = {**default.info(), "checkpoint": str(tmp_path / "gone" / "demo_codec.safetensors")}
+    assert load_codec_from_info(moved).fingerprint() == default.fingerprint()  # deterministic: same codec
+    other = {**small.info(), "checkpoint": str(tmp_path / "gone.safetensors")}
+    with pytest.raises(CodecUnavailable, match="is gone"):  # not the default: refused, not mis-decoded
+        load_codec_from_info(other)
 
 
 @needs_espeak

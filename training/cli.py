@@ -215,11 +215,8 @@ def _bench_prep_args(p):
 
 
 def _bench_codec_args(p):
-    from data_prep.codec_registry import codec_names  # names only: no torch, no codec loaded
     _bench_args(p)
-    p.add_argument("--codec", default="dac_16khz_random", choices=codec_names())
-    p.add_argument("--seconds", type=float, default=5.0, help="audio seconds of the clip")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
+    p.add_argument("--clips", type=int, default=10, help="held-out clips per task")
 
 
 def _bench_reader_args(p):
@@ -260,7 +257,8 @@ COMMANDS = [
     Command(("bench", "moe"), "benchmarks.bench_moe:run_cli", "MoE layer throughput", _bench_moe_args),
     Command(("bench", "prep"), "benchmarks.bench_prep:run_cli", "codec vs pipeline throughput",
             _bench_prep_args),
-    Command(("bench", "codec"), "benchmarks.bench_codec:run_cli", "codec size, encode/decode real-time",
+    Command(("bench", "codec"), "benchmarks.bench_codec:run_cli",
+            "demo vs random codec: SC/LSD on held-out speech and music, encode/decode real-time factors",
             _bench_codec_args),
     Command(("bench", "reader"), "benchmarks.bench_reader:run_cli",
             "mixture index size, open shards, random access, token-budget padding", _bench_reader_args),
