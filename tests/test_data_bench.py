@@ -74,4 +74,3 @@ def test_synthetic_shards_are_byte_identical_to_prep_shards(tmp_path):
                   np.array([len(t) for _, t in items]))
     for suffix in (".codes.bin", ".codes.idx", ".text.bin", ".text.idx"):
         assert (tmp_path / f"shard_00000{suffix}").read_bytes() == (tmp_path / f"fast{suffix}").read_bytes()
-
