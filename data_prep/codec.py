@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from data_prep.codec_base import AudioCodec, CodecUnavailable, fingerprint_state
+from data_prep.codec_base import AudioCodec, CodecUnavailable, ModelCodec
 from data_prep.codec_registry import REBUILDS_DEFAULT, backend_loader, codec_names
 from data_prep.random_codec import RANDOM_INIT, init_random_codebooks, init_random_weights
 
@@ -116,7 +116,7 @@ def _run_encoder(codec: "EncodecCodec", wav: torch.Tensor) -> torch.Tensor:
     return emb if torch.isfinite(emb).all() else codec.model.encoder(x)
 
 
-class EncodecCodec(AudioCodec):
+class EncodecCodec(ModelCodec):
     """EnCodec 24 kHz ("encodec_24khz", trained weights) or its random twin ("random"): `model` is an
     encodec.EncodecModel in eval mode."""
 
@@ -134,11 +134,6 @@ class EncodecCodec(AudioCodec):
             self.model.quantizer.get_num_quantizers_for_bandwidth(self.model.frame_rate, self.bandwidth)
         )
         self.trained = self.name != "random"
-        self._fingerprint = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.inference_mode()
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
@@ -150,12 +145,6 @@ class EncodecCodec(AudioCodec):
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         emb = self.model.quantizer.decode(codes.to(self.device).transpose(0, 1))
         return self.model.decoder(emb)[..., : codes.shape[-1] * self.hop_length]
-
-    def fingerprint(self) -> str:
-        """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint_state(self.model.state_dict())
-        return self._fingerprint
 
     def extra_info(self) -> dict:
         if self.trained:

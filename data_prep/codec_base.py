@@ -102,3 +102,21 @@ class AudioCodec:
         }
         out.update(self.extra_info())
         return out
+
+
+class ModelCodec(AudioCodec):
+    """A backend whose codec is one torch module, `self.model`: its device, and the fingerprint of its
+    weights and buffers (computed once)."""
+
+    model: torch.nn.Module
+    _fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex) of all weights and buffers: the same codec in prep and generation."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_state(self.model.state_dict())
+        return self._fingerprint

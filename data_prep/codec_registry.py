@@ -14,11 +14,13 @@ BACKENDS = {
     "encodec_24khz": "data_prep.codec:load_encodec",
     "random": "data_prep.codec:load_encodec",
     "demo": "data_prep.demo_codec_cache:load_demo_codec",
+    "dac_16khz": "data_prep.dac_codec:load_dac",
+    "dac_16khz_random": "data_prep.dac_codec:load_dac",
 }
 # Backends that rebuild their default weights themselves when load_codec gets no checkpoint (the demo
 # codec refits deterministically): load_codec_from_info falls back to that default when the file a
 # record names is gone, and the fingerprint check decides whether it is the same codec.
-REBUILDS_DEFAULT = {"demo"}
+REBUILDS_DEFAULT = {"demo", "dac_16khz"}  # dac_16khz: the release from the package's cache or its download
 
 
 def codec_names() -> tuple[str, ...]:

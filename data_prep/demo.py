@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from data_prep.fixtures import write_corpus
 from data_prep.mix import build_mix
 from data_prep.prep import PrepConfig, prep
 from data_prep.shards import write_json_atomic
@@ -29,6 +30,8 @@ from data_prep.text import train_tokenizer
 DEMO_VERSION = "v3"  # v3: the demo codec; v2: the deterministic random codec; older caches are not read
 SYNTH_VERSION = "v1"  # the synthesised clips (seed 0), shared by corpus versions and the demo codec's fit
 DEMO_CODEC = "demo"
+FIXTURE_DAC_VERSION = "fixtures-dac-v1"  # the fixture clips with dac_16khz_random (ensure_fixture_dac_data)
+FIXTURE_ITEMS, FIXTURE_SECONDS, FIXTURE_VALID, FIXTURE_VOCAB_SIZE = (8, 8), 1.0, 2, 64  # per task: 6 train
 SPEECH_ITEMS, MUSIC_ITEMS, VALID_FRACTION = 56, 56, 1 / 7  # 48 train + 8 valid per task
 VOCAB_SIZE = 512
 SEED_SET_ITEMS = 16  # per task, for curriculum stage 2
@@ -111,9 +114,18 @@ def _build(root: str, log, size: tuple[int, int] | None, cache_dir: str | None, 
     t0 = time.time()
     manifest = ensure_demo_synth(cache_dir, log, size)
     paths = _paths(root, os.path.dirname(manifest))
+    _train_tokenizer(manifest, paths["tokenizer"], VOCAB_SIZE)
+    return _prep_and_mix(paths, manifest, codec, log, t0)
+
+
+def _train_tokenizer(manifest: str, out: str, vocab_size: int) -> None:
     with open(manifest, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
-    train_tokenizer(texts, paths["tokenizer"], VOCAB_SIZE, log=lambda m: None)
+    train_tokenizer(texts, out, vocab_size, log=lambda m: None)
+
+
+def _prep_and_mix(paths: dict, manifest: str, codec: str, log, t0: float) -> dict:
+    """prep the manifest with `codec` (seed 0) into paths["prep"], then every mixture of MIXES."""
     t1 = time.time()
     report = prep(
         PrepConfig(
@@ -148,9 +160,9 @@ def _build(root: str, log, size: tuple[int, int] | None, cache_dir: str | None, 
     }
     log(
         f"[demo-data] built in {timing['total_s']} s ({report['accepted']} clips, "
-        f"{report['audio_seconds']:.0f} s of audio, codec {codec}) at {root}"
+        f"{report['audio_seconds']:.0f} s of audio, codec {codec}) at {paths['root']}"
     )
-    return {"paths": paths, "timing": timing, "version": DEMO_VERSION}
+    return {"paths": paths, "timing": timing, "version": os.path.basename(paths["root"])}  # e.g. v3
 
 
 def ensure_demo_data(cache_dir: str | None = None, log=None, size: tuple[int, int] | None = None,
@@ -164,6 +176,28 @@ def ensure_demo_data(cache_dir: str | None = None, log=None, size: tuple[int, in
     root = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), version)
     _once(root, "the demo corpus (about a minute)", lambda: _build(root, log, size, cache_dir, codec), log)
     return _paths(root, _synth_dir(cache_dir, size))
+
+
+def ensure_fixture_dac_data(cache_dir: str | None = None, log=None) -> dict:
+    """The fixture clips (data_prep.fixtures: numpy tones and rendered music, no espeak-ng), 8 + 8 of 1 s,
+    tokenized with the UNTRAINED random DAC 16 kHz (12 codebooks at 50 Hz), with the demo's mixtures; made
+    once in the demo's cache (a config's `data.builtin: fixtures_dac`, as tiny/paper_dac.yaml)."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    root = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), FIXTURE_DAC_VERSION)
+    paths = _paths(root, os.path.join(root, "synth"))
+
+    def build():
+        t0 = time.time()
+        manifest = write_corpus(os.path.dirname(paths["manifest"]), *FIXTURE_ITEMS, seconds=FIXTURE_SECONDS,
+                                seed=0, valid=FIXTURE_VALID)
+        _train_tokenizer(manifest, paths["tokenizer"], FIXTURE_VOCAB_SIZE)
+        return _prep_and_mix(paths, manifest, "dac_16khz_random", log, t0)
+
+    _once(root, "the DAC fixture corpus (about 30 s)", build, log)
+    return paths
+
+
+BUILTIN = {"demo": ensure_demo_data, "fixtures_dac": ensure_fixture_dac_data}  # data.builtin -> its corpus
 
 
 if __name__ == "__main__":

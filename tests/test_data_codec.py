@@ -21,6 +21,7 @@ from data_prep.codec import (
     resolve_encode_dtype,
     set_encode_dtype,
 )
+from tests.codec_checks import low_precision_agreement
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The random codec of seed 0 (encodec 0.1.1), measured on x86 with AVX-512: the same bits on every machine
@@ -188,16 +189,7 @@ def test_encode_dtype_cpu_path(codec):
     with pytest.raises(ValueError, match="--codec-dtype"):
         resolve_encode_dtype("cpu", "int8")
     wav = 0.1 * torch.randn(2, 1, 24000, generator=torch.Generator().manual_seed(3))
-    ref = codec.encode(wav)
-    agree = {}
-    try:
-        for dtype in (torch.float16, torch.bfloat16):  # the encoder under autocast, the quantizer in float32
-            set_encode_dtype(codec, dtype)
-            low = codec.encode(wav)
-            assert low.shape == ref.shape and low.dtype == torch.long
-            agree[dtype] = (low[:, 0] == ref[:, 0]).float().mean().item()
-    finally:
-        set_encode_dtype(codec, torch.float32)
+    agree = low_precision_agreement(codec, wav)
     assert agree[torch.float16] > 0.9 and agree[torch.bfloat16] > 0.5  # why auto picks float16 on CUDA
 
 

@@ -25,16 +25,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "training", "configs")
 
 
+BUILTIN_CORPORA = ("demo", "fixtures_dac")  # data.builtin: the keys of data_prep.demo.BUILTIN
+
+
 class ConfigError(ValueError):
     """A bad config value; the message names the field and what to do."""
 
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # mix.json of the training mixture; null = built-in demo corpus (tiny configs)
-    demo_mix: str = "train_balanced"  # which demo mixture when train is null (a key of ensure_demo_data())
+    train: str | None = None  # mix.json of the training mixture; null = a built-in corpus (tiny configs)
+    demo_mix: str = "train_balanced"  # which built-in mixture when train is null (data_prep.demo.MIXES)
+    # the built-in corpus when train is null (data_prep.demo.BUILTIN): "demo" (espeak-ng speech + rendered
+    # music, the demo codec) or "fixtures_dac" (numpy fixture clips, random DAC 16 kHz, 12 codebooks)
+    builtin: str = "demo"
     # validation mix.json (`unimoe data mix --split valid`), evaluated every logging.eval_every steps;
-    # null = none, or with train null the demo corpus's mixture `demo_valid_mix` (e.g. valid_speech)
+    # null = none, or with train null the built-in corpus's mixture `demo_valid_mix` (e.g. valid_speech)
     valid: str | None = None
     demo_valid_mix: str | None = None
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
@@ -57,6 +63,9 @@ class DataConfig:
                               f"{self.batch_window} and {self.max_open_shards}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"data.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.builtin not in BUILTIN_CORPORA:
+            raise ConfigError(f"data.builtin must be one of {', '.join(BUILTIN_CORPORA)}, "
+                              f"got {self.builtin!r}")
 
 
 @dataclass
@@ -347,8 +356,24 @@ class TrainConfig:
                 raise ConfigError("metrics.wandb is set but the wandb package is not installed: "
                                   "pip install 'unimoe-audio[wandb]' (or pip install wandb), or remove "
                                   "metrics.wandb")
+        if self.data.train is not None:
+            self.check_codec(_mix_codec(self.data.train), self.data.train)
         self.model_config()
         self.moe_config()
+
+    def check_codec(self, info: dict, where: str) -> None:
+        """The model's codebooks must be the data's: model.num_codebooks / codebook_size, when the config
+        sets them, must equal the codec record of the prepared data (mix.json "codec"); left out, the model
+        takes them from the data (train.py)."""
+        for key in ("num_codebooks", "codebook_size"):
+            want, have = self.model.get(key), info.get(key)
+            if want is not None and have is not None and int(want) != int(have):
+                raise ConfigError(
+                    f"model.{key}={want} (config {self.name!r}) but {where} was prepared with the codec "
+                    f"{info.get('name')!r}: {info.get('num_codebooks')} codebooks of "
+                    f"{info.get('codebook_size')} codes at {info.get('frame_rate')} Hz. Prepare the data "
+                    "with the config's codec (e.g. `unimoe data prep --codec dac_16khz` for 12 codebooks) or "
+                    f"remove model.{key} so the model follows the data")
 
     def micro_batch_size(self, dp: int) -> int:
         return self.data.micro_batch_size or self.data.global_batch_size // dp
@@ -374,6 +399,16 @@ def find_file(path: str) -> str:
         if os.path.exists(candidate):
             return candidate
     return path
+
+
+def _mix_codec(mix_json: str) -> dict:
+    """The codec record of a mix.json (or of a prep dir's shards.json); {} when the file has none."""
+    path = os.path.join(mix_json, "shards.json") if os.path.isdir(mix_json) else mix_json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f).get("codec") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # unreadable: the reader names the problem when training opens it
 
 
 def divisors(n: int) -> list[int]:

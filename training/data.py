@@ -27,23 +27,24 @@ import torch
 
 
 def resolve_train_mix(data_cfg) -> str:
-    """The mix.json to read: data.train, or the built-in demo corpus's mixture `data.demo_mix`."""
+    """The mix.json to read: data.train, or the mixture `data.demo_mix` of the built-in corpus
+    `data.builtin` (built on first use)."""
     if data_cfg.train is not None:
         return data_cfg.train
-    return _demo_mix("demo_mix", data_cfg.demo_mix)
+    return _demo_mix(data_cfg.builtin, "demo_mix", data_cfg.demo_mix)
 
 
 def resolve_valid_mix(data_cfg) -> str | None:
-    """The validation mix.json: data.valid, or with the demo corpus its mixture `data.demo_valid_mix`."""
+    """The validation mix.json: data.valid, or with a built-in corpus its mixture `data.demo_valid_mix`."""
     if data_cfg.valid is not None or data_cfg.train is not None or data_cfg.demo_valid_mix is None:
         return data_cfg.valid
-    return _demo_mix("demo_valid_mix", data_cfg.demo_valid_mix)
+    return _demo_mix(data_cfg.builtin, "demo_valid_mix", data_cfg.demo_valid_mix)
 
 
-def _demo_mix(field: str, key: str) -> str:
-    """The path of the demo corpus's mixture `key` (the corpus is built on first use)."""
-    from data_prep.demo import ensure_demo_data
-    paths = ensure_demo_data()
+def _demo_mix(builtin: str, field: str, key: str) -> str:
+    """The path of the built-in corpus's mixture `key` (the corpus is built on first use)."""
+    from data_prep.demo import BUILTIN
+    paths = BUILTIN[builtin]()
     if key not in paths:
         from training.config import ConfigError
         raise ConfigError(f"data.{field}={key!r} is not a demo mixture; "

@@ -60,6 +60,7 @@ def set_up(cfg, out: str, pg, log, max_steps: int | None, resume: str | None) ->
     mix_path = resolve_train_mix(cfg.data)
     reader = open_reader(cfg.data, mix_path)
     info = dict(reader.codec_info)
+    cfg.check_codec(info, mix_path)
     model_cfg = cfg.model_config(text_vocab_size=load_tokenizer(reader.tokenizer_path).vocab_size,
                                  num_codebooks=info.get("num_codebooks"),
                                  codebook_size=info.get("codebook_size"))

@@ -20,7 +20,7 @@ from training.model.lm import IGNORE_INDEX
 
 
 def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
-    from training.checkpoint.weights import full_state_dict, load_into_model, load_weights
+    from training.checkpoint.weights import check_codebooks, full_state_dict, load_into_model, load_weights
     stage, sources = cfg.stage.stage, cfg.stage.init_from
     if stage in (0, 1) and not sources:
         return
@@ -29,6 +29,7 @@ def init_stage_weights(model, cfg, model_cfg, log=print) -> None:
         sds = []
         for src in sources:
             sd, meta = full_state_dict(src)
+            check_codebooks(meta, model_cfg, src)
             sds.append(sd)
             log(f"stage 2: specialist {src} (step {meta.get('step')}, stage {meta.get('stage')})")
         full = upcycle_state_dict(sds, model_cfg, seed=cfg.seed)

@@ -35,6 +35,7 @@ def load_weights(model, path: str) -> dict:
     expert parallelism it holds only its own experts). Reads only the tensors the model holds: each
     parameter's fp32 master weight, never optimizer moments or other ranks' experts. Returns the meta."""
     src = open_source(path)
+    check_codebooks(src.meta, model.cfg, path)
     own = model.state_dict()
     missing = [k for k in own if k not in src.shapes]
     if missing:
@@ -48,6 +49,20 @@ def load_weights(model, path: str) -> dict:
                                       f"{tuple(t.shape)}")
             t.copy_(value)
     return src.meta
+
+
+def check_codebooks(meta: dict, model_cfg, source: str) -> None:
+    """A stage starts from runs trained on the same codec layout as its data: the codebooks and their size
+    recorded in the source's meta must be the model's (which follow this stage's data)."""
+    recorded = meta.get("model_config") or {}
+    codec = meta.get("codec_info") or {}
+    for key in ("num_codebooks", "codebook_size"):
+        if recorded.get(key) is not None and int(recorded[key]) != int(getattr(model_cfg, key)):
+            raise CheckpointError(
+                f"{source} was trained on codec {codec.get('name')!r} ({recorded.get('num_codebooks')} "
+                f"codebooks of {recorded.get('codebook_size')} codes) but this stage's model has "
+                f"{model_cfg.num_codebooks} codebooks of {model_cfg.codebook_size} (from its data): start "
+                "from runs trained on data prepared with the same codec")
 
 
 def load_into_model(model, sd: dict, source: str) -> None:

@@ -89,7 +89,7 @@ def generate_to_files(ckpt: str, task: str, text: str, out: str, num: int = 1, s
         seconds = audio.size / codec.sample_rate
         log(f"wrote {path}: {task}, {n} frames = {seconds:.2f} s at {codec.sample_rate} Hz")
     if not codec.trained:
-        log("note: the codec is randomly initialised (untrained EnCodec architecture): the audio is "
+        log(f"note: the codec is randomly initialised (untrained {codec.name} architecture): the audio is "
             "noise-like; prepare data with a real codec checkpoint for real sound")
     return paths
 
