@@ -68,7 +68,7 @@ def test_rooms_exist_and_the_trainer_is_at_the_top():
         assert os.path.isfile(os.path.join(ROOT, "training", room, "__init__.py")), room
     top = {f[:-3] for f in os.listdir(os.path.join(ROOT, "training")) if f.endswith(".py")}
     assert top == {"__init__", "cli", "train", "setup_run", "validation", "stages", "data", "metrics",
-                   "config"}, top
+                   "config", "config_sections"}, top
 
 
 def test_ground_floor_never_imports_training():
