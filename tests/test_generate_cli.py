@@ -199,7 +199,12 @@ def test_exported_bundle_travels_without_its_tokenizer(run_dir, tmp_path, capsys
     names = {p.name for p in bundle.iterdir()}
     assert {"model.safetensors", "model.json", "tokenizer.model", "codec.json"} <= names
     codec = json.loads((bundle / "codec.json").read_text())
-    assert codec["name"] == "random" and codec["sample_rate"] == 24000 and codec["fingerprint"]
+    assert codec["name"] == "demo" and codec["sample_rate"] == 24000 and codec["fingerprint"]  # the demo's
+    carried = list((bundle / "codec").iterdir())  # the fitted demo codec travels with the bundle (a few MB)
+    assert len(carried) == 1 and carried[0].stat().st_size < 16 * 2**20
+    from data_prep.codec import load_codec
+
+    assert load_codec("demo", checkpoint=str(carried[0])).fingerprint() == codec["fingerprint"]
     from_run = str(tmp_path / "run.wav")
     assert _generate(run, "music", "slow strings", from_run, seed=7, num=1) == 0
     tok.unlink()

@@ -93,12 +93,13 @@ def sbatch(args: list[str], env: dict | None = None) -> str:
     return SUBMITTED[-1]
 
 
-def _logs(paths) -> str:
+def _logs(paths, tail: int | None = 3000) -> str:
+    """The job logs: the last `tail` characters of each (for failure messages), or whole (tail=None)."""
     text = []
     for p in paths:
         if os.path.exists(p):
             with open(p, errors="replace") as f:
-                text.append(f"--- {p}\n" + f.read()[-3000:])
+                text.append(f"--- {p}\n" + f.read()[-(tail or 0):])
     return "\n".join(text)
 
 
@@ -158,7 +159,7 @@ def test_failed_stage_retries_a_bounded_number_of_times(slurm, tmp_path):
     job = sbatch(["--nodes=1", "--ntasks=1", "--requeue", "--open-mode=append", f"--output={tmp_path}/out",
                   str(tmp_path / "job.sh")], env={"UNIMOE_RETRIES": "1"})
     info = wait_jobs([job], 120, [tmp_path / "out"])[job]
-    text = _logs([tmp_path / "out"])
+    text = _logs([tmp_path / "out"], tail=None)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", text
     assert int(info["Restarts"]) == 1 and text.splitlines().count("attempt") == 2, text
     assert "retry 1 of 1" in text and "giving up" in text, text
@@ -239,7 +240,7 @@ def test_two_node_stage_with_ep2_preempted_requeues_and_resumes_to_the_same_loss
     wait_for(os.path.join(run_dir, "config.yaml"), job, log)
     assert _run(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
     info = wait_jobs([job], 400, [log])[job]
-    text = _logs([log])
+    text = _logs([log], tail=None)
     assert info["JobState"] == "COMPLETED", text
     assert hostnames(info["NodeList"]) == two_nodes and "2 tasks on 2 node(s)" in text, text
     assert "world 2 on cpu (tp 1, ep 2, dp 2" in text, text  # the experts split over the two nodes
@@ -280,7 +281,7 @@ def test_task_killed_on_one_node_fails_the_job_and_the_retry_resumes_from_a_chec
     assert pid is not None, f"no rank-1 training process of job {job}\n{_logs([log])}"
     os.kill(pid, signal.SIGKILL)
     info = wait_jobs([job], 400, [log])[job]
-    text = _logs([log])
+    text = _logs([log], tail=None)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text
     assert re.search(r"stage failed \(exit \d+\): retry 1 of 1", text), text
     resumed = re.search(r"resumed .* at step (\d+)", text)
