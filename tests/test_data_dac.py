@@ -1,7 +1,7 @@
 """DAC 16 kHz backends (dac_16khz, dac_16khz_random), the release-file reader, the model following the data's
-codec, and (slow) prep -> mix -> tiny/paper_dac.yaml training -> generate on DAC tokens.
+codec, and prep -> mix -> tiny/paper_dac.yaml training -> generate on DAC tokens.
 
-Run: .venv/bin/pytest tests/test_data_dac.py            (the end-to-end test: -m slow)
+Run: .venv/bin/pytest tests/test_data_dac.py
 The key map against the descript-audio-codec package's own module: scripts/check_dac_reference.py.
 """
 
@@ -224,7 +224,7 @@ def test_paper_dac_config_is_the_papers_layout():
         load_config(PAPER_DAC, ["data.builtin=nope"])
 
 
-# ---- end to end (slow: the DAC's encoder and decoder on CPU, DeepSpeed start-up)
+# ---- end to end (about 30 s on 2 idle cores: the DAC's encoder and decoder on CPU, DeepSpeed start-up)
 
 
 def _run(*args, timeout=600):
@@ -235,7 +235,6 @@ def _run(*args, timeout=600):
     return proc
 
 
-@pytest.mark.slow
 def test_prep_mix_train_generate_on_dac_tokens(tmp_path):
     data = tmp_path / "data"
     manifest = write_corpus(str(data), speech=3, music=3, seconds=0.8, sr=22050)  # resampled to 16 kHz
